@@ -1,0 +1,127 @@
+"""The secure-element interface, shaped the way a smartcard applet works.
+
+A node's identity and static keys live in a secure element. Each operation is
+one small command with plain bytes in and out, so the same interface is served
+by a software token (a PIN-sealed file) and by a PC/SC smartcard: nothing is
+shared by reference and **no operation ever returns a static key**.
+
+Slots (``Slot``) have fixed purposes, so a key is only ever used for one job
+(key separation):
+
+* ``WRAP``       -- key-encryption key of the CK copies (JWE ``A256KW``);
+* ``MAC``        -- integrity of the node's bundle (JWS ``HS256``);
+* ``KEY_CHANGE`` -- protects key-change messages from the desk or an AS;
+* ``AUTH``       -- authenticates the node to an Authentication Server.
+
+Every slot key has a generation number that only grows (key change).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import IntEnum
+
+__all__ = [
+    "KEY_SIZE",
+    "MAX_PIN_TRIES",
+    "SLOT_COUNT",
+    "TOKEN_ID_SIZE",
+    "SecureElement",
+    "Slot",
+    "SlotInfo",
+    "TokenInfo",
+    "slot_kid",
+]
+
+KEY_SIZE = 32
+TOKEN_ID_SIZE = 16
+MAX_PIN_TRIES = 5
+SLOT_COUNT = 4
+MIN_PIN_LENGTH = 4
+MAX_PIN_LENGTH = 64
+
+
+class Slot(IntEnum):
+    WRAP = 0
+    MAC = 1
+    KEY_CHANGE = 2
+    AUTH = 3
+
+
+def slot_kid(token_id: bytes, slot: Slot, generation: int) -> str:
+    """The JOSE ``kid`` naming one generation of one slot key of one token.
+
+    Format ``<token id hex>.<slot>.<generation>``: a copy wrapped for an older
+    generation or another token is refused by the ``kid`` before any crypto.
+    """
+    return f"{token_id.hex()}.{int(slot)}.{generation}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    index: Slot
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What a token tells without a PIN (like a card's GET IDENTITY / GET STATUS)."""
+
+    token_id: bytes
+    identity: str
+    role: str
+    slots: tuple[SlotInfo, ...]
+    pin_tries_left: int
+
+    @property
+    def locked(self) -> bool:
+        return self.pin_tries_left <= 0
+
+    def generation(self, slot: Slot) -> int:
+        return self.slots[int(slot)].generation
+
+    def kid(self, slot: Slot) -> str:
+        return slot_kid(self.token_id, slot, self.generation(slot))
+
+
+class SecureElement(ABC):
+    """A node's secure element. Operations other than :meth:`info` need a verified PIN."""
+
+    @abstractmethod
+    def info(self) -> TokenInfo:
+        """Identity and status; no PIN needed."""
+
+    @abstractmethod
+    def verify_pin(self, pin: str) -> None:
+        """Unlock the token for this session.
+
+        Raises ``WrongPin`` (counter decremented and persisted), ``TokenLocked``
+        after ``MAX_PIN_TRIES`` consecutive failures.
+        """
+
+    @abstractmethod
+    def unwrap(self, copy: str) -> bytes:
+        """Decrypt a CK copy (JWE compact, ``kid`` = this token's ``WRAP`` slot); return the pair key.
+
+        Raises ``UnwrapFailed`` when the copy is for another token or key
+        generation, or fails authentication.
+        """
+
+    @abstractmethod
+    def mac(self, slot: Slot, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` under a slot key (``MAC`` or ``AUTH``)."""
+
+    @abstractmethod
+    def verify_mac(self, slot: Slot, data: bytes, tag: bytes) -> bool:
+        """Constant-time check of a tag made by :meth:`mac`."""
+
+    @abstractmethod
+    def key_change(self, message: str) -> None:
+        """Replace the slot keys with the ones carried by ``message``.
+
+        ``message`` is a JWE compact (``A256KW``/``A256GCM``) under the current
+        ``KEY_CHANGE`` key; every new generation must be strictly greater than
+        the one it replaces. Atomic: either every slot changes or none does.
+        Raises ``KeyChangeRefused``.
+        """

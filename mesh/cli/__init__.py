@@ -1,1 +1,1 @@
-"""(placeholder: filled in by its issue)."""
+"""The ``snrmesh`` command line (entry point: :func:`mesh.cli.main.main`)."""

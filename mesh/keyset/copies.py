@@ -92,7 +92,7 @@ def _field(header: dict[str, Any], name: str, kind: type) -> Any:
 
 def _b64_field(header: dict[str, Any], name: str, size: int) -> bytes:
     try:
-        raw = base64url_decode(_field(header, name, str))
+        raw: bytes = base64url_decode(_field(header, name, str))
     except ValueError:
         raise KeysetError(f"CK copy header field {name!r} is not base64url") from None
     if len(raw) != size:
@@ -113,7 +113,11 @@ def read_copy_header(copy: str) -> CopyHeader:
         raise KeysetError("CK copy header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise KeysetError("CK copy header is not a JSON object")
-    if (header.get("alg"), header.get("enc"), header.get("typ")) != ("A256KW", "A256GCM", COPY_TYPE):
+    if (header.get("alg"), header.get("enc"), header.get("typ")) != (
+        "A256KW",
+        "A256GCM",
+        COPY_TYPE,
+    ):
         raise KeysetError("CK copy must be typ snrmesh-ck with alg A256KW, enc A256GCM")
     parsed = CopyHeader(
         kid=_field(header, "kid", str),

@@ -102,7 +102,7 @@ class SecureElement(ABC):
 
     @abstractmethod
     def unwrap(self, copy: str) -> bytes:
-        """Decrypt a CK copy (JWE compact, ``kid`` = this token's ``WRAP`` slot); return the pair key.
+        """Decrypt a CK copy (JWE compact, ``kid`` = our ``WRAP`` slot); return the pair key.
 
         Raises ``UnwrapFailed`` when the copy is for another token or key
         generation, or fails authentication.

@@ -1,0 +1,71 @@
+"""The ``snrmesh`` command: one entry point, one sub-command per job.
+
+Every error snrmesh raises on purpose (a :class:`mesh.errors.MeshError`)
+becomes one line on stderr and exit status 1; usage errors exit 2. A
+traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from collections.abc import Sequence
+
+from mesh import __version__
+from mesh.cli import bundle as bundle_cli
+from mesh.errors import MeshError
+from provisioning import cli as desk_cli
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+snrmesh: serverless end-to-end encrypted mesh for squads, UAVs and IoT fleets.
+
+Before a mission, the provisioning desk ('snrmesh desk ...') enrols every node,
+personalises its token (its secure element), declares who may talk to whom and
+issues a time-limited Communication Keyset for every such pair and epoch. Each
+node then carries a bundle ('snrmesh desk export') into the field.
+"""
+
+EPILOG = """\
+secrets: the desk passphrase comes from SNRMESH_DESK_PASSPHRASE or a prompt, a
+token PIN from SNRMESH_PIN or a prompt -- never from the command line.
+
+Start with:  snrmesh desk init --help      (see README.md for a walkthrough)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snrmesh",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"snrmesh {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    desk_cli.register(commands)
+    bundle_cli.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except MeshError as exc:
+        print(f"snrmesh: error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:
+        print(f"snrmesh: error: store is corrupt or unwritable ({exc})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("snrmesh: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,740 @@
+"""The provisioning desk: missions, nodes, dialogue mates, keysets and bundles.
+
+Everything a node needs in the field is prepared here before the mission (the
+seed's SAS in its preparatory phase). Every operation takes ``now`` (POSIX
+seconds) from the caller, runs in one store transaction and appends to the
+audit log (never a secret). Operations that write a token file do so inside
+the transaction and undo it if the transaction fails, so a failed command
+leaves every file as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jwcrypto import jwk
+from jwcrypto.common import base64url_encode
+
+from mesh.crypto import hkdf_sha256, random_bytes
+from mesh.files import write_atomic
+from mesh.keyset import KeysetError, check_identity, decrypt_copy, read_copy_header, wrap_copy
+from mesh.keyset.bundle import Bundle, BundleKeyset, Mate, seal_bundle
+from mesh.keyset.keyset import MISSION_ID_SIZE, CommunicationKeyset
+from mesh.keyset.mission import Mission
+from mesh.timefmt import utc_iso as _ts
+from mesh.token import KEY_SIZE, SLOT_COUNT, TOKEN_ID_SIZE, Slot, TokenError, slot_kid
+from mesh.token.keychange import KeyChange, build_key_change
+from mesh.token.software import SoftwareToken, check_pin
+from provisioning.errors import (
+    DeskCorrupt,
+    DeskError,
+    DuplicateNode,
+    MissionError,
+    PolicyError,
+    UnknownNode,
+)
+from provisioning.issuance import CkJob, WrapTarget, mint_keysets
+from provisioning.plan import MissionPlan, check_role
+from provisioning.store import Store
+
+__all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
+
+SLOT_KEY_INFO = b"snrmesh token slot keys v1"
+MAX_SEED_SIZE = 4096
+FIRST_GENERATION = 1
+_PERMITTED = """
+    WITH p(a, b) AS (
+        SELECT g1.member, g2.member FROM groups g1
+          JOIN groups g2 ON g1.name = g2.name AND g1.member < g2.member
+        UNION SELECT a, b FROM pairs)
+    SELECT a, b FROM p
+    WHERE a NOT IN (SELECT identity FROM nodes WHERE revoked_at IS NOT NULL)
+      AND b NOT IN (SELECT identity FROM nodes WHERE revoked_at IS NOT NULL)"""
+
+
+def derive_slot_keys(token_id: bytes, seed: bytes | None) -> tuple[bytes, ...]:
+    """Fresh slot keys: OS randomness mixed by HKDF with an optional external seed (ESAC 4).
+
+    The external seed can only add entropy: with an empty or known seed the keys
+    are still as strong as ``os.urandom``.
+    """
+    if seed is not None and len(seed) > MAX_SEED_SIZE:
+        raise DeskError(f"external seed larger than {MAX_SEED_SIZE} bytes")
+    okm = hkdf_sha256(
+        random_bytes(32) + (seed or b""),
+        salt=token_id,
+        info=SLOT_KEY_INFO,
+        length=KEY_SIZE * SLOT_COUNT,
+    )
+    return tuple(okm[i * KEY_SIZE : (i + 1) * KEY_SIZE] for i in range(SLOT_COUNT))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    identity: str
+    role: str
+    token_id: bytes
+    generation: int
+    personalised: bool
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IssueReport:
+    pairs: int
+    epochs: int
+    issued: int
+    skipped_existing: int
+
+
+class Desk:
+    """An open desk. Use :meth:`init` or :meth:`open`, then :meth:`close`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        db = store.db
+        try:
+            self.mission = Mission(
+                mission_id=bytes(store.meta("mission_id")),  # type: ignore[arg-type]
+                name=str(store.meta("name")),
+                start=int(store.meta("start")),
+                end=int(store.meta("end")),
+                epoch_seconds=int(store.meta("epoch_seconds")),
+            )
+        except (KeysetError, TypeError, ValueError) as exc:
+            raise DeskCorrupt(f"desk mission record is corrupt: {exc}") from None
+        self._db = db
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        passphrase: str,
+        name: str,
+        start: int,
+        end: int,
+        epoch_seconds: int,
+        now: int,
+    ) -> Desk:
+        if end <= now:
+            raise MissionError(f"the mission window ends in the past ({_ts(end)})")
+        try:
+            mission = Mission(random_bytes(MISSION_ID_SIZE), name, start, end, epoch_seconds)
+        except KeysetError as exc:
+            raise MissionError(str(exc)) from None
+        store = Store.create(
+            directory,
+            passphrase,
+            {
+                "mission_id": mission.mission_id,
+                "name": mission.name,
+                "start": mission.start,
+                "end": mission.end,
+                "epoch_seconds": mission.epoch_seconds,
+            },
+        )
+        desk = cls(store)
+        with store.transaction():
+            desk._audit(
+                now,
+                "init",
+                mission=name,
+                mission_id=mission.mission_id.hex(),
+                start=_ts(start),
+                end=_ts(end),
+                epochs=mission.epoch_count,
+            )
+        return desk
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], *, passphrase: str) -> Desk:
+        return cls(Store.open(directory, passphrase))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Desk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _audit(self, now: int, op: str, **detail: Any) -> None:
+        self._db.execute(
+            "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
+            (now, op, json.dumps(detail, sort_keys=True)),
+        )
+
+    def node(self, identity: str) -> NodeRecord:
+        row = self._db.execute(
+            "SELECT identity, role, token_id, generation, personalised, revoked_at "
+            "FROM nodes WHERE identity = ?",
+            (identity,),
+        ).fetchone()
+        if row is None:
+            raise UnknownNode(f"unknown node {identity!r} (enrol it first)")
+        return NodeRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5] is not None)
+
+    def nodes(self) -> list[NodeRecord]:
+        return [
+            NodeRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5] is not None)
+            for r in self._db.execute(
+                "SELECT identity, role, token_id, generation, personalised, revoked_at "
+                "FROM nodes ORDER BY identity"
+            )
+        ]
+
+    def _active(self, identity: str) -> NodeRecord:
+        node = self.node(identity)
+        if node.revoked:
+            raise PolicyError(f"node {identity} is revoked")
+        return node
+
+    def _keys(self, identity: str, *, pending: bool = False) -> tuple[bytes, ...]:
+        row = self._db.execute(
+            "SELECT token_id, generation, sealed_keys, pending_keys FROM nodes WHERE identity = ?",
+            (identity,),
+        ).fetchone()
+        if row is None:
+            raise UnknownNode(f"unknown node {identity!r}")
+        token_id, generation, sealed, pending_blob = row
+        if pending:
+            return self.store.open_keys(identity, token_id, generation + 1, pending_blob)
+        return self.store.open_keys(identity, token_id, generation, sealed)
+
+    # -- enrolment --------------------------------------------------------------------------------
+
+    def _insert_node(
+        self, identity: str, role: str, now: int, seed: bytes | None
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        try:
+            check_identity(identity)
+        except KeysetError as exc:
+            raise MissionError(str(exc)) from None
+        check_role(role)
+        if self._db.execute("SELECT 1 FROM nodes WHERE identity = ?", (identity,)).fetchone():
+            raise DuplicateNode(f"node {identity} is already enrolled")
+        token_id = random_bytes(TOKEN_ID_SIZE)
+        keys = derive_slot_keys(token_id, seed)
+        self._db.execute(
+            "INSERT INTO nodes (identity, role, token_id, generation, sealed_keys, enrolled_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                identity,
+                role,
+                token_id,
+                FIRST_GENERATION,
+                self.store.seal_keys(identity, token_id, FIRST_GENERATION, keys),
+                now,
+            ),
+        )
+        self._audit(
+            now,
+            "enrol",
+            node=identity,
+            role=role,
+            token=token_id.hex(),
+            external_seed=seed is not None,
+        )
+        return token_id, keys
+
+    def _personalise(
+        self,
+        identity: str,
+        role: str,
+        token_id: bytes,
+        keys: tuple[bytes, ...],
+        generation: int,
+        token_path: str | os.PathLike[str],
+        pin: str,
+        written: list[str],
+        now: int,
+    ) -> None:
+        try:
+            SoftwareToken.personalise(
+                token_path,
+                pin=pin,
+                token_id=token_id,
+                identity=identity,
+                role=role,
+                keys=keys,
+                generations=[generation] * SLOT_COUNT,
+            )
+        except OSError as exc:
+            raise DeskError(
+                f"cannot write token file {os.fspath(token_path)}: {exc.strerror}"
+            ) from None
+        written.append(os.fspath(token_path))
+        self._db.execute("UPDATE nodes SET personalised = 1 WHERE identity = ?", (identity,))
+        self._audit(now, "personalise", node=identity, token=token_id.hex())
+
+    def _undo_files(self, written: list[str]) -> None:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def enrol(
+        self,
+        identity: str,
+        role: str,
+        *,
+        token_path: str | os.PathLike[str],
+        pin: str,
+        now: int,
+        seed: bytes | None = None,
+    ) -> NodeRecord:
+        """Enrol a node and personalise its software token at ``token_path``."""
+        check_pin(pin)
+        if os.path.exists(token_path):
+            raise DeskError(
+                f"token file {os.fspath(token_path)} already exists; refusing to overwrite"
+            )
+        written: list[str] = []
+        try:
+            with self.store.transaction():
+                token_id, keys = self._insert_node(identity, role, now, seed)
+                self._personalise(
+                    identity, role, token_id, keys, FIRST_GENERATION, token_path, pin, written, now
+                )
+        except BaseException:
+            self._undo_files(written)
+            raise
+        return self.node(identity)
+
+    def personalise(
+        self, identity: str, *, token_path: str | os.PathLike[str], pin: str, now: int
+    ) -> NodeRecord:
+        """Write the token of a node enrolled without one (``desk apply`` without ``--tokens``)."""
+        check_pin(pin)
+        node = self._active(identity)
+        if node.personalised:
+            raise PolicyError(
+                f"node {identity} already has a token; a second one would be a clone "
+                "(use 'desk rekey' to refresh its keys)"
+            )
+        written: list[str] = []
+        try:
+            with self.store.transaction():
+                self._personalise(
+                    identity,
+                    node.role,
+                    node.token_id,
+                    self._keys(identity),
+                    node.generation,
+                    token_path,
+                    pin,
+                    written,
+                    now,
+                )
+        except BaseException:
+            self._undo_files(written)
+            raise
+        return self.node(identity)
+
+    # -- dialogue mates ---------------------------------------------------------------------------
+
+    def _group(self, name: str, members: list[str], now: int) -> None:
+        try:
+            check_identity(name)
+        except KeysetError as exc:
+            raise PolicyError(f"group name: {exc}") from None
+        if not members:
+            raise PolicyError(f"group {name} is empty: name at least one node")
+        for member in members:
+            self._active(member)
+        self._db.executemany(
+            "INSERT OR IGNORE INTO groups (name, member) VALUES (?, ?)",
+            [(name, m) for m in members],
+        )
+        size = self._db.execute("SELECT COUNT(*) FROM groups WHERE name = ?", (name,)).fetchone()[0]
+        if size < 2:
+            raise PolicyError(f"group {name} needs at least two members")
+        self._audit(now, "group", group=name, added=sorted(set(members)))
+
+    def group(self, name: str, members: list[str], *, now: int) -> None:
+        with self.store.transaction():
+            self._group(name, members, now)
+
+    def _pair(self, a: str, b: str, now: int) -> None:
+        if a == b:
+            raise PolicyError(f"a node cannot be its own dialogue mate ({a})")
+        self._active(a)
+        self._active(b)
+        a, b = sorted((a, b))
+        self._db.execute("INSERT OR IGNORE INTO pairs (a, b) VALUES (?, ?)", (a, b))
+        self._audit(now, "pair", a=a, b=b)
+
+    def pair(self, a: str, b: str, *, now: int) -> None:
+        with self.store.transaction():
+            self._pair(a, b, now)
+
+    def apply(
+        self,
+        plan: MissionPlan,
+        *,
+        now: int,
+        tokens_dir: str | None = None,
+        pin: str | None = None,
+        seed: bytes | None = None,
+    ) -> list[str]:
+        """Enrol the plan's new nodes, then add its groups and pairs, all in one transaction.
+
+        Nodes already enrolled with the same role are kept (so a mission file
+        can be applied again after editing); a role change is refused.
+        Returns the identities newly enrolled.
+        """
+        if tokens_dir is not None:
+            if pin is None:
+                raise DeskError("writing tokens needs a PIN")
+            check_pin(pin)
+        created: list[str] = []
+        written: list[str] = []
+        try:
+            with self.store.transaction():
+                for planned in plan.nodes:
+                    row = self._db.execute(
+                        "SELECT role FROM nodes WHERE identity = ?", (planned.identity,)
+                    ).fetchone()
+                    if row is not None:
+                        if row[0] != planned.role:
+                            raise DuplicateNode(
+                                f"node {planned.identity} is already enrolled "
+                                f"as {row[0]}, not {planned.role}"
+                            )
+                        continue
+                    token_id, keys = self._insert_node(planned.identity, planned.role, now, seed)
+                    created.append(planned.identity)
+                    if tokens_dir is not None and pin is not None:
+                        path = Path(tokens_dir) / f"{planned.identity}.token"
+                        if path.exists():
+                            raise DeskError(
+                                f"token file {path} already exists; refusing to overwrite"
+                            )
+                        Path(tokens_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+                        self._personalise(
+                            planned.identity,
+                            planned.role,
+                            token_id,
+                            keys,
+                            FIRST_GENERATION,
+                            path,
+                            pin,
+                            written,
+                            now,
+                        )
+                for name, members in plan.groups:
+                    self._group(name, list(members), now)
+                for a, b in plan.pairs:
+                    self._pair(a, b, now)
+        except BaseException:
+            self._undo_files(written)
+            raise
+        return created
+
+    def permitted_pairs(self) -> Iterator[tuple[str, str]]:
+        """Every pair allowed to talk (groups and explicit pairs), neither party revoked."""
+        yield from self._db.execute(_PERMITTED + " ORDER BY a, b")
+
+    def mates_of(self, identity: str) -> list[str]:
+        return [
+            b if a == identity else a
+            for a, b in self._db.execute(_PERMITTED + " AND ? IN (a, b) ORDER BY a, b", (identity,))
+        ]
+
+    # -- keysets ----------------------------------------------------------------------------------
+
+    def _wrap_target(self, identity: str) -> WrapTarget:
+        node = self.node(identity)
+        key = self._keys(identity)[Slot.WRAP]
+        return WrapTarget(slot_kid(node.token_id, Slot.WRAP, node.generation), key)
+
+    def issue(
+        self,
+        *,
+        now: int,
+        workers: int | None = None,
+        on_progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> IssueReport:
+        """Issue a CK for every permitted pair and every epoch not yet over, once.
+
+        Re-running is cheap and idempotent: pairs and epochs that already have a
+        CK are skipped. ``on_progress(done, total)`` reports CKs minted.
+        """
+        epochs = [e for e in self.mission.epochs() if e.end > now]
+        pairs = list(self.permitted_pairs())
+        existing: dict[tuple[str, str], set[int]] = {}
+        for a, b, epoch in self._db.execute("SELECT a, b, epoch FROM keysets"):
+            existing.setdefault((a, b), set()).add(epoch)
+        jobs: list[CkJob] = [
+            (a, b, e.index, e.start, e.end)
+            for a, b in pairs
+            for e in epochs
+            if e.index not in existing.get((a, b), ())
+        ]
+        total = len(jobs)
+        skipped = len(pairs) * len(epochs) - total
+        if total:
+            parties = sorted({p for a, b, *_ in jobs for p in (a, b)})
+            targets = {p: self._wrap_target(p) for p in parties}
+            done = 0
+
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                on_progress(done, total)
+
+            with self.store.transaction():
+                for rows in mint_keysets(
+                    jobs,
+                    targets,
+                    self.mission.mission_id,
+                    expected=total,
+                    workers=workers,
+                    on_chunk=tick,
+                ):
+                    self._db.executemany(
+                        "INSERT INTO keysets VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+                    )
+                self._audit(now, "issue", keysets=total, pairs=len(pairs), epochs=len(epochs))
+        return IssueReport(
+            pairs=len(pairs), epochs=len(epochs), issued=total, skipped_existing=skipped
+        )
+
+    def export(self, identity: str, out: str | os.PathLike[str], *, now: int) -> Bundle:
+        """Write ``identity``'s bundle to ``out`` (atomically) and return it."""
+        node = self._active(identity)
+        revoked = {
+            r[0]
+            for r in self._db.execute("SELECT identity FROM nodes WHERE revoked_at IS NOT NULL")
+        }
+        mates = self.mates_of(identity)
+        roles = dict(self._db.execute("SELECT identity, role FROM nodes"))
+        rows = self._db.execute(
+            "SELECT ck_id, a, b, not_before, not_after, copy_a, copy_b FROM keysets "
+            "WHERE a = ? AND not_after > ? UNION ALL "
+            "SELECT ck_id, a, b, not_before, not_after, copy_a, copy_b FROM keysets "
+            "WHERE b = ? AND not_after > ? ORDER BY 4, 2, 3",
+            (identity, now, identity, now),
+        )
+        mate_set = set(mates)
+        keysets = []
+        for ck_id, a, b, nbf, exp, copy_a, copy_b in rows:
+            mine = a == identity
+            peer = b if mine else a
+            if peer not in mate_set:
+                continue
+            keysets.append(
+                BundleKeyset(
+                    ck_id,
+                    peer,
+                    nbf,
+                    exp,
+                    own=copy_a if mine else copy_b,
+                    ticket=copy_b if mine else copy_a,
+                )
+            )
+        groups = {}
+        for (name,) in self._db.execute(
+            "SELECT DISTINCT name FROM groups WHERE member = ? ORDER BY name", (identity,)
+        ):
+            groups[name] = tuple(
+                m
+                for (m,) in self._db.execute(
+                    "SELECT member FROM groups WHERE name = ? ORDER BY member", (name,)
+                )
+                if m not in revoked
+            )
+        bundle = Bundle(
+            mission=self.mission,
+            identity=identity,
+            role=node.role,
+            token_id=node.token_id,
+            issued_at=now,
+            mates=tuple(Mate(m, roles[m]) for m in mates),
+            groups=groups,
+            revoked=frozenset(revoked),
+            keysets=tuple(keysets),
+        )
+        mac_key = self._keys(identity)[Slot.MAC]
+        data = seal_bundle(
+            bundle, kid=slot_kid(node.token_id, Slot.MAC, node.generation), mac_key=mac_key
+        )
+        with self.store.transaction():
+            try:
+                write_atomic(out, data)
+            except OSError as exc:
+                raise DeskError(f"cannot write bundle {os.fspath(out)}: {exc.strerror}") from None
+            self._audit(
+                now,
+                "export",
+                node=identity,
+                mates=len(mates),
+                keysets=len(keysets),
+                generation=node.generation,
+            )
+        return bundle
+
+    # -- key change and revocation ------------------------------------------------------------
+
+    def rekey(
+        self, identity: str, token: SoftwareToken, *, now: int, seed: bytes | None = None
+    ) -> NodeRecord:
+        """Refresh every key of ``identity``'s token (ESAC 1) and re-wrap its CK copies.
+
+        Two phases so that a crash between the token write and the store write
+        cannot strand the token: the new keys are first recorded as *pending*;
+        the key change is sent to the token; then the store switches over. Run
+        again after a failure, it resumes with the same pending keys. The PIN
+        of ``token`` must already be verified. Old bundles stop working (their
+        MAC key and wrap key are gone); mates' bundles carry stale tickets for
+        this node until they are exported again.
+        """
+        node = self._active(identity)
+        info = token.info()
+        if info.token_id != node.token_id or info.identity != identity:
+            raise PolicyError(f"that token belongs to {info.identity}, not {identity}")
+        new_generation = node.generation + 1
+        pending_row = self._db.execute(
+            "SELECT pending_keys FROM nodes WHERE identity = ?", (identity,)
+        ).fetchone()[0]
+        if pending_row is None:
+            with self.store.transaction():
+                new_keys = derive_slot_keys(node.token_id, seed)
+                self._db.execute(
+                    "UPDATE nodes SET pending_keys = ? WHERE identity = ?",
+                    (
+                        self.store.seal_keys(identity, node.token_id, new_generation, new_keys),
+                        identity,
+                    ),
+                )
+                self._audit(now, "rekey-prepare", node=identity, generation=new_generation)
+        new_keys = self._keys(identity, pending=True)
+        old_keys = self._keys(identity)
+        token_generation = info.generation(Slot.KEY_CHANGE)
+        if token_generation == node.generation:
+            message = build_key_change(
+                KeyChange(node.token_id, (new_generation,) * SLOT_COUNT, new_keys),
+                kid=slot_kid(node.token_id, Slot.KEY_CHANGE, node.generation),
+                current_key=old_keys[Slot.KEY_CHANGE],
+            )
+            token.key_change(message)
+        elif token_generation != new_generation:
+            raise TokenError(
+                f"token of {identity} is at key generation {token_generation}, "
+                f"the desk expected {node.generation}"
+            )
+        old_wrap = jwk.JWK(kty="oct", k=base64url_encode(old_keys[Slot.WRAP]))
+        new_wrap = jwk.JWK(kty="oct", k=base64url_encode(new_keys[Slot.WRAP]))
+        new_kid = slot_kid(node.token_id, Slot.WRAP, new_generation)
+        with self.store.transaction():
+            rewrapped = 0
+            for column in ("copy_a", "copy_b"):
+                party = "a" if column == "copy_a" else "b"
+                rows = self._db.execute(
+                    f"SELECT ck_id, {column} FROM keysets WHERE {party} = ?", (identity,)
+                ).fetchall()
+                for ck_id, copy in rows:
+                    self._db.execute(
+                        f"UPDATE keysets SET {column} = ? WHERE ck_id = ?",
+                        (_rewrap(copy, old_wrap, new_wrap, new_kid), ck_id),
+                    )
+                    rewrapped += 1
+            self._db.execute(
+                "UPDATE nodes SET generation = ?, sealed_keys = ?, pending_keys = NULL "
+                "WHERE identity = ?",
+                (
+                    new_generation,
+                    self.store.seal_keys(identity, node.token_id, new_generation, new_keys),
+                    identity,
+                ),
+            )
+            self._audit(now, "rekey", node=identity, generation=new_generation, rewrapped=rewrapped)
+        return self.node(identity)
+
+    def revoke(self, identity: str, *, now: int) -> NodeRecord:
+        """No further CKs for ``identity``; later exports leave it out and list it revoked."""
+        node = self.node(identity)
+        if node.revoked:
+            raise PolicyError(f"node {identity} is already revoked")
+        with self.store.transaction():
+            self._db.execute("UPDATE nodes SET revoked_at = ? WHERE identity = ?", (now, identity))
+            self._audit(now, "revoke", node=identity)
+        return self.node(identity)
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def audit_log(self, limit: int | None = None) -> list[dict[str, Any]]:
+        query = "SELECT seq, at, op, detail FROM audit ORDER BY seq DESC"
+        rows = self._db.execute(
+            query + (" LIMIT ?" if limit else ""), (limit,) if limit else ()
+        ).fetchall()
+        return [
+            {"seq": s, "at": _ts(at), "op": op, **json.loads(d)} for s, at, op, d in reversed(rows)
+        ]
+
+    def summary(self, *, now: int) -> dict[str, Any]:
+        m = self.mission
+        groups: dict[str, list[str]] = {}
+        for name, member in self._db.execute("SELECT name, member FROM groups ORDER BY 1, 2"):
+            groups.setdefault(name, []).append(member)
+        counts = dict(
+            self._db.execute(
+                "SELECT p, COUNT(*) FROM (SELECT a AS p FROM keysets UNION ALL "
+                "SELECT b AS p FROM keysets) GROUP BY p"
+            )
+        )
+        current = m.epoch_at(now)
+        return {
+            "mission": {
+                "name": m.name,
+                "id": m.mission_id.hex(),
+                "start": _ts(m.start),
+                "end": _ts(m.end),
+                "epoch_hours": m.epoch_seconds / 3600,
+                "epochs": m.epoch_count,
+                "current_epoch": None if current is None else current.index,
+            },
+            "nodes": [
+                {
+                    "id": n.identity,
+                    "role": n.role,
+                    "token": n.token_id.hex(),
+                    "generation": n.generation,
+                    "token_written": n.personalised,
+                    "revoked": n.revoked,
+                    "keysets": counts.get(n.identity, 0),
+                }
+                for n in self.nodes()
+            ],
+            "groups": groups,
+            "pairs": [list(p) for p in self._db.execute("SELECT a, b FROM pairs ORDER BY 1, 2")],
+            "keysets": self._db.execute("SELECT COUNT(*) FROM keysets").fetchone()[0],
+            "permitted_pairs": sum(1 for _ in self.permitted_pairs()),
+            "audit": self.audit_log(limit=10),
+        }
+
+
+def _rewrap(copy: str, old: jwk.JWK, new: jwk.JWK, new_kid: str) -> str:
+    header = read_copy_header(copy)
+    pair_key = decrypt_copy(copy, old)
+    ck = CommunicationKeyset(
+        header.ck_id,
+        pair_key,
+        header.mission_id,
+        header.party_a,
+        header.party_b,
+        header.not_before,
+        header.not_after,
+    )
+    return wrap_copy(ck, holder=header.holder, kid=new_kid, wrap_key=new)

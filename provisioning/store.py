@@ -1,0 +1,200 @@
+"""The desk's SQLite store: schema, transactions, and the passphrase seal.
+
+One file, ``DIR/desk.sqlite``. Secrets (every node's slot keys) are sealed
+under a key derived from the desk passphrase (scrypt, :mod:`mesh.crypto.sealing`)
+with the row's identity as associated data, so a sealed blob copied onto
+another row does not open. CK copies are stored as issued: they are already
+encrypted (JWE) under the parties' token keys. The audit table is append-only,
+enforced by triggers. Every change runs in one transaction: a failure leaves
+the store as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import cbor2
+
+from mesh.crypto import InvalidTag, Sealer, SealingParams
+from mesh.crypto.primitives import CryptoError
+from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassphrase
+
+__all__ = ["STORE_NAME", "Store"]
+
+STORE_NAME = "desk.sqlite"
+SCHEMA_VERSION = 1
+CANARY = b"snrmesh desk canary v1"
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE nodes (
+    identity     TEXT PRIMARY KEY,
+    role         TEXT NOT NULL,
+    token_id     BLOB NOT NULL UNIQUE,
+    generation   INTEGER NOT NULL,
+    sealed_keys  BLOB NOT NULL,
+    pending_keys BLOB,
+    personalised INTEGER NOT NULL DEFAULT 0,
+    enrolled_at  INTEGER NOT NULL,
+    revoked_at   INTEGER
+);
+CREATE TABLE groups (
+    name   TEXT NOT NULL,
+    member TEXT NOT NULL REFERENCES nodes(identity),
+    PRIMARY KEY (name, member)
+);
+CREATE TABLE pairs (
+    a TEXT NOT NULL REFERENCES nodes(identity),
+    b TEXT NOT NULL REFERENCES nodes(identity),
+    PRIMARY KEY (a, b),
+    CHECK (a < b)
+);
+CREATE TABLE keysets (
+    ck_id      BLOB PRIMARY KEY,
+    a          TEXT NOT NULL,
+    b          TEXT NOT NULL,
+    epoch      INTEGER NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after  INTEGER NOT NULL,
+    copy_a     TEXT NOT NULL,
+    copy_b     TEXT NOT NULL,
+    UNIQUE (a, b, epoch)
+);
+CREATE INDEX keysets_by_b ON keysets (b, epoch);
+CREATE TABLE audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    op     TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+class Store:
+    """An open desk store: a SQLite connection plus the passphrase sealer."""
+
+    def __init__(self, db: sqlite3.Connection, sealer: Sealer, path: Path) -> None:
+        self.db = db
+        self.sealer = sealer
+        self.path = path
+
+    @classmethod
+    def create(
+        cls, directory: str | os.PathLike[str], passphrase: str, meta: dict[str, bytes | int | str]
+    ) -> Store:
+        """Create a new store; written under a temporary name and renamed when complete."""
+        folder = Path(directory)
+        target = folder / STORE_NAME
+        if target.exists():
+            raise DeskError(f"{folder} already holds a desk; refusing to overwrite it")
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = folder / f".{STORE_NAME}.{os.getpid()}.tmp"
+        params = SealingParams.generate()
+        sealer = Sealer(passphrase, params)
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.executescript(SCHEMA)
+            rows: dict[str, bytes | int | str] = {
+                **meta,
+                "schema": SCHEMA_VERSION,
+                "kdf": cbor2.dumps([params.salt, params.n, params.r, params.p]),
+                "canary": sealer.seal(CANARY, b"canary"),
+            }
+            db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
+            db.close()
+            os.replace(tmp, target)
+        except BaseException:
+            db.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return cls(_connect(target), sealer, target)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], passphrase: str) -> Store:
+        path = Path(directory) / STORE_NAME
+        if not path.is_file():
+            raise DeskNotFound(f"no desk in {directory} (create one with 'snrmesh desk init')")
+        db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
+        try:
+            meta = dict(
+                db.execute("SELECT key, value FROM meta WHERE key IN ('schema','kdf','canary')")
+            )
+            if meta.get("schema") != SCHEMA_VERSION:
+                raise DeskCorrupt(f"desk store {path} has an unknown schema version")
+            salt, n, r, p = cbor2.loads(meta["kdf"])
+            sealer = Sealer(passphrase, SealingParams(salt=salt, n=n, r=r, p=p))
+            try:
+                sealer.open(meta["canary"], b"canary")
+            except InvalidTag:
+                raise WrongPassphrase("wrong desk passphrase") from None
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise DeskCorrupt(f"desk store {path} is corrupt: {exc}") from None
+        except (KeyError, ValueError, TypeError, CryptoError, cbor2.CBORDecodeError):
+            db.close()
+            raise DeskCorrupt(f"desk store {path} is corrupt (bad metadata)") from None
+        except DeskError:
+            db.close()
+            raise
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        return cls(db, sealer, path)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def meta(self, key: str) -> bytes | int | str:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise DeskCorrupt(f"desk store lacks {key!r}")
+        value: bytes | int | str = row[0]
+        return value
+
+    def seal_keys(
+        self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]
+    ) -> bytes:
+        return self.sealer.seal(cbor2.dumps(list(keys)), _keys_aad(identity, token_id, generation))
+
+    def open_keys(
+        self, identity: str, token_id: bytes, generation: int, blob: bytes
+    ) -> tuple[bytes, ...]:
+        try:
+            keys = cbor2.loads(self.sealer.open(blob, _keys_aad(identity, token_id, generation)))
+        except (InvalidTag, cbor2.CBORDecodeError):
+            raise DeskCorrupt(f"sealed keys of {identity} do not open (store tampered?)") from None
+        if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):
+            raise DeskCorrupt(f"sealed keys of {identity} are malformed")
+        return tuple(keys)
+
+
+def _keys_aad(identity: str, token_id: bytes, generation: int) -> bytes:
+    return cbor2.dumps(["snrmesh desk node keys", identity, token_id, generation])

@@ -24,9 +24,10 @@ from jwcrypto.common import base64url_encode
 from mesh.crypto import hkdf_sha256, random_bytes
 from mesh.files import write_atomic
 from mesh.keyset import KeysetError, check_identity, decrypt_copy, read_copy_header, wrap_copy
-from mesh.keyset.bundle import Bundle, BundleKeyset, Mate, seal_bundle
+from mesh.keyset.bundle import Bundle, BundleDiscoveryKey, BundleKeyset, Mate, seal_bundle
+from mesh.keyset.copies import DiscoveryKey, wrap_discovery_key
 from mesh.keyset.keyset import MISSION_ID_SIZE, CommunicationKeyset
-from mesh.keyset.mission import Mission
+from mesh.keyset.mission import Epoch, Mission
 from mesh.timefmt import utc_iso as _ts
 from mesh.token import KEY_SIZE, SLOT_COUNT, TOKEN_ID_SIZE, Slot, TokenError, slot_kid
 from mesh.token.keychange import KeyChange, build_key_change
@@ -48,6 +49,8 @@ __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 SLOT_KEY_INFO = b"snrmesh token slot keys v1"
 MAX_SEED_SIZE = 4096
 FIRST_GENERATION = 1
+DISCOVERY_SECRET = "discovery"
+DISCOVERY_KEY_INFO = b"snrmesh discovery key v1"
 _PERMITTED = """
     WITH p(a, b) AS (
         SELECT g1.member, g2.member FROM groups g1
@@ -141,6 +144,7 @@ class Desk:
                 "end": mission.end,
                 "epoch_seconds": mission.epoch_seconds,
             },
+            secrets={DISCOVERY_SECRET: random_bytes(32)},
         )
         desk = cls(store)
         with store.transaction():
@@ -511,6 +515,31 @@ class Desk:
             pairs=len(pairs), epochs=len(epochs), issued=total, skipped_existing=skipped
         )
 
+    def discovery_key(self, epoch: Epoch) -> DiscoveryKey:
+        """The mission's discovery key for ``epoch``: HKDF of the desk's discovery secret."""
+        key = hkdf_sha256(
+            self.store.secret(DISCOVERY_SECRET),
+            salt=self.mission.mission_id,
+            info=DISCOVERY_KEY_INFO + epoch.index.to_bytes(4, "big"),
+        )
+        return DiscoveryKey(self.mission.mission_id, epoch.index, epoch.start, epoch.end, key)
+
+    def _discovery_keys(self, identity: str, now: int) -> tuple[BundleDiscoveryKey, ...]:
+        target = self._wrap_target(identity)
+        wrap_key = jwk.JWK(kty="oct", k=base64url_encode(target.key))
+        return tuple(
+            BundleDiscoveryKey(
+                epoch.index,
+                epoch.start,
+                epoch.end,
+                wrap_discovery_key(
+                    self.discovery_key(epoch), holder=identity, kid=target.kid, wrap_key=wrap_key
+                ),
+            )
+            for epoch in self.mission.epochs()
+            if epoch.end > now
+        )
+
     def export(self, identity: str, out: str | os.PathLike[str], *, now: int) -> Bundle:
         """Write ``identity``'s bundle to ``out`` (atomically) and return it."""
         node = self._active(identity)
@@ -565,6 +594,7 @@ class Desk:
             groups=groups,
             revoked=frozenset(revoked),
             keysets=tuple(keysets),
+            discovery=self._discovery_keys(identity, now),
         )
         mac_key = self._keys(identity)[Slot.MAC]
         data = seal_bundle(

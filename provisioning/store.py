@@ -96,7 +96,12 @@ class Store:
 
     @classmethod
     def create(
-        cls, directory: str | os.PathLike[str], passphrase: str, meta: dict[str, bytes | int | str]
+        cls,
+        directory: str | os.PathLike[str],
+        passphrase: str,
+        meta: dict[str, bytes | int | str],
+        *,
+        secrets: dict[str, bytes] | None = None,
     ) -> Store:
         """Create a new store; written under a temporary name and renamed when complete."""
         folder = Path(directory)
@@ -115,6 +120,10 @@ class Store:
                 "schema": SCHEMA_VERSION,
                 "kdf": cbor2.dumps([params.salt, params.n, params.r, params.p]),
                 "canary": sealer.seal(CANARY, b"canary"),
+                **{
+                    f"sealed:{name}": sealer.seal(value, name.encode())
+                    for name, value in (secrets or {}).items()
+                },
             }
             db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
             db.close()
@@ -178,6 +187,16 @@ class Store:
             raise DeskCorrupt(f"desk store lacks {key!r}")
         value: bytes | int | str = row[0]
         return value
+
+    def secret(self, name: str) -> bytes:
+        """A desk-wide secret sealed at creation (e.g. the discovery master key)."""
+        blob = self.meta(f"sealed:{name}")
+        if not isinstance(blob, bytes):
+            raise DeskCorrupt(f"desk secret {name!r} is malformed")
+        try:
+            return self.sealer.open(blob, name.encode())
+        except InvalidTag:
+            raise DeskCorrupt(f"desk secret {name!r} does not open (store tampered?)") from None
 
     def seal_keys(
         self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]

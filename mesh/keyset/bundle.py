@@ -23,13 +23,14 @@ from jwcrypto.common import base64url_decode, base64url_encode
 from mesh.keyset.copies import MAX_COPY_SIZE
 from mesh.keyset.errors import BundleError, KeysetError
 from mesh.keyset.keyset import CK_ID_SIZE, MISSION_ID_SIZE, check_identity
-from mesh.keyset.mission import Mission
+from mesh.keyset.mission import MAX_EPOCHS, Mission
 from mesh.token.interface import SecureElement, Slot
 
 __all__ = [
     "BUNDLE_TYPE",
     "MAX_BUNDLE_SIZE",
     "Bundle",
+    "BundleDiscoveryKey",
     "BundleKeyset",
     "Mate",
     "open_bundle",
@@ -64,6 +65,16 @@ class BundleKeyset:
 
 
 @dataclass(frozen=True, slots=True)
+class BundleDiscoveryKey:
+    """An epoch's mission discovery key, wrapped for this node's token."""
+
+    epoch: int
+    not_before: int
+    not_after: int
+    wrapped: str
+
+
+@dataclass(frozen=True, slots=True)
 class Bundle:
     mission: Mission
     identity: str
@@ -74,6 +85,7 @@ class Bundle:
     groups: Mapping[str, tuple[str, ...]]
     revoked: frozenset[str]
     keysets: tuple[BundleKeyset, ...]
+    discovery: tuple[BundleDiscoveryKey, ...] = ()
 
     def keysets_with(self, peer: str) -> tuple[BundleKeyset, ...]:
         return tuple(k for k in self.keysets if k.peer == peer)
@@ -105,6 +117,10 @@ class Bundle:
                     "ticket": k.ticket,
                 }
                 for k in self.keysets
+            ],
+            "discovery": [
+                {"ep": d.epoch, "nbf": d.not_before, "exp": d.not_after, "key": d.wrapped}
+                for d in self.discovery
             ],
         }
 
@@ -205,6 +221,15 @@ def _parse_payload(doc: Any) -> Bundle:
                 ticket=_copy(k, "ticket"),
             )
             for k in _bounded_list(doc, "keysets", MAX_KEYSETS)
+        ),
+        discovery=tuple(
+            BundleDiscoveryKey(
+                epoch=_get(d, "ep", int),
+                not_before=_get(d, "nbf", int),
+                not_after=_get(d, "exp", int),
+                wrapped=_copy(d, "key"),
+            )
+            for d in _bounded_list(doc, "discovery", MAX_EPOCHS)
         ),
     )
 

@@ -22,15 +22,22 @@ from mesh.token.interface import SecureElement
 
 __all__ = [
     "COPY_TYPE",
+    "DISCOVERY_TYPE",
     "MAX_COPY_SIZE",
     "CopyHeader",
+    "DiscoveryKey",
     "decrypt_copy",
     "open_copy",
+    "open_discovery_key",
     "read_copy_header",
+    "read_wrapped_kid",
     "wrap_copy",
+    "wrap_discovery_key",
 ]
 
 COPY_TYPE = "snrmesh-ck"
+DISCOVERY_TYPE = "snrmesh-discovery"
+_WRAPPED_TYPES = frozenset({COPY_TYPE, DISCOVERY_TYPE})
 MAX_COPY_SIZE = 2048
 _JWE_PARTS = 5
 
@@ -100,25 +107,39 @@ def _b64_field(header: dict[str, Any], name: str, size: int) -> bytes:
     return raw
 
 
-def read_copy_header(copy: str) -> CopyHeader:
-    """Parse a copy's protected header (bounded, typed); says nothing about authenticity."""
+def _protected_header(copy: str, allowed_types: frozenset[str]) -> dict[str, Any]:
+    """The protected header of a wrapped secret of one of ``allowed_types`` (not authenticated)."""
     if not isinstance(copy, str) or len(copy) > MAX_COPY_SIZE:
-        raise KeysetError("CK copy too large or not text")
+        raise KeysetError("wrapped key too large or not text")
     parts = copy.split(".")
     if len(parts) != _JWE_PARTS:
-        raise KeysetError("CK copy is not a JWE compact serialization")
+        raise KeysetError("wrapped key is not a JWE compact serialization")
     try:
         header = json.loads(base64url_decode(parts[0]))
     except (ValueError, UnicodeDecodeError):
-        raise KeysetError("CK copy header is not base64url JSON") from None
+        raise KeysetError("wrapped key header is not base64url JSON") from None
     if not isinstance(header, dict):
-        raise KeysetError("CK copy header is not a JSON object")
-    if (header.get("alg"), header.get("enc"), header.get("typ")) != (
-        "A256KW",
-        "A256GCM",
-        COPY_TYPE,
-    ):
-        raise KeysetError("CK copy must be typ snrmesh-ck with alg A256KW, enc A256GCM")
+        raise KeysetError("wrapped key header is not a JSON object")
+    if (header.get("alg"), header.get("enc")) != ("A256KW", "A256GCM") or header.get(
+        "typ"
+    ) not in allowed_types:
+        raise KeysetError(
+            f"wrapped key must be typ {'/'.join(sorted(allowed_types))} "
+            "with alg A256KW, enc A256GCM"
+        )
+    _field(header, "kid", str)
+    return header
+
+
+def read_wrapped_kid(copy: str) -> str:
+    """The ``kid`` of any secret a desk wraps for a token (CK copy or discovery key)."""
+    kid: str = _protected_header(copy, _WRAPPED_TYPES)["kid"]
+    return kid
+
+
+def read_copy_header(copy: str) -> CopyHeader:
+    """Parse a copy's protected header (bounded, typed); says nothing about authenticity."""
+    header = _protected_header(copy, frozenset({COPY_TYPE}))
     parsed = CopyHeader(
         kid=_field(header, "kid", str),
         ck_id=_b64_field(header, "ck", CK_ID_SIZE),
@@ -132,6 +153,52 @@ def read_copy_header(copy: str) -> CopyHeader:
     if parsed.holder not in (parsed.party_a, parsed.party_b):
         raise KeysetError("CK copy holder is not a party of the CK")
     return parsed
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DiscoveryKey:
+    """The mission's discovery key for one epoch (keys the HMAC tags agents advertise)."""
+
+    mission_id: bytes
+    epoch: int
+    not_before: int
+    not_after: int
+    key: bytes
+
+    def __repr__(self) -> str:
+        return f"DiscoveryKey(epoch={self.epoch}, [{self.not_before}, {self.not_after}))"
+
+
+def wrap_discovery_key(key: DiscoveryKey, *, holder: str, kid: str, wrap_key: jwk.JWK) -> str:
+    """Wrap an epoch's discovery key for ``holder`` (same JWE shape as a CK copy)."""
+    header = {
+        "alg": "A256KW",
+        "enc": "A256GCM",
+        "typ": DISCOVERY_TYPE,
+        "kid": kid,
+        "mis": base64url_encode(key.mission_id),
+        "ep": key.epoch,
+        "for": holder,
+        "nbf": key.not_before,
+        "exp": key.not_after,
+    }
+    token = jwe.JWE(key.key, protected=json.dumps(header, separators=(",", ":")))
+    token.add_recipient(wrap_key)
+    return str(token.serialize(compact=True))
+
+
+def open_discovery_key(token: SecureElement, copy: str) -> DiscoveryKey:
+    """Unwrap an epoch's discovery key through ``token``; the header is trusted after the tag."""
+    header = _protected_header(copy, frozenset({DISCOVERY_TYPE}))
+    if _field(header, "for", str) != token.info().identity:
+        raise KeysetError("discovery key is wrapped for another node")
+    return DiscoveryKey(
+        mission_id=_b64_field(header, "mis", MISSION_ID_SIZE),
+        epoch=_field(header, "ep", int),
+        not_before=_field(header, "nbf", int),
+        not_after=_field(header, "exp", int),
+        key=token.unwrap(copy),
+    )
 
 
 def open_copy(token: SecureElement, copy: str) -> CommunicationKeyset:
@@ -156,7 +223,7 @@ def open_copy(token: SecureElement, copy: str) -> CommunicationKeyset:
 
 
 def decrypt_copy(copy: str, key: jwk.JWK) -> bytes:
-    """Decrypt a copy with a plain JWK (what a token does inside; used by tokens and tests)."""
+    """Decrypt a wrapped key with a plain JWK (what a token does inside; tokens, tests)."""
     if len(copy) > MAX_COPY_SIZE:
         raise KeysetError("CK copy too large")
     token = jwe.JWE()

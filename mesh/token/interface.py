@@ -102,10 +102,11 @@ class SecureElement(ABC):
 
     @abstractmethod
     def unwrap(self, copy: str) -> bytes:
-        """Decrypt a CK copy (JWE compact, ``kid`` = our ``WRAP`` slot); return the pair key.
+        """Decrypt a key wrapped for our ``WRAP`` slot (a CK copy or a discovery key).
 
-        Raises ``UnwrapFailed`` when the copy is for another token or key
-        generation, or fails authentication.
+        ``copy`` is a JWE compact whose ``kid`` names this token's current
+        ``WRAP`` key. Raises ``UnwrapFailed`` when it is for another token or
+        key generation, or fails authentication.
         """
 
     @abstractmethod

@@ -30,7 +30,7 @@ from jwcrypto.common import base64url_encode
 from mesh.crypto import InvalidTag, Sealer, SealingParams, hmac_sha256
 from mesh.crypto.primitives import CryptoError, sha256
 from mesh.files import FileTooLarge, read_bounded, write_atomic
-from mesh.keyset.copies import decrypt_copy, read_copy_header
+from mesh.keyset.copies import decrypt_copy, read_wrapped_kid
 from mesh.keyset.errors import KeysetError
 from mesh.token.errors import (
     KeyChangeRefused,
@@ -245,17 +245,17 @@ class SoftwareToken(SecureElement):
     def unwrap(self, copy: str) -> bytes:
         key = self._key(Slot.WRAP)
         try:
-            kid = read_copy_header(copy).kid
+            kid = read_wrapped_kid(copy)
         except KeysetError as exc:
-            raise UnwrapFailed(f"not a CK copy: {exc}") from None
+            raise UnwrapFailed(f"not a wrapped key: {exc}") from None
         if not hmac.compare_digest(kid.encode(), self._kid(Slot.WRAP).encode()):
-            raise UnwrapFailed("CK copy is wrapped for another token or key generation")
+            raise UnwrapFailed("wrapped for another token or key generation")
         try:
             pair_key = decrypt_copy(copy, jwk.JWK(kty="oct", k=base64url_encode(key)))
         except KeysetError:
-            raise UnwrapFailed("CK copy failed authentication") from None
+            raise UnwrapFailed("wrapped key failed authentication") from None
         if len(pair_key) != KEY_SIZE:
-            raise UnwrapFailed("CK copy carries a malformed key")
+            raise UnwrapFailed("wrapped key is malformed")
         return pair_key
 
     def mac(self, slot: Slot, data: bytes) -> bytes:

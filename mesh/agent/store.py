@@ -1,0 +1,325 @@
+"""The agent's durable state: message history, outbox, replay high-water marks, alerts.
+
+One SQLite file in the agent's state folder, in WAL mode. Every change is a
+transaction that is written to the WAL before the call returns, so killing the
+agent (even ``kill -9``) loses nothing it has acknowledged; ``synchronous =
+NORMAL`` means a power cut may lose the last transactions, which the peers'
+retries then re-deliver (store-and-forward is idempotent by message id).
+
+* ``messages``: the user's history; ``(id, direction)`` is unique, so a chat
+  retried by its sender is stored -- and shown -- once.
+* ``outbox``: one row per (message, recipient) until a receipt arrives; group
+  messages fan out into one row per member.
+* ``high_water``: per ``ck_id`` and role, the newest handshake timestamp accepted, so
+  a replayed handshake is refused even across restarts.
+* ``alerts``: refused peers, expiring keysets, token problems.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import MeshError
+
+__all__ = ["STATE_DB", "AgentStore", "Alert", "OutboxEntry", "StoredMessage"]
+
+STATE_DB = "agent.sqlite"
+OUT_STATES = ("pending", "sent", "delivered", "read")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id        BLOB NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+    peer      TEXT NOT NULL,
+    grp       TEXT,
+    text      TEXT NOT NULL,
+    at        REAL NOT NULL,
+    read      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (id, direction)
+);
+CREATE INDEX IF NOT EXISTS messages_by_time ON messages (at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id        BLOB NOT NULL,
+    recipient TEXT NOT NULL,
+    state     TEXT NOT NULL,
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (id, recipient)
+);
+CREATE INDEX IF NOT EXISTS outbox_by_recipient ON outbox (recipient, state);
+CREATE TABLE IF NOT EXISTS high_water (
+    ck_id     BLOB NOT NULL,
+    role      TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    PRIMARY KEY (ck_id, role)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id  INTEGER PRIMARY KEY AUTOINCREMENT,
+    at        REAL NOT NULL,
+    kind      TEXT NOT NULL,
+    peer      TEXT,
+    message   TEXT NOT NULL,
+    dismissed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class StoreError(MeshError):
+    """The agent's state file is unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    message_id: bytes
+    direction: str
+    peer: str
+    group: str | None
+    text: str
+    at: float
+    read: bool
+    state: str | None  # outgoing: best state over recipients
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.message_id.hex(),
+            "direction": self.direction,
+            "peer": self.peer,
+            "group": self.group,
+            "text": self.text,
+            "at": self.at,
+            "state": self.state,
+            "read": self.read,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    message_id: bytes
+    recipient: str
+    group: str | None
+    text: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    alert_id: int
+    at: float
+    kind: str
+    peer: str | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alert_id": self.alert_id,
+            "at": self.at,
+            "kind": self.kind,
+            "peer": self.peer,
+            "message": self.message,
+        }
+
+
+_BEST_STATE = """
+    (SELECT CASE MAX(CASE o.state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1
+                                  WHEN 'delivered' THEN 2 ELSE 3 END)
+            WHEN 0 THEN 'pending' WHEN 1 THEN 'sent' WHEN 2 THEN 'delivered' ELSE 'read' END
+       FROM outbox o WHERE o.id = m.id)"""
+
+
+class AgentStore:
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        folder = Path(state_dir)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(folder / STATE_DB, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"agent state {folder / STATE_DB} is unusable: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- outgoing ---------------------------------------------------------------------------------
+
+    def queue(
+        self,
+        message_id: bytes,
+        *,
+        peer: str,
+        group: str | None,
+        text: str,
+        at: float,
+        recipients: Iterable[str],
+    ) -> None:
+        """Record an outgoing message and its outbox rows, atomically."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO messages (id, direction, peer, grp, text, at, read) "
+                "VALUES (?, 'out', ?, ?, ?, ?, 1)",
+                (message_id, peer, group, text, at),
+            )
+            self.db.executemany(
+                "INSERT INTO outbox (id, recipient, state) VALUES (?, ?, 'pending')",
+                [(message_id, r) for r in recipients],
+            )
+
+    def undelivered(self, recipient: str, limit: int = 500) -> list[OutboxEntry]:
+        """Outbox rows for ``recipient`` with no receipt yet, oldest first."""
+        rows = self.db.execute(
+            "SELECT o.id, o.recipient, m.grp, m.text, m.at FROM outbox o "
+            "JOIN messages m ON m.id = o.id AND m.direction = 'out' "
+            "WHERE o.recipient = ? AND o.state IN ('pending', 'sent') ORDER BY m.at LIMIT ?",
+            (recipient, limit),
+        ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def recipients_waiting(self) -> list[str]:
+        return [
+            r
+            for (r,) in self.db.execute(
+                "SELECT DISTINCT recipient FROM outbox WHERE state IN ('pending', 'sent')"
+            )
+        ]
+
+    def mark_sent(self, entries: Iterable[tuple[bytes, str]]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1 "
+                "WHERE id = ? AND recipient = ? AND state = 'pending'",
+                list(entries),
+            )
+
+    def receipt(self, message_id: bytes, recipient: str, state: str) -> bool:
+        """Apply a receipt; return True if it advanced the state (so it is news)."""
+        order = OUT_STATES.index(state)
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "UPDATE outbox SET state = ? WHERE id = ? AND recipient = ? AND "
+                "CASE state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 "
+                "ELSE 3 END < ?",
+                (state, message_id, recipient, order),
+            )
+        return cur.rowcount > 0
+
+    # -- incoming ---------------------------------------------------------------------------------
+
+    def receive(
+        self, batch: list[tuple[bytes, str, str | None, str, float]]
+    ) -> list[StoredMessage]:
+        """Store incoming chats (id, sender, group, text, at); return only the new ones."""
+        fresh: list[StoredMessage] = []
+        with self.db:
+            self.db.execute("BEGIN")
+            for message_id, sender, group, text, at in batch:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO messages (id, direction, peer, grp, text, at) "
+                    "VALUES (?, 'in', ?, ?, ?, ?)",
+                    (message_id, sender, group, text, at),
+                )
+                if cur.rowcount:
+                    fresh.append(
+                        StoredMessage(message_id, "in", sender, group, text, at, False, None)
+                    )
+        return fresh
+
+    def mark_read(self, *, peer: str | None, group: str | None) -> list[tuple[bytes, str]]:
+        """Mark a conversation read; return (message id, sender) pairs that need a read receipt."""
+        where = "grp = ?" if group is not None else "grp IS NULL AND peer = ?"
+        arg = group if group is not None else peer
+        with self.db:
+            self.db.execute("BEGIN")
+            rows = self.db.execute(
+                f"SELECT id, peer FROM messages WHERE direction = 'in' AND read = 0 AND {where}",
+                (arg,),
+            ).fetchall()
+            self.db.execute(
+                f"UPDATE messages SET read = 1 WHERE direction = 'in' AND read = 0 AND {where}",
+                (arg,),
+            )
+        return [(bytes(i), p) for i, p in rows]
+
+    def history(
+        self, *, peer: str | None = None, group: str | None = None, limit: int = 200
+    ) -> list[StoredMessage]:
+        query = (
+            f"SELECT m.id, m.direction, m.peer, m.grp, m.text, m.at, m.read, {_BEST_STATE} "
+            "FROM messages m"
+        )
+        args: tuple[Any, ...] = ()
+        if group is not None:
+            query += " WHERE m.grp = ?"
+            args = (group,)
+        elif peer is not None:
+            query += " WHERE m.grp IS NULL AND m.peer = ?"
+            args = (peer,)
+        rows = self.db.execute(
+            f"SELECT * FROM ({query} ORDER BY m.at DESC LIMIT ?) ORDER BY 6", (*args, limit)
+        ).fetchall()
+        return [
+            StoredMessage(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows
+        ]
+
+    def message(self, message_id: bytes, direction: str) -> StoredMessage | None:
+        row = self.db.execute(
+            f"SELECT m.id, m.direction, m.peer, m.grp, m.text, m.at, m.read, {_BEST_STATE} "
+            "FROM messages m WHERE m.id = ? AND m.direction = ?",
+            (message_id, direction),
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredMessage(
+            bytes(row[0]), row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7]
+        )
+
+    # -- replay protection ------------------------------------------------------------------------
+
+    def high_water_marks(self) -> list[tuple[bytes, str, int]]:
+        """Every (ck_id, role, timestamp) mark, loaded into the key store at start."""
+        return [(bytes(c), r, int(t)) for c, r, t in self.db.execute("SELECT * FROM high_water")]
+
+    def set_high_water(self, marks: Iterable[tuple[bytes, str, int]]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO high_water VALUES (?, ?, ?) ON CONFLICT (ck_id, role) DO UPDATE "
+                "SET timestamp = MAX(timestamp, excluded.timestamp)",
+                list(marks),
+            )
+
+    # -- alerts -----------------------------------------------------------------------------------
+
+    def add_alert(self, at: float, kind: str, peer: str | None, message: str) -> Alert:
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "INSERT INTO alerts (at, kind, peer, message) VALUES (?, ?, ?, ?)",
+                (at, kind, peer, message),
+            )
+        return Alert(int(cur.lastrowid or 0), at, kind, peer, message)
+
+    def alerts(self) -> list[Alert]:
+        return [
+            Alert(*row)
+            for row in self.db.execute(
+                "SELECT alert_id, at, kind, peer, message FROM alerts WHERE dismissed = 0 "
+                "ORDER BY alert_id"
+            )
+        ]
+
+    def dismiss_alert(self, alert_id: int) -> bool:
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute("UPDATE alerts SET dismissed = 1 WHERE alert_id = ?", (alert_id,))
+        return cur.rowcount > 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"))

@@ -1,0 +1,116 @@
+"""mDNS/DNS-SD discovery with ``zeroconf``: advertise our tag, browse for mates' tags.
+
+The service type is ``_snrmesh._tcp.local.``. The instance name and the host
+name are the epoch's discovery tag (``mesh.discovery.tags``); the TXT record
+carries only the protocol version. Nothing in the advertisement names the
+node, its role or the mission. Browsing resolves every instance, maps its tag
+through the caller's tag map and reports ``(identity, host, port)``; unknown
+tags (other missions, strangers) are ignored.
+
+``interfaces`` is passed to zeroconf as is: ``None`` means all interfaces
+(the field default); tests and demos pass ``["127.0.0.1"]`` so that nothing
+leaves the machine. All methods run on the event loop (``async_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+__all__ = ["SERVICE_TYPE", "MdnsDiscovery"]
+
+SERVICE_TYPE = "_snrmesh._tcp.local."
+RESOLVE_TIMEOUT_MS = 3000
+MAX_SEEN = 4096  # instance names remembered for rescans (a hostile LAN cannot grow us)
+
+Found = Callable[[str, str, int], None]
+
+
+class MdnsDiscovery:
+    def __init__(self, *, interfaces: list[str] | None, on_found: Found) -> None:
+        self._interfaces = interfaces
+        self._on_found = on_found
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._tags: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seen: set[str] = set()
+
+    async def async_start(self) -> None:
+        kwargs: dict[str, object] = {"ip_version": IPVersion.V4Only}
+        if self._interfaces is not None:
+            kwargs["interfaces"] = self._interfaces
+        self._zc = AsyncZeroconf(**kwargs)  # type: ignore[arg-type]
+        self._browser = AsyncServiceBrowser(
+            self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
+        )
+
+    async def async_advertise(self, tag: str, address: str, port: int) -> None:
+        """(Re-)advertise under ``tag`` (a new tag each epoch)."""
+        if self._zc is None:
+            return
+        if self._info is not None:
+            with contextlib.suppress(Exception):
+                await self._zc.async_unregister_service(self._info)
+        self._info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{tag}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(address)],
+            port=port,
+            properties={"v": "1"},
+            server=f"{tag}.local.",
+        )
+        await self._zc.async_register_service(self._info, allow_name_change=False)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """``{tag: identity}`` of the mates we recognise this epoch."""
+        self._tags = dict(tags)
+
+    def _on_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        if state_change is ServiceStateChange.Removed:
+            self._seen.discard(name)
+            return
+        if len(self._seen) < MAX_SEEN:
+            self._seen.add(name)
+        task = asyncio.ensure_future(self._resolve(zeroconf, service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        tag = name.removesuffix("." + service_type)
+        identity = self._tags.get(tag)
+        if identity is None:
+            return
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS):
+            return
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        if addresses and info.port:
+            self._on_found(identity, addresses[0], info.port)
+
+    def rescan(self) -> None:
+        """Resolve every instance seen so far again (after the tag map changed)."""
+        if self._zc is None:
+            return
+        for name in list(self._seen):
+            self._on_change(self._zc.zeroconf, SERVICE_TYPE, name, ServiceStateChange.Added)
+
+    async def async_close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._zc is None:
+            return
+        if self._browser is not None:
+            with contextlib.suppress(Exception):
+                await self._browser.async_cancel()
+        with contextlib.suppress(Exception):
+            await self._zc.async_close()
+        self._zc = None

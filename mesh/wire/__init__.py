@@ -1,0 +1,35 @@
+"""The application wire format (CBOR messages inside session records)."""
+
+from __future__ import annotations
+
+from mesh.wire.errors import WireError
+from mesh.wire.messages import (
+    MAX_HOPS,
+    MAX_TEXT,
+    MESSAGE_ID_SIZE,
+    Chat,
+    Message,
+    Ping,
+    Receipt,
+    Relay,
+    Routes,
+    Status,
+    decode,
+    encode,
+)
+
+__all__ = [
+    "MAX_HOPS",
+    "MAX_TEXT",
+    "MESSAGE_ID_SIZE",
+    "Chat",
+    "Message",
+    "Ping",
+    "Receipt",
+    "Relay",
+    "Routes",
+    "Status",
+    "WireError",
+    "decode",
+    "encode",
+]

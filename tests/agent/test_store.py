@@ -1,0 +1,61 @@
+"""The agent's durable store: idempotent delivery, receipts, read state, replay marks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mesh.agent.store import AgentStore
+
+
+def test_incoming_duplicates_are_stored_once_and_survive_reopen(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    mid = os.urandom(16)
+    assert len(store.receive([(mid, "b", None, "hi", 1.0)])) == 1
+    assert store.receive([(mid, "b", None, "hi", 1.0)]) == []
+    store.close()
+    again = AgentStore(tmp_path)
+    assert again.receive([(mid, "b", None, "hi", 1.0)]) == []
+    assert [m.text for m in again.history(peer="b")] == ["hi"]
+
+
+def test_outbox_advances_only_forward_and_group_fans_out(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    mid = os.urandom(16)
+    store.queue(mid, peer="", group="squad", text="all", at=1.0, recipients=["b", "c"])
+    assert [e.recipient for e in store.undelivered("b")] == ["b"]
+    assert store.history(group="squad")[0].state == "pending"
+    store.mark_sent([(mid, "b"), (mid, "c")])
+    assert store.receipt(mid, "b", "read")
+    assert not store.receipt(mid, "b", "delivered")  # never moves back
+    assert store.history(group="squad")[0].state == "read"
+    assert store.undelivered("b") == []
+    assert [e.recipient for e in store.undelivered("c")] == ["c"]
+    assert store.recipients_waiting() == ["c"]
+
+
+def test_mark_read_returns_what_needs_a_read_receipt_once(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    m1, m2 = os.urandom(16), os.urandom(16)
+    store.receive([(m1, "b", None, "one", 1.0), (m2, "c", "squad", "two", 2.0)])
+    assert store.mark_read(peer="b", group=None) == [(m1, "b")]
+    assert store.mark_read(peer="b", group=None) == []
+    assert store.mark_read(peer=None, group="squad") == [(m2, "c")]
+
+
+def test_high_water_marks_never_go_back(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    ck = os.urandom(16)
+    store.set_high_water([(ck, "responder", 10)])
+    store.set_high_water([(ck, "responder", 5)])
+    store.set_high_water([(ck, "initiator", 7)])
+    assert sorted(store.high_water_marks()) == sorted([(ck, "responder", 10), (ck, "initiator", 7)])
+
+
+def test_alerts_can_be_dismissed(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    alert = store.add_alert(1.0, "refused", "mallory", "handshake refused")
+    assert [a.alert_id for a in store.alerts()] == [alert.alert_id]
+    assert store.dismiss_alert(alert.alert_id)
+    assert store.alerts() == []
+    assert not store.dismiss_alert(alert.alert_id)

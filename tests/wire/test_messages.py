@@ -1,0 +1,126 @@
+"""The application wire format: round trips, bounds, and hostile input."""
+
+from __future__ import annotations
+
+import os
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.errors import MeshError
+from mesh.wire import (
+    MAX_TEXT,
+    Chat,
+    Ping,
+    Receipt,
+    Relay,
+    Routes,
+    Status,
+    WireError,
+    decode,
+    encode,
+)
+
+MID = os.urandom(16)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Chat(MID, "hello\nsquad", 1.5),
+        Chat(MID, "to the group", 2.0, group="squad"),
+        Receipt(MID, "delivered"),
+        Receipt(MID, "read"),
+        Status("uav", 3.0, (48.85, 2.35, 120.0), 87.5, "on station"),
+        Status("soldier", 4.0),
+        Routes((("alpha-1", 1), ("gs-1", 3))),
+        Relay("alpha-1", "gs-1", 5, b"\x18" * 40),
+        Ping(),
+    ],
+)
+def test_round_trip(message: object) -> None:
+    assert decode(encode(message)) == message  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("doc", "why"),
+    [
+        ({"t": "chat", "id": MID, "text": "x" * (MAX_TEXT + 1), "at": 1.0}, "too long"),
+        ({"t": "chat", "id": MID, "text": "bell\x07", "at": 1.0}, "control"),
+        ({"t": "chat", "id": MID[:8], "text": "x", "at": 1.0}, "16 bytes"),
+        ({"t": "chat", "id": MID, "text": "x", "at": float("nan")}, "finite"),
+        ({"t": "chat", "id": MID, "text": "x", "at": 1.0, "g": "Bad Group"}, "invalid identity"),
+        ({"t": "rcpt", "id": MID, "s": "lost"}, "receipt state"),
+        ({"t": "status", "role": "uav", "at": 1.0, "pos": [91, 0, 0]}, "out of range"),
+        ({"t": "status", "role": "uav", "at": 1.0, "bat": 101}, "battery"),
+        ({"t": "routes", "r": [["alpha-1", 9]]}, "hops"),
+        ({"t": "routes", "r": [["alpha-1", True]]}, "hops"),
+        ({"t": "relay", "src": "a", "dst": "b", "ttl": 9, "f": b"x"}, "ttl"),
+        ({"t": "relay", "src": "a", "dst": "b", "ttl": 1, "f": b""}, "frame"),
+        ({"t": "nope"}, "unknown"),
+        ([1, 2], "map"),
+    ],
+)
+def test_malformed_messages_are_refused(doc: object, why: str) -> None:
+    with pytest.raises(WireError, match=why):
+        decode(cbor2.dumps(doc))
+
+
+def test_oversize_input_is_refused_before_parsing() -> None:
+    with pytest.raises(WireError, match="too large"):
+        decode(b"\xa0" * (64 * 1024 + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_raise_only_wire_errors(data: bytes) -> None:
+    try:
+        decode(data)
+    except MeshError as exc:
+        assert isinstance(exc, WireError)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=20)
+        | st.binary(max_size=20),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "t",
+                        "id",
+                        "text",
+                        "at",
+                        "g",
+                        "s",
+                        "r",
+                        "f",
+                        "src",
+                        "dst",
+                        "ttl",
+                        "pos",
+                        "bat",
+                        "role",
+                    ]
+                ),
+                children,
+                max_size=6,
+            )
+        ),
+        max_leaves=12,
+    )
+)
+def test_random_cbor_documents_raise_only_wire_errors(doc: object) -> None:
+    try:
+        decode(cbor2.dumps(doc))
+    except WireError:
+        pass

@@ -318,7 +318,9 @@ class AgentStore:
     def dismiss_alert(self, alert_id: int) -> bool:
         with self.db:
             self.db.execute("BEGIN")
-            cur = self.db.execute("UPDATE alerts SET dismissed = 1 WHERE alert_id = ? AND dismissed = 0", (alert_id,))
+            cur = self.db.execute(
+                "UPDATE alerts SET dismissed = 1 WHERE alert_id = ? AND dismissed = 0", (alert_id,)
+            )
         return cur.rowcount > 0
 
     def counts(self) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import cbor2
@@ -120,7 +121,5 @@ def test_random_bytes_raise_only_wire_errors(data: bytes) -> None:
     )
 )
 def test_random_cbor_documents_raise_only_wire_errors(doc: object) -> None:
-    try:
+    with contextlib.suppress(WireError):
         decode(cbor2.dumps(doc))
-    except WireError:
-        pass

@@ -44,8 +44,10 @@ class SealingParams:
     p: int = 1
 
     def __post_init__(self) -> None:
-        if len(self.salt) != SALT_SIZE:
+        if not isinstance(self.salt, bytes) or len(self.salt) != SALT_SIZE:
             raise CryptoError(f"scrypt salt must be {SALT_SIZE} bytes")
+        if any(type(v) is not int for v in (self.n, self.r, self.p)):
+            raise CryptoError("scrypt N, r and p must be integers")
         if not (SCRYPT_MIN_N <= self.n <= SCRYPT_MAX_N) or self.n & (self.n - 1):
             raise CryptoError("scrypt N must be a power of two in [2^15, 2^20]")
         if not (1 <= self.r <= SCRYPT_MAX_R and 1 <= self.p <= SCRYPT_MAX_P):

@@ -66,7 +66,7 @@ def key_change_kid(message: str) -> str:
         raise KeyChangeRefused("key-change message is not a JWE compact serialization")
     try:
         header = json.loads(base64url_decode(parts[0]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise KeyChangeRefused("key-change header is not base64url JSON") from None
     if not isinstance(header, dict) or header.get("typ") != KEY_CHANGE_TYPE:
         raise KeyChangeRefused("not a key-change message")

@@ -1,0 +1,233 @@
+"""The software token: PIN lockout, integrity of the file, key separation.
+
+Each wrong PIN costs one scrypt (~0.1 s), so lockout tests are kept to the
+minimum number of tries that proves the rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from mesh.token import (
+    MAX_PIN_TRIES,
+    Slot,
+    TokenCorrupt,
+    TokenError,
+    TokenLocked,
+    TokenNotReady,
+    WrongPin,
+)
+from mesh.token.software import MAX_TOKEN_FILE_SIZE, SoftwareToken
+from tests.token.tokens import PIN, KnownToken, make_token
+
+WRONG = "9999"
+MAGIC = b"SNRTOKEN\x01"  # docs/keysets.md: MAGIC || CBOR(header) || SHA-256(both)
+
+
+def _fields(raw: bytes) -> dict[str, object]:
+    assert raw.startswith(MAGIC)
+    fields: dict[str, object] = cbor2.loads(raw[len(MAGIC) : -32])
+    return fields
+
+
+def _encode(fields: dict[str, object]) -> bytes:
+    body = MAGIC + cbor2.dumps(fields)
+    return body + hashlib.sha256(body).digest()
+
+
+# -- identity, key separation --------------------------------------------------------------------
+
+
+def test_info_needs_no_pin_and_key_operations_do(known_token: KnownToken) -> None:
+    token = SoftwareToken(known_token.path)
+    info = token.info()
+    assert (info.identity, info.role, info.token_id) == ("alpha-1", "soldier", known_token.token_id)
+    assert [info.generation(s) for s in Slot] == [1, 1, 1, 1]
+    assert info.pin_tries_left == MAX_PIN_TRIES and not info.locked
+    assert info.kid(Slot.WRAP) == known_token.kid(Slot.WRAP)
+    with pytest.raises(TokenNotReady):
+        token.mac(Slot.MAC, b"data")
+    with pytest.raises(TokenNotReady):
+        token.unwrap("a.b.c.d.e")
+
+
+def test_mac_slots_compute_hmac_with_their_own_key_only(known_token: KnownToken) -> None:
+    token = known_token.open()
+    data = b"signing input"
+    for slot in (Slot.MAC, Slot.AUTH):
+        expected = hmac.new(known_token.key(slot), data, hashlib.sha256).digest()
+        assert token.mac(slot, data) == expected
+        assert token.verify_mac(slot, data, expected)
+        assert not token.verify_mac(slot, data + b"!", expected)
+    assert token.mac(Slot.MAC, data) != token.mac(Slot.AUTH, data)
+    for slot in (Slot.WRAP, Slot.KEY_CHANGE):  # key separation: never a MAC oracle
+        with pytest.raises(TokenError, match="not a MAC slot"):
+            token.mac(slot, data)
+
+
+def test_token_file_holds_no_key_in_the_clear(known_token: KnownToken) -> None:
+    raw = known_token.path.read_bytes()
+    for key in known_token.keys:
+        assert key not in raw and key.hex().encode() not in raw
+    mode = stat.S_IMODE(known_token.path.stat().st_mode)
+    assert mode & 0o077 == 0, oct(mode)
+
+
+# -- PIN lockout ---------------------------------------------------------------------------------
+
+
+def test_five_wrong_pins_lock_the_token_for_good(known_token: KnownToken) -> None:
+    token = SoftwareToken(known_token.path)
+    for left in range(MAX_PIN_TRIES - 1, 0, -1):
+        with pytest.raises(WrongPin) as caught:
+            token.verify_pin(WRONG)
+        assert caught.value.tries_left == left
+        assert f"{left} tries left" in str(caught.value)
+    with pytest.raises(TokenLocked):
+        token.verify_pin(WRONG)
+
+    reopened = SoftwareToken(known_token.path)  # the lock is in the file, not in the object
+    assert reopened.info().locked and reopened.info().pin_tries_left == 0
+    with pytest.raises(TokenLocked):
+        reopened.verify_pin(PIN)
+    with pytest.raises(TokenNotReady):
+        reopened.mac(Slot.MAC, b"x")
+    assert SoftwareToken(known_token.path).info().pin_tries_left == 0  # still locked
+
+
+def test_wrong_pin_is_counted_in_the_file_before_it_is_reported(known_token: KnownToken) -> None:
+    for _ in range(2):
+        with pytest.raises(WrongPin):
+            SoftwareToken(known_token.path).verify_pin(WRONG)
+    assert SoftwareToken(known_token.path).info().pin_tries_left == MAX_PIN_TRIES - 2
+
+
+def test_tries_counted_through_another_handle_are_seen(known_token: KnownToken) -> None:
+    first, second = SoftwareToken(known_token.path), SoftwareToken(known_token.path)
+    for _ in range(MAX_PIN_TRIES - 1):
+        with pytest.raises(WrongPin):
+            first.verify_pin(WRONG)
+    # ``second`` was opened with 5 tries left; it must re-read the file, not trust its copy.
+    with pytest.raises(TokenLocked):
+        second.verify_pin(WRONG)
+
+
+def test_right_pin_before_lockout_resets_the_counter(known_token: KnownToken) -> None:
+    token = SoftwareToken(known_token.path)
+    for _ in range(MAX_PIN_TRIES - 1):
+        with pytest.raises(WrongPin):
+            token.verify_pin(WRONG)
+    token.verify_pin(PIN)
+    assert SoftwareToken(known_token.path).info().pin_tries_left == MAX_PIN_TRIES
+    for _ in range(MAX_PIN_TRIES - 1):
+        with pytest.raises(WrongPin):
+            token.verify_pin(WRONG)
+    token.verify_pin(PIN)  # four more wrong ones did not lock: the count had restarted
+    assert (
+        token.mac(Slot.MAC, b"x")
+        == hmac.new(known_token.key(Slot.MAC), b"x", hashlib.sha256).digest()
+    )
+
+
+def test_pin_length_is_checked_before_a_file_is_written(tmp_path: Path) -> None:
+    for pin in ("123", "x" * 65):
+        with pytest.raises(TokenError, match="PIN must be"):
+            make_token(tmp_path / "t.token", pin=pin)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_personalise_refuses_to_overwrite(known_token: KnownToken) -> None:
+    before = known_token.path.read_bytes()
+    with pytest.raises(TokenError, match="already exists"):
+        make_token(known_token.path)
+    assert known_token.path.read_bytes() == before
+
+
+def test_counter_writes_are_atomic(known_token: KnownToken) -> None:
+    with pytest.raises(WrongPin):
+        SoftwareToken(known_token.path).verify_pin(WRONG)
+    assert [p.name for p in known_token.path.parent.iterdir()] == [known_token.path.name]
+
+
+# -- integrity of the file -----------------------------------------------------------------------
+
+
+def test_every_flipped_byte_of_a_token_file_is_reported_corrupt(known_token: KnownToken) -> None:
+    raw = known_token.path.read_bytes()
+    probe = known_token.path.with_name("probe.token")
+    for i in range(len(raw)):
+        for mask in (0x01, 0x80):
+            flipped = bytearray(raw)
+            flipped[i] ^= mask
+            probe.write_bytes(bytes(flipped))
+            with pytest.raises(TokenCorrupt):
+                SoftwareToken(probe)
+    probe.write_bytes(raw)
+    assert SoftwareToken(probe).info().token_id == known_token.token_id  # the probe is sound
+
+
+def test_every_truncation_or_extension_is_reported_corrupt(known_token: KnownToken) -> None:
+    raw = known_token.path.read_bytes()
+    probe = known_token.path.with_name("probe.token")
+    for variant in [raw[:n] for n in range(len(raw))] + [raw + b"\x00", b"\x00" + raw]:
+        probe.write_bytes(variant)
+        with pytest.raises(TokenCorrupt):
+            SoftwareToken(probe)
+
+
+def test_unreadable_token_files_raise_token_errors(tmp_path: Path) -> None:
+    with pytest.raises(TokenError, match="does not exist"):
+        SoftwareToken(tmp_path / "missing.token")
+    with pytest.raises(TokenError):
+        SoftwareToken(tmp_path)  # a directory
+    big = tmp_path / "big.token"
+    big.write_bytes(MAGIC + os.urandom(MAX_TOKEN_FILE_SIZE))
+    with pytest.raises(TokenCorrupt, match="too large"):
+        SoftwareToken(big)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("identity", "alpha-2"),
+        ("role", "authority"),
+        ("gens", [2, 2, 2, 2]),
+        ("id", bytes(16)),
+        ("kdf", [bytes(16), 2**15, 8, 1]),
+    ],
+)
+def test_edited_header_with_valid_checksum_never_releases_keys(
+    known_token: KnownToken, field: str, value: object
+) -> None:
+    """The checksum is no seal: the AEAD binds identity, role, generations, id and KDF salt."""
+    fields = _fields(known_token.path.read_bytes())
+    assert fields[field] != value
+    fields[field] = value
+    known_token.path.write_bytes(_encode(fields))
+    token = SoftwareToken(known_token.path)  # well-formed, so it loads...
+    with pytest.raises(TokenError):
+        token.verify_pin(PIN)  # ...but the right PIN does not open it
+    with pytest.raises(TokenNotReady):
+        token.mac(Slot.MAC, b"x")
+
+
+@pytest.mark.parametrize(
+    "kdf",
+    [["s" * 16, 2**15, 8, 1], [bytes(16), 2**15, 8.0, 1], [bytes(16), 2**15, 8, 1.0]],
+    ids=["text-salt", "float-r", "float-p"],
+)
+def test_ill_typed_kdf_parameters_are_corrupt_not_a_crash(
+    known_token: KnownToken, kdf: list[object]
+) -> None:
+    fields = _fields(known_token.path.read_bytes())
+    fields["kdf"] = kdf
+    known_token.path.write_bytes(_encode(fields))
+    with pytest.raises(TokenError):
+        SoftwareToken(known_token.path).verify_pin(PIN)

@@ -20,7 +20,7 @@ from typing import Any
 from jwcrypto import jwk, jws
 from jwcrypto.common import base64url_decode, base64url_encode
 
-from mesh.keyset.copies import MAX_COPY_SIZE
+from mesh.keyset.copies import MAX_COPY_SIZE, b64url_decode_strict
 from mesh.keyset.errors import BundleError, KeysetError
 from mesh.keyset.keyset import CK_ID_SIZE, MISSION_ID_SIZE, check_identity
 from mesh.keyset.mission import MAX_EPOCHS, Mission
@@ -248,10 +248,10 @@ def _split(raw: bytes) -> tuple[dict[str, Any], bytes, bytes, bytes]:
     if len(parts) != 3 or len(parts[0]) > MAX_HEADER_SIZE:
         raise BundleError("not a snrmesh bundle (not a JWS compact serialization)")
     try:
-        header = json.loads(base64url_decode(parts[0].decode("ascii")))
-        payload = base64url_decode(parts[1].decode("ascii"))
-        tag = base64url_decode(parts[2].decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
+        header = json.loads(b64url_decode_strict(parts[0].decode("ascii")))
+        payload = b64url_decode_strict(parts[1].decode("ascii"))
+        tag = b64url_decode_strict(parts[2].decode("ascii"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BundleError("bundle is corrupt (bad base64url or header)") from None
     if (
         not isinstance(header, dict)
@@ -280,7 +280,7 @@ def open_bundle(raw: bytes, token: SecureElement) -> Bundle:
         raise BundleError("bundle integrity check failed (modified or corrupt)")
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BundleError("bundle payload is not JSON") from None
     try:
         bundle = _parse_payload(doc)

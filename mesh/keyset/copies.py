@@ -26,6 +26,7 @@ __all__ = [
     "MAX_COPY_SIZE",
     "CopyHeader",
     "DiscoveryKey",
+    "b64url_decode_strict",
     "decrypt_copy",
     "open_copy",
     "open_discovery_key",
@@ -107,6 +108,19 @@ def _b64_field(header: dict[str, Any], name: str, size: int) -> bytes:
     return raw
 
 
+def b64url_decode_strict(text: str) -> bytes:
+    """Decode unpadded base64url, refusing every spelling of the bytes but the canonical one.
+
+    ``base64url_decode`` skips stray characters and ignores the unused low bits
+    of the last character, so a flipped byte there would decode to the same
+    bytes and pass the JWE tag or the JWS MAC unnoticed.
+    """
+    raw: bytes = base64url_decode(text)
+    if base64url_encode(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw
+
+
 def _protected_header(copy: str, allowed_types: frozenset[str]) -> dict[str, Any]:
     """The protected header of a wrapped secret of one of ``allowed_types`` (not authenticated)."""
     if not isinstance(copy, str) or len(copy) > MAX_COPY_SIZE:
@@ -115,14 +129,17 @@ def _protected_header(copy: str, allowed_types: frozenset[str]) -> dict[str, Any
     if len(parts) != _JWE_PARTS:
         raise KeysetError("wrapped key is not a JWE compact serialization")
     try:
-        header = json.loads(base64url_decode(parts[0]))
-    except (ValueError, UnicodeDecodeError):
-        raise KeysetError("wrapped key header is not base64url JSON") from None
+        for part in parts[1:]:
+            b64url_decode_strict(part)
+        header = json.loads(b64url_decode_strict(parts[0]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise KeysetError("wrapped key is not canonical base64url JSON") from None
     if not isinstance(header, dict):
         raise KeysetError("wrapped key header is not a JSON object")
-    if (header.get("alg"), header.get("enc")) != ("A256KW", "A256GCM") or header.get(
-        "typ"
-    ) not in allowed_types:
+    typ = header.get("typ")
+    if (header.get("alg"), header.get("enc")) != ("A256KW", "A256GCM") or not (
+        isinstance(typ, str) and typ in allowed_types
+    ):
         raise KeysetError(
             f"wrapped key must be typ {'/'.join(sorted(allowed_types))} "
             "with alg A256KW, enc A256GCM"
@@ -228,7 +245,9 @@ def decrypt_copy(copy: str, key: jwk.JWK) -> bytes:
         raise KeysetError("CK copy too large")
     token = jwe.JWE()
     try:
+        for part in copy.split("."):
+            b64url_decode_strict(part)
         token.deserialize(copy, key=key)
-    except (JWException, ValueError, TypeError):
+    except (JWException, ValueError, TypeError, RecursionError):
         raise KeysetError("CK copy did not decrypt") from None
     return bytes(token.payload)

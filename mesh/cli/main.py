@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mesh import __version__
+from mesh.cli import agent as agent_cli
 from mesh.cli import bundle as bundle_cli
 from mesh.errors import MeshError
 from provisioning import cli as desk_cli
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     desk_cli.register(commands)
     bundle_cli.register(commands)
+    agent_cli.register(commands)
     return parser
 
 

@@ -6,6 +6,7 @@ from mesh.wire.errors import WireError
 from mesh.wire.messages import (
     MAX_HOPS,
     MAX_TEXT,
+    MAX_TEXT_BYTES,
     MESSAGE_ID_SIZE,
     Chat,
     Message,
@@ -21,6 +22,7 @@ from mesh.wire.messages import (
 __all__ = [
     "MAX_HOPS",
     "MAX_TEXT",
+    "MAX_TEXT_BYTES",
     "MESSAGE_ID_SIZE",
     "Chat",
     "Message",

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_ROUTES",
     "MAX_STATUS_TEXT",
     "MAX_TEXT",
+    "MAX_TEXT_BYTES",
     "MESSAGE_ID_SIZE",
     "Chat",
     "Message",
@@ -47,6 +48,7 @@ __all__ = [
 
 MESSAGE_ID_SIZE = 16
 MAX_TEXT = 4000
+MAX_TEXT_BYTES = 12 * 1024  # UTF-8: a chat must fit one record even when relayed
 MAX_STATUS_TEXT = 200
 MAX_GROUP_NAME = 64
 MAX_ROUTES = 4096
@@ -89,12 +91,18 @@ class Routes:
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """A frame of the ``src``-``dst`` session, forwarded hop by hop; ``ttl`` bounds the path."""
+    """A frame of a ``src``-``dst`` session, forwarded hop by hop; ``ttl`` bounds the path.
+
+    Each side of a relayed pair sends on the session it initiated, so a frame
+    says whose session it belongs to: ``src_initiated`` is true for the session
+    ``src`` started (``dst`` is its responder).
+    """
 
     src: str
     dst: str
     ttl: int
     frame: bytes
+    src_initiated: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,7 @@ def encode(message: Message) -> bytes:
                 "dst": message.dst,
                 "ttl": message.ttl,
                 "f": message.frame,
+                "i": message.src_initiated,
             }
         case Ping():
             doc = {"t": "ping"}
@@ -222,9 +231,12 @@ def decode(data: bytes) -> Message:
     kind = doc.get("t")
     if kind == "chat":
         group = _opt_text(doc, "g", MAX_GROUP_NAME)
+        text = _text(doc, "text", MAX_TEXT)
+        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise WireError("chat text too large")
         return Chat(
             _message_id(doc),
-            _text(doc, "text", MAX_TEXT),
+            text,
             _number(doc, "at"),
             None if group is None else _identity(group),
         )
@@ -275,7 +287,10 @@ def decode(data: bytes) -> Message:
         frame: bytes = _get(doc, "f", bytes)
         if not 0 <= ttl <= MAX_HOPS or not frame or len(frame) > MAX_RELAYED_FRAME:
             raise WireError("relay ttl or frame size out of range")
-        return Relay(_identity(doc.get("src")), _identity(doc.get("dst")), ttl, frame)
+        initiated = doc.get("i")
+        if not isinstance(initiated, bool):
+            raise WireError("relay needs a boolean 'i'")
+        return Relay(_identity(doc.get("src")), _identity(doc.get("dst")), ttl, frame, initiated)
     if kind == "ping":
         return Ping()
     raise WireError("unknown message kind")

@@ -1,0 +1,1026 @@
+"""The mesh agent: links, relayed sessions, routing, store-and-forward, status, control.
+
+This is the asyncio layer over the sans-IO protocol (``mesh.protocol``), the
+pure routing table (``routing.py``) and the durable store (``store.py``). It
+owns sockets, timers and the clock, and nothing else decides security: every
+session is a :class:`mesh.protocol.Connection` authenticated by a CK.
+
+Sessions. A **link** is a TCP connection to a dialogue mate in direct reach,
+carrying that pair's session (stream transport). A mate out of direct reach
+gets a **relayed session**: the pair's own handshake and records (datagram
+transport) travel inside ``Relay`` messages, hop by hop, over the links in
+between, so a relay only ever sees the clear ``ck_id`` in message 1 and
+ciphertext. Each side sends on the relayed session it initiated and answers on
+the one its mate initiated.
+
+Delivery. A chat is first written to the outbox (one row per recipient) and
+then sent on the best session; it is re-sent until the recipient's
+``delivered`` receipt arrives, across restarts of either side; the recipient
+stores it under its message id, so a re-sent copy is acknowledged but not shown
+twice. ``docs/agent.md`` describes all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh import __version__
+from mesh.agent.control import ControlError, ControlServer
+from mesh.agent.keyring import KeyRing
+from mesh.agent.routing import RoutingTable
+from mesh.agent.store import AgentStore, StoredMessage
+from mesh.discovery import discovery_tag, tag_map
+from mesh.discovery.mdns import MdnsDiscovery
+from mesh.errors import MeshError
+from mesh.keyset.bundle import Bundle
+from mesh.protocol import (
+    Connection,
+    ConnectionTerminated,
+    DataReceived,
+    FrameRejected,
+    HandshakeCompleted,
+    HandshakeRefused,
+    Listener,
+    LocalProtocolError,
+    ProtocolError,
+    Role,
+    SessionConfig,
+    State,
+    Transport,
+)
+from mesh.protocol.events import Termination
+from mesh.token import SecureElement
+from mesh.transport import Link, read_preamble, write_preamble
+from mesh.wire import (
+    MAX_HOPS,
+    MAX_TEXT,
+    MAX_TEXT_BYTES,
+    Chat,
+    Message,
+    Ping,
+    Receipt,
+    Relay,
+    Routes,
+    Status,
+    WireError,
+    decode,
+    encode,
+)
+
+__all__ = ["Agent", "AgentConfig", "parse_address"]
+
+log = logging.getLogger("snrmesh.agent")
+
+DEFAULT_PORT = 7717
+TICK = 0.5  # seconds between housekeeping rounds
+ROUTES_EVERY = 10.0
+RETRY_EVERY = 5.0
+PING_AFTER = 15.0
+ROLL_AHEAD = 60.0  # dial with the next epoch's CK this long before the current one ends
+EXPIRY_WARNING = 600.0
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+PREAMBLE_TIMEOUT = 5.0
+MAX_PENDING_RECEIPTS = 1000
+NO_TAG = "-" * 20
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``HOST``) -> (host, port), with a clear error."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MeshError(f"bad address {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    state_dir: Path
+    listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)
+    peers: tuple[str, ...] = ()  # "HOST:PORT" or "IDENTITY@HOST:PORT"
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] | None = None  # None: all interfaces
+    control_path: Path | None = None
+    heartbeat: float = 30.0
+    position: tuple[float, float, float] | None = None
+    position_file: Path | None = None
+    simulate_track: bool = False
+    battery: float | None = None
+    status_text: str | None = None
+    blocked: frozenset[str] = frozenset()  # link cuts, for simulations
+    clock_skew: float = 300.0
+
+
+@dataclass(slots=True)
+class PeerInfo:
+    identity: str
+    role: str
+    last_seen: float | None = None
+    position: tuple[float, float, float] | None = None
+    battery: float | None = None
+    text: str | None = None
+    refused_reason: str | None = None
+    address: tuple[str, int] | None = None  # where to dial it (discovered or configured)
+    next_dial: float = 0.0
+    failures: int = 0
+    dialling: bool = False
+    expiry_warned: bool = False
+
+
+@dataclass(slots=True)
+class StaticPeer:
+    host: str
+    port: int
+    identity: str | None = None
+    next_dial: float = 0.0
+    failures: int = 0
+    dialling: bool = False
+
+
+@dataclass(slots=True)
+class RelayedSessions:
+    """Sessions with mates out of direct reach, carried in ``Relay`` messages."""
+
+    outgoing: dict[str, Connection] = field(default_factory=dict)  # we initiated
+    listener: Listener | None = None  # they initiated; source = their identity
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        bundle: Bundle,
+        token: SecureElement,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.bundle = bundle
+        self.token = token
+        self.identity = bundle.identity
+        now = clock()
+        self.store = AgentStore(config.state_dir)
+        self.keys = KeyRing(bundle, token, self.store, now=now)
+        self.session_config = SessionConfig(
+            identity=self.identity,
+            mission_id=bundle.mission.mission_id,
+            clock_skew=config.clock_skew,
+        )
+        relay_config = SessionConfig(
+            identity=self.identity,
+            mission_id=bundle.mission.mission_id,
+            clock_skew=config.clock_skew,
+            transport=Transport.DATAGRAM,
+        )
+        self._relay_config = relay_config
+        self.listener = Listener(config=self.session_config, keys=self.keys)
+        self.relayed = RelayedSessions(listener=Listener(config=relay_config, keys=self.keys))
+        self.routing = RoutingTable(self.identity)
+        self.peers = {m.identity: PeerInfo(m.identity, m.role) for m in self.keys.mates.values()}
+        self.links: dict[str, Link] = {}  # established, one per mate
+        self._all_links: set[Link] = set()
+        self.static = [self._static_peer(p) for p in config.peers]
+        self.control: ControlServer | None = None
+        self.discovery: MdnsDiscovery | None = None
+        self.listen_address: tuple[str, int] = config.listen
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dial_waiters: dict[Link, asyncio.Future[bool]] = {}
+        self._stopping = asyncio.Event()
+        self._routes_dirty = True
+        self._last_routes = 0.0
+        self._last_retry = 0.0
+        self._last_heartbeat = -math.inf
+        self._epoch_index: int | None = None
+        self._pending_receipts: dict[str, list[Receipt]] = {}
+        self._own_status: dict[str, Any] = {
+            "position": config.position,
+            "battery": config.battery,
+            "text": config.status_text,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _static_peer(self, text: str) -> StaticPeer:
+        identity, _, address = text.rpartition("@")
+        host, port = parse_address(address)
+        if identity and identity not in self.peers:
+            raise MeshError(f"--peer {text}: {identity} is not a dialogue mate in this bundle")
+        return StaticPeer(host, port, identity or None)
+
+    async def start(self) -> None:
+        host, port = self.config.listen
+        try:
+            self._server = await asyncio.start_server(self._accept, host, port)
+        except OSError as exc:
+            raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        sockname = self._server.sockets[0].getsockname()
+        self.listen_address = (sockname[0], sockname[1])
+        control = self.config.control_path or self.config.state_dir / "control.sock"
+        self.control = ControlServer(control, self._control)
+        await self.control.start()
+        for revoked in sorted(self.bundle.revoked):
+            if not any(a.kind == "revoked" and a.peer == revoked for a in self.store.alerts()):
+                self._alert("revoked", revoked, f"{revoked} is revoked: it will be refused")
+        if self.config.mdns:
+            interfaces = (
+                None if self.config.mdns_interfaces is None else list(self.config.mdns_interfaces)
+            )
+            self.discovery = MdnsDiscovery(interfaces=interfaces, on_found=self._discovered)
+            await self.discovery.async_start()
+        self._spawn(self._housekeeping())
+        log.info(
+            "%s listening on %s:%d, control %s",
+            self.identity,
+            *self.listen_address,
+            control,
+        )
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        for link in list(self._all_links):
+            link.close()
+        if self._server is not None:
+            self._server.close()
+        if self.discovery is not None:
+            await self.discovery.async_close()
+        if self.control is not None:
+            await self.control.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.store.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("agent task failed: %r", task.exception())
+
+    # -- peers and alerts ------------------------------------------------------------------------
+
+    def _alert(self, kind: str, peer: str | None, message: str) -> None:
+        alert = self.store.add_alert(self.clock(), kind, peer, message)
+        log.warning("alert: %s", message)
+        self._emit("alert", alert=alert.to_json())
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.control is not None:
+            self.control.broadcast(event, **fields)
+
+    def peer_state(self, identity: str) -> tuple[str, str | None]:
+        if identity in self.links:
+            return "direct", None
+        session = self.relayed.outgoing.get(identity)
+        route = self.routing.route(identity)
+        incoming = self.relayed.listener.connection(identity) if self.relayed.listener else None
+        relayed_up = any(
+            c is not None and c.state in (State.ESTABLISHED, State.REKEYING)
+            for c in (session, incoming)
+        )
+        if relayed_up and route is not None:
+            return "relayed", route.next_hop
+        info = self.peers.get(identity)
+        if info is not None and info.refused_reason:
+            return "refused", None
+        return "offline", None
+
+    def peer_json(self, identity: str) -> dict[str, Any]:
+        info = self.peers[identity]
+        state, via = self.peer_state(identity)
+        return {
+            "identity": identity,
+            "role": info.role,
+            "state": state,
+            "via": via,
+            "last_seen": info.last_seen,
+            "position": None if info.position is None else list(info.position),
+            "battery": info.battery,
+            "text": info.text,
+            "ck_expires": self.keys.expiry(identity, self.clock()),
+            "refused_reason": info.refused_reason if state == "refused" else None,
+        }
+
+    def _peer_changed(self, identity: str) -> None:
+        if identity in self.peers:
+            self._emit("peer", peer=self.peer_json(identity))
+
+    def _seen(self, identity: str) -> None:
+        info = self.peers.get(identity)
+        if info is not None:
+            info.last_seen = self.clock()
+            info.refused_reason = None
+
+    # -- discovery and dialling -----------------------------------------------------------------
+
+    def _tag(self, now: float) -> str:
+        key = self.keys.discovery_key(now)
+        return NO_TAG if key is None else discovery_tag(key, self.identity)
+
+    def _discovered(self, identity: str, host: str, port: int) -> None:
+        info = self.peers.get(identity)
+        if info is None or identity in self.config.blocked:
+            return
+        if info.address != (host, port):
+            log.info("discovered %s at %s:%d", identity, host, port)
+            info.address = (host, port)
+            info.next_dial = 0.0
+            info.failures = 0
+
+    def _backoff(self, failures: int) -> float:
+        """Full jitter: a random wait in [0, min(cap, base * 2^n)]."""
+        return random.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 16)))
+
+    def _dial_due(self, now: float) -> None:
+        for info in self.peers.values():
+            if (
+                info.address is None
+                or info.dialling
+                or info.identity in self.links
+                or info.identity in self.config.blocked
+                or now < info.next_dial
+            ):
+                continue
+            if self.keys.keyset_for(info.identity, now) is None:
+                continue
+            info.dialling = True
+            self._spawn(self._dial_mate(info, *info.address))
+        for static in self.static:
+            if static.dialling or now < static.next_dial:
+                continue
+            if static.identity is not None and static.identity in self.links:
+                continue
+            static.dialling = True
+            self._spawn(self._dial_static(static))
+
+    async def _dial_mate(self, info: PeerInfo, host: str, port: int) -> None:
+        ok = False
+        try:
+            if self.identity > info.identity and info.failures == 0:
+                await asyncio.sleep(1.0)  # let the lower identity dial first: fewer duplicates
+            ok = await self._dial(host, port, expect=info.identity)
+        finally:
+            info.dialling = False
+            info.failures = 0 if ok else info.failures + 1
+            info.next_dial = self.clock() + (1.0 if ok else self._backoff(info.failures))
+
+    async def _dial_static(self, static: StaticPeer) -> None:
+        ok = False
+        try:
+            ok = await self._dial(static.host, static.port, expect=static.identity, static=static)
+        finally:
+            static.dialling = False
+            static.failures = 0 if ok else static.failures + 1
+            static.next_dial = self.clock() + (1.0 if ok else self._backoff(static.failures))
+
+    async def _dial(
+        self,
+        host: str,
+        port: int,
+        *,
+        expect: str | None,
+        static: StaticPeer | None = None,
+        roll: bool = False,
+    ) -> bool:
+        """Open a link to HOST:PORT; True if a session came up (or one already existed)."""
+        address = f"{host}:{port}"
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
+        except (OSError, TimeoutError):
+            return False
+        tag = await read_preamble(reader, PREAMBLE_TIMEOUT)
+        now = self.clock()
+        key = self.keys.discovery_key(now)
+        mates = tag_map(key, tuple(self.peers)) if key is not None else {}
+        peer = mates.get(tag or "")
+        if peer is None and expect is not None and tag == NO_TAG:
+            peer = expect  # no discovery key this epoch: trust the configured identity
+        if peer is None or (expect is not None and peer != expect):
+            writer.close()
+            if static is not None and static.failures == 0:
+                self._alert("refused", None, f"{address} is not a dialogue mate (unknown tag)")
+            return False
+        if static is not None:
+            static.identity = peer
+            self.peers[peer].address = (host, port)
+        if peer in self.config.blocked or (peer in self.links and not roll):
+            writer.close()
+            return peer in self.links
+        keyset = self.keys.keyset_for(peer, now + (ROLL_AHEAD if roll else 0.0))
+        if keyset is None:
+            writer.close()
+            return False
+        connection = Connection(config=self.session_config, keys=self.keys, role=Role.INITIATOR)
+        connection.connect(keyset.ck.ck_id, now, ticket=keyset.ticket)
+        link = Link(connection, reader, writer, owner=self, address=address, clock=self.clock)
+        self._all_links.add(link)
+        up: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._dial_waiters[link] = up
+        self._spawn(link.run())
+        try:
+            return await asyncio.wait_for(asyncio.shield(up), 15.0)
+        except TimeoutError:
+            link.close()
+            return False
+        finally:
+            self._dial_waiters.pop(link, None)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        address = f"{peername[0]}:{peername[1]}" if peername else "?"
+        write_preamble(writer, self._tag(self.clock()))
+        connection = self.listener.accept(address, self.clock())
+        if connection is None:
+            writer.close()
+            self._drain_listener_events()
+            return
+        link = Link(connection, reader, writer, owner=self, address=address, clock=self.clock)
+        self._all_links.add(link)
+        await link.run()
+
+    def _drain_listener_events(self) -> None:
+        for listener in (self.listener, self.relayed.listener):
+            if listener is None:
+                continue
+            while (item := listener.next_event()) is not None:
+                source, event = item
+                self._alert(
+                    "refused", None, f"refused a handshake from {source}: {event.reason.value}"
+                )
+
+    # -- LinkOwner ------------------------------------------------------------------------------
+
+    def link_up(self, link: Link, event: HandshakeCompleted) -> None:
+        peer = event.peer
+        future = self._dial_waiters.get(link)
+        if peer in self.config.blocked or peer not in self.peers:
+            link.close()
+            if future is not None and not future.done():
+                future.set_result(False)
+            return
+        current = self.links.get(peer)
+        if current is not None and current is not link:
+            keep_new = self._better(link, current)
+            loser = current if keep_new else link
+            if not keep_new:
+                loser.close()
+                if future is not None and not future.done():
+                    future.set_result(True)
+                return
+            self.links[peer] = link
+            loser.close()
+        else:
+            self.links[peer] = link
+        if future is not None and not future.done():
+            future.set_result(True)
+        log.info(
+            "link up: %s (%s, %s)", peer, link.address, "dialled" if link.dialled else "accepted"
+        )
+        self._seen(peer)
+        self.routing.link_up(peer)
+        self._routes_dirty = True
+        outgoing = self.relayed.outgoing.pop(peer, None)
+        if outgoing is not None:
+            outgoing.close(self.clock())
+        self._peer_changed(peer)
+        self._on_session_up(peer)
+
+    def _better(self, new: Link, old: Link) -> bool:
+        """Which of two links with one mate to keep: the later CK, then the lower initiator."""
+        new_ck, old_ck = new.connection.ck, old.connection.ck
+        if new_ck is not None and old_ck is not None and new_ck.not_after != old_ck.not_after:
+            return new_ck.not_after > old_ck.not_after
+        new_initiator = self.identity if new.dialled else new.peer or ""
+        old_initiator = self.identity if old.dialled else old.peer or ""
+        return new_initiator < old_initiator
+
+    def link_data(self, link: Link, data: list[bytes]) -> None:
+        peer = link.peer
+        if peer is None or self.links.get(peer) is not link:
+            return
+        self._seen(peer)
+        self._handle_messages(peer, data, link=link)
+
+    def link_refused(self, link: Link, event: HandshakeRefused | FrameRejected) -> None:
+        peer = link.peer
+        reason = event.reason.value
+        who = peer or link.address
+        log.info("refused %s: %s", who, reason)
+        if isinstance(event, HandshakeRefused):
+            self._alert("refused", peer, f"refused a handshake from {who}: {reason}")
+            if peer in self.peers:
+                self.peers[peer].refused_reason = reason
+                self._peer_changed(peer)
+
+    def link_closed(self, link: Link, event: ConnectionTerminated | None) -> None:
+        self._all_links.discard(link)
+        future = self._dial_waiters.get(link)
+        if future is not None and not future.done():
+            future.set_result(False)
+        peer = link.peer
+        if (
+            event is not None
+            and event.termination is Termination.PEER_REFUSED
+            and peer is not None
+            and peer in self.peers
+        ):
+            self.peers[peer].refused_reason = "refused by peer"
+            self._alert("refused", peer, f"{peer} refused our handshake")
+        if peer is not None and self.links.get(peer) is link:
+            del self.links[peer]
+            self.routing.link_down(peer)
+            self._routes_dirty = True
+            log.info("link down: %s", peer)
+            self._peer_changed(peer)
+
+    # -- relayed sessions ------------------------------------------------------------------------
+
+    def _relay_session(self, peer: str, *, create: bool) -> Connection | None:
+        session = self.relayed.outgoing.get(peer)
+        if session is not None and session.state not in (State.CLOSED, State.ERROR):
+            return session
+        if not create or self.routing.route(peer) is None:
+            return None
+        now = self.clock()
+        keyset = self.keys.keyset_for(peer, now)
+        if keyset is None:
+            return None
+        session = Connection(config=self._relay_config, keys=self.keys, role=Role.INITIATOR)
+        session.connect(keyset.ck.ck_id, now, ticket=keyset.ticket)
+        self.relayed.outgoing[peer] = session
+        self._pump_relayed(peer, session, src_initiated=True)
+        return session
+
+    def _pump_relayed(self, peer: str, session: Connection, *, src_initiated: bool) -> None:
+        """Send a relayed session's datagrams toward ``peer`` and handle its events."""
+        for frame in session.datagrams_to_send():
+            self._forward(Relay(self.identity, peer, MAX_HOPS, frame, src_initiated))
+        batch: list[bytes] = []
+        while (event := session.next_event()) is not None:
+            if isinstance(event, DataReceived):
+                batch.append(event.data)
+                continue
+            if batch:
+                self._handle_messages(peer, batch, link=None)
+                batch = []
+            if isinstance(event, HandshakeCompleted):
+                log.info("relayed session up: %s", peer)
+                self._seen(peer)
+                self._peer_changed(peer)
+                self._on_session_up(peer)
+            elif isinstance(event, HandshakeRefused):
+                self._alert(
+                    "refused",
+                    peer,
+                    f"refused a relayed handshake from {peer}: {event.reason.value}",
+                )
+            elif isinstance(event, ConnectionTerminated):
+                self._peer_changed(peer)
+        if batch:
+            self._seen(peer)
+            self._handle_messages(peer, batch, link=None)
+
+    def _forward(self, relay: Relay) -> bool:
+        route = self.routing.route(relay.dst)
+        link = None if route is None else self.links.get(route.next_hop)
+        if link is None or relay.ttl <= 0:
+            return False
+        try:
+            link.send(encode(relay))
+        except (LocalProtocolError, WireError):
+            return False
+        return True
+
+    def _relay_received(self, neighbour: str, relay: Relay) -> None:
+        if relay.dst != self.identity:  # not ours: pass it on, one hop less to live
+            self._forward(
+                Relay(relay.src, relay.dst, relay.ttl - 1, relay.frame, relay.src_initiated)
+            )
+            return
+        peer = relay.src
+        if peer not in self.peers:  # (a blocked mate is still reachable through relays)
+            return
+        now = self.clock()
+        if relay.src_initiated:
+            listener = self.relayed.listener
+            if listener is None:
+                return
+            session = listener.datagram_received(relay.frame, peer, now)
+            self._drain_listener_events()
+            if session is not None:
+                self._pump_relayed(peer, session, src_initiated=False)
+        else:
+            outgoing = self.relayed.outgoing.get(peer)
+            if outgoing is not None:
+                with contextlib.suppress(ProtocolError):
+                    outgoing.datagram_received(relay.frame, now)
+                self._pump_relayed(peer, outgoing, src_initiated=True)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _send_to(self, peer: str, message: Message, *, create: bool = True) -> bool:
+        """Send an end-to-end message on the best session with ``peer``; False if none is up."""
+        data = encode(message)
+        link = self.links.get(peer)
+        if link is not None:
+            try:
+                link.send(data)
+                return True
+            except LocalProtocolError:
+                return False
+        session = self._relay_session(peer, create=create)
+        if session is None or session.state not in (State.ESTABLISHED, State.REKEYING):
+            return False
+        try:
+            session.send_data(data, self.clock())
+        except LocalProtocolError:
+            return False
+        self._pump_relayed(peer, session, src_initiated=True)
+        return True
+
+    def _on_session_up(self, peer: str) -> None:
+        self._flush_outbox(peer)
+        for receipt in self._pending_receipts.pop(peer, []):
+            self._send_to(peer, receipt)
+        self._send_to(peer, self._status_message())
+
+    def _flush_outbox(self, peer: str) -> None:
+        sent: list[tuple[bytes, str]] = []
+        for entry in self.store.undelivered(peer):
+            chat = Chat(entry.message_id, entry.text, entry.at, entry.group)
+            if not self._send_to(peer, chat):
+                break
+            sent.append((entry.message_id, peer))
+        if sent:
+            self.store.mark_sent(sent)
+
+    def _receipt(self, peer: str, receipt: Receipt) -> None:
+        if not self._send_to(peer, receipt, create=True):
+            pending = self._pending_receipts.setdefault(peer, [])
+            if len(pending) < MAX_PENDING_RECEIPTS:
+                pending.append(receipt)
+
+    def _handle_messages(self, peer: str, records: list[bytes], *, link: Link | None) -> None:
+        chats: list[tuple[bytes, str, str | None, str, float]] = []
+        for data in records:
+            try:
+                message = decode(data)
+            except WireError as exc:
+                log.info("dropped a malformed message from %s: %s", peer, exc)
+                continue
+            if isinstance(message, Chat):
+                if message.group is not None and peer not in self.bundle.groups.get(
+                    message.group, ()
+                ):
+                    log.info("dropped a group message from %s: not in %s", peer, message.group)
+                    continue
+                chats.append(
+                    (message.message_id, peer, message.group, message.text, message.sent_at)
+                )
+            elif isinstance(message, Receipt):
+                if self.store.receipt(message.message_id, peer, message.state):
+                    self._emit(
+                        "receipt",
+                        message_id=message.message_id.hex(),
+                        peer=peer,
+                        state=message.state,
+                    )
+            elif isinstance(message, Status):
+                info = self.peers[peer]
+                info.position, info.battery, info.text = (
+                    message.position,
+                    message.battery,
+                    message.text,
+                )
+                self._peer_changed(peer)
+            elif link is not None and isinstance(message, Routes):
+                if self.routing.update(peer, message.reach):
+                    self._routes_dirty = True
+                    self._on_routes_changed()
+            elif link is not None and isinstance(message, Relay):
+                self._relay_received(peer, message)
+            elif isinstance(message, Ping):
+                pass
+            else:
+                log.info("dropped a hop-by-hop message from %s on a relayed session", peer)
+        if chats:
+            for stored in self.store.receive(chats):
+                self._emit("message", message=stored.to_json())
+            for message_id, *_ in chats:  # acknowledge copies we already had, too
+                self._receipt(peer, Receipt(message_id, "delivered"))
+
+    def _on_routes_changed(self) -> None:
+        for peer in self.peers:
+            if peer not in self.links and self.routing.route(peer) is not None:
+                self._relay_session(peer, create=True)
+            self._peer_changed(peer)
+
+    def _status_message(self) -> Status:
+        return Status(
+            role=self.bundle.role,
+            sent_at=self.clock(),
+            position=self._position(),
+            battery=self._own_status["battery"],
+            text=self._own_status["text"],
+        )
+
+    def _position(self) -> tuple[float, float, float] | None:
+        if self.config.position_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                parts = self.config.position_file.read_text().split(",")
+                lat, lon, alt = (float(p) for p in parts[:3])
+                return (lat, lon, alt)
+        if self.config.simulate_track:
+            base = self._own_status["position"] or (48.8566, 2.3522, 100.0)
+            angle = (self.clock() / 60.0) % (2 * math.pi)
+            return (base[0] + 0.01 * math.sin(angle), base[1] + 0.01 * math.cos(angle), base[2])
+        position: tuple[float, float, float] | None = self._own_status["position"]
+        return position
+
+    # -- housekeeping ------------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        while True:
+            try:
+                self._tick(self.clock())
+            except MeshError as exc:
+                log.error("housekeeping: %s", exc)
+            await asyncio.sleep(TICK)
+
+    def _tick(self, now: float) -> None:
+        self._check_epoch(now)
+        self._dial_due(now)
+        self._roll_links(now)
+        for peer, session in list(self.relayed.outgoing.items()):
+            session.handle_timer(now)
+            self._pump_relayed(peer, session, src_initiated=True)
+            if session.state in (State.CLOSED, State.ERROR):
+                del self.relayed.outgoing[peer]
+        listener = self.relayed.listener
+        if listener is not None:
+            listener.handle_timer(now)
+            for peer in self.peers:
+                incoming = listener.connection(peer)
+                if incoming is not None:
+                    self._pump_relayed(peer, incoming, src_initiated=False)
+        self._drain_listener_events()
+        self.listener.handle_timer(now)
+        if self._routes_dirty or now - self._last_routes >= ROUTES_EVERY:
+            self._advertise_routes(now)
+        if now - self._last_retry >= RETRY_EVERY:
+            self._last_retry = now
+            for peer in self.store.recipients_waiting():
+                if peer in self.peers:
+                    self._flush_outbox(peer)
+        if now - self._last_heartbeat >= self.config.heartbeat:
+            self._last_heartbeat = now
+            status = self._status_message()
+            for peer in self.peers:
+                self._send_to(peer, status, create=False)
+        for link in list(self.links.values()):
+            if now - link.last_activity >= PING_AFTER:
+                with contextlib.suppress(LocalProtocolError):
+                    link.send(encode(Ping()))
+        self._warn_expiry(now)
+
+    def _advertise_routes(self, now: float) -> None:
+        self._routes_dirty = False
+        self._last_routes = now
+        for neighbour, link in list(self.links.items()):
+            with contextlib.suppress(LocalProtocolError):
+                link.send(encode(Routes(self.routing.advertisement(neighbour))))
+
+    def _check_epoch(self, now: float) -> None:
+        epoch = self.bundle.mission.epoch_at(now)
+        index = None if epoch is None else epoch.index
+        if index == self._epoch_index:
+            return
+        self._epoch_index = index
+        if epoch is not None:
+            self._emit(
+                "epoch", epoch={"index": epoch.index, "start": epoch.start, "end": epoch.end}
+            )
+        key = self.keys.discovery_key(now)
+        if self.discovery is not None and key is not None:
+            self.discovery.set_tags(tag_map(key, tuple(self.peers)))
+            host = self._advertised_host()
+            self._spawn(
+                self.discovery.async_advertise(
+                    discovery_tag(key, self.identity), host, self.listen_address[1]
+                )
+            )
+            self.discovery.rescan()
+
+    def _advertised_host(self) -> str:
+        host = self.listen_address[0]
+        if host not in ("0.0.0.0", "::", ""):
+            return host
+        interfaces = self.config.mdns_interfaces
+        return interfaces[0] if interfaces else "127.0.0.1"
+
+    def _roll_links(self, now: float) -> None:
+        """Make-before-break onto the next epoch's CK, by the side that dialled."""
+        for peer, link in list(self.links.items()):
+            ck = link.connection.ck
+            if ck is None or not link.dialled or ck.not_after - now > ROLL_AHEAD:
+                continue
+            info = self.peers[peer]
+            following = self.keys.keyset_for(peer, now + ROLL_AHEAD)
+            if following is None or following.ck.ck_id == ck.ck_id or info.dialling:
+                continue
+            host, _, port = link.address.rpartition(":")
+            info.dialling = True
+
+            async def roll(info: PeerInfo = info, host: str = host, port: int = int(port)) -> None:
+                try:
+                    await self._dial(host, port, expect=info.identity, roll=True)
+                finally:
+                    info.dialling = False
+
+            self._spawn(roll())
+
+    def _warn_expiry(self, now: float) -> None:
+        for peer, info in self.peers.items():
+            expires = self.keys.expiry(peer, now)
+            if expires is None or info.expiry_warned:
+                continue
+            if expires - now < EXPIRY_WARNING and self.keys.keyset_for(peer, expires) is None:
+                info.expiry_warned = True
+                self._alert(
+                    "expiring",
+                    peer,
+                    f"the last keyset with {peer} expires in {int(expires - now) // 60} min",
+                )
+
+    # -- control API -------------------------------------------------------------------------------
+
+    async def _control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            raise ControlError("bad-request", f"unknown op {op!r}")
+        result: dict[str, Any] = handler(args)
+        return result
+
+    def _op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        m = self.bundle.mission
+        epoch = m.epoch_at(self.clock())
+        return {
+            "identity": self.identity,
+            "role": self.bundle.role,
+            "mission": {
+                "name": m.name,
+                "id": m.mission_id.hex(),
+                "start": m.start,
+                "end": m.end,
+                "epoch_seconds": m.epoch_seconds,
+            },
+            "epoch": None
+            if epoch is None
+            else {"index": epoch.index, "start": epoch.start, "end": epoch.end},
+            "token": {"state": "ok", "message": f"{type(self.token).__name__} unlocked"},
+            "listen": f"{self.listen_address[0]}:{self.listen_address[1]}",
+            "links": len(self.links),
+            "version": __version__,
+        }
+
+    def _op_peers(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"peers": [self.peer_json(p) for p in sorted(self.peers)]}
+
+    def _op_groups(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"groups": {g: list(m) for g, m in self.bundle.groups.items()}}
+
+    def _op_send(self, args: dict[str, Any]) -> dict[str, Any]:
+        text = args.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ControlError("bad-request", "send needs a non-empty 'text'")
+        if len(text) > MAX_TEXT or len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise ControlError("too-large", f"text over {MAX_TEXT} characters")
+        if not text.replace("\n", " ").replace("\t", " ").isprintable():
+            raise ControlError("bad-request", "text has control characters")
+        to, group = args.get("to"), args.get("group")
+        if isinstance(to, str) and group is None:
+            if to not in self.peers:
+                raise ControlError("unknown-peer", f"no dialogue mate named {to}")
+            recipients, peer = [to], to
+        elif isinstance(group, str) and to is None:
+            if group not in self.bundle.groups:
+                raise ControlError("unknown-group", f"no group named {group}")
+            recipients = [
+                m for m in self.bundle.groups[group] if m != self.identity and m in self.peers
+            ]
+            peer = ""
+        else:
+            raise ControlError("bad-request", "send needs exactly one of 'to' and 'group'")
+        message_id = os.urandom(16)
+        now = self.clock()
+        self.store.queue(
+            message_id, peer=peer, group=group, text=text, at=now, recipients=recipients
+        )
+        for recipient in recipients:
+            self._flush_outbox(recipient)
+        stored = self.store.message(message_id, "out")
+        if stored is not None:
+            self._emit("message", message=stored.to_json())
+        return {"message_id": message_id.hex(), "state": "pending"}
+
+    def _op_history(self, args: dict[str, Any]) -> dict[str, Any]:
+        peer, group, limit = args.get("peer"), args.get("group"), args.get("limit", 200)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 10_000:
+            raise ControlError("bad-request", "limit must be 1..10000")
+        if not all(v is None or isinstance(v, str) for v in (peer, group)):
+            raise ControlError("bad-request", "peer and group must be text")
+        messages: list[StoredMessage] = self.store.history(peer=peer, group=group, limit=limit)
+        return {"messages": [m.to_json() for m in messages]}
+
+    def _op_mark_read(self, args: dict[str, Any]) -> dict[str, Any]:
+        peer, group = args.get("peer"), args.get("group")
+        if (peer is None) == (group is None) or not isinstance(peer or group, str):
+            raise ControlError("bad-request", "mark_read needs exactly one of 'peer' and 'group'")
+        marked = self.store.mark_read(peer=peer, group=group)
+        for message_id, sender in marked:
+            if sender in self.peers:
+                self._receipt(sender, Receipt(message_id, "read"))
+        return {"marked": len(marked)}
+
+    def _op_alerts(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"alerts": [a.to_json() for a in self.store.alerts()]}
+
+    def _op_dismiss_alert(self, args: dict[str, Any]) -> dict[str, Any]:
+        alert_id = args.get("alert_id")
+        if not isinstance(alert_id, int) or not self.store.dismiss_alert(alert_id):
+            raise ControlError("bad-request", "no such alert")
+        return {}
+
+    def _op_set_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            status = Status(
+                self.bundle.role,
+                self.clock(),
+                None if args.get("position") is None else tuple(args["position"]),
+                args.get("battery"),
+                args.get("text"),
+            )
+            decode(encode(status))  # the same bounds a peer applies
+        except (WireError, TypeError, ValueError):
+            raise ControlError(
+                "bad-request",
+                "status: position [lat, lon, alt], battery 0..100, text up to 200 characters",
+            ) from None
+        self._own_status.update(position=status.position, battery=status.battery, text=status.text)
+        for peer in self.peers:
+            self._send_to(peer, self._status_message(), create=False)
+        return {}
+
+    def _op_subscribe(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"subscribed": True}
+
+    def _op_sessions(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Diagnostics: which CKs this agent holds sessions under (ids only, never keys)."""
+        sessions = []
+        for peer, link in self.links.items():
+            if link.connection.ck is not None:
+                sessions.append(
+                    {"peer": peer, "kind": "link", "ck_id": link.connection.ck.ck_id.hex()}
+                )
+        for peer, session in self.relayed.outgoing.items():
+            if session.ck is not None:
+                sessions.append({"peer": peer, "kind": "relayed", "ck_id": session.ck.ck_id.hex()})
+        listener = self.relayed.listener
+        for peer in self.peers:
+            incoming = listener.connection(peer) if listener is not None else None
+            if incoming is not None and incoming.ck is not None:
+                sessions.append(
+                    {"peer": peer, "kind": "relayed-in", "ck_id": incoming.ck.ck_id.hex()}
+                )
+        return {
+            "sessions": sessions,
+            "routes": {
+                d: {"via": r.next_hop, "hops": r.hops} for d, r in self.routing.routes().items()
+            },
+        }

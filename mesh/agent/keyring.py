@@ -1,0 +1,122 @@
+"""What an agent knows about keys: its bundle's CKs, opened through its token, and the policy.
+
+At start the agent opens (unwraps through the token) its own copy of every CK
+of the bundle that has not expired -- a few hundred token operations at most,
+done once -- and each epoch's discovery key. The session protocol then asks
+this key ring, through :class:`mesh.protocol.KeysetLookup`, for CKs by
+``ck_id``; high-water marks go to the agent's store as they advance, so a
+restarted agent still refuses a replayed handshake.
+
+Policy lives here too: a ticket (a CK copy a peer hands us) is accepted only
+if it is for our mission, names us and a dialogue mate of ours that is not
+revoked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.agent.store import AgentStore
+from mesh.keyset import CommunicationKeyset, KeysetError, open_copy
+from mesh.keyset.bundle import Bundle, BundleKeyset
+from mesh.keyset.copies import open_discovery_key
+from mesh.protocol import MemoryKeyStore
+from mesh.protocol.config import Role
+from mesh.token import SecureElement
+
+__all__ = ["KeyRing"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKeyset:
+    """A CK with one mate, as the dialer needs it."""
+
+    ck: CommunicationKeyset
+    ticket: str
+
+
+class KeyRing:
+    """A :class:`mesh.protocol.KeysetLookup` backed by a bundle, a token and the agent store."""
+
+    def __init__(
+        self, bundle: Bundle, token: SecureElement, store: AgentStore, *, now: float
+    ) -> None:
+        self.bundle = bundle
+        self.identity = bundle.identity
+        self.mission = bundle.mission
+        self.mates = {m.identity: m for m in bundle.mates if m.identity not in bundle.revoked}
+        self._token = token
+        self._store = store
+        self._by_peer: dict[str, list[PeerKeyset]] = {}
+        keysets: list[CommunicationKeyset] = []
+        for entry in bundle.keysets:
+            if entry.not_after <= now or entry.peer not in self.mates:
+                continue
+            ck = self._open(entry)
+            keysets.append(ck)
+            self._by_peer.setdefault(entry.peer, []).append(PeerKeyset(ck, entry.ticket))
+        for entries in self._by_peer.values():
+            entries.sort(key=lambda k: k.ck.not_before)
+        self._discovery = {
+            d.epoch: open_discovery_key(token, d.wrapped).key
+            for d in bundle.discovery
+            if d.not_after > now
+        }
+        marks = [(c, Role(r), t) for c, r, t in store.high_water_marks()]
+        self._keys = MemoryKeyStore(keysets, ticket_opener=self._open_ticket, marks=marks)
+
+    def _open(self, entry: BundleKeyset) -> CommunicationKeyset:
+        ck = open_copy(self._token, entry.own)
+        if ck.ck_id != entry.ck_id or ck.mission_id != self.mission.mission_id:
+            raise KeysetError("bundle lists a CK copy that does not match its entry")
+        return ck
+
+    def _open_ticket(self, ticket: str) -> CommunicationKeyset:
+        ck = open_copy(self._token, ticket)
+        if ck.mission_id != self.mission.mission_id:
+            raise KeysetError("ticket is for another mission")
+        peer = ck.peer_of(self.identity)
+        if peer not in self.mates:
+            raise KeysetError(f"ticket names {peer}, who is not a dialogue mate (or is revoked)")
+        return ck
+
+    # -- for the agent -----------------------------------------------------------------------
+
+    def keyset_for(self, peer: str, now: float, *, skew: float = 0.0) -> PeerKeyset | None:
+        """The CK to dial ``peer`` with at ``now``: the newest one already valid (with skew)."""
+        best: PeerKeyset | None = None
+        for entry in self._by_peer.get(peer, ()):
+            if entry.ck.not_before - skew <= now < entry.ck.not_after:
+                best = entry
+        return best
+
+    def expiry(self, peer: str, now: float) -> float | None:
+        """When the CK in use with ``peer`` expires (its last one, if epochs chain)."""
+        entry = self.keyset_for(peer, now)
+        return None if entry is None else float(entry.ck.not_after)
+
+    def discovery_key(self, now: float) -> bytes | None:
+        epoch = self.mission.epoch_at(now)
+        return None if epoch is None else self._discovery.get(epoch.index)
+
+    # -- KeysetLookup --------------------------------------------------------------------------
+
+    def lookup(self, ck_id: bytes) -> CommunicationKeyset | None:
+        return self._keys.lookup(ck_id)
+
+    def is_revoked(self, ck_id: bytes) -> bool:
+        ck = self._keys.lookup(ck_id)
+        return ck is not None and any(p in self.bundle.revoked for p in (ck.party_a, ck.party_b))
+
+    def high_water(self, ck_id: bytes, role: Role) -> int:
+        return self._keys.high_water(ck_id, role)
+
+    def set_high_water(self, ck_id: bytes, role: Role, timestamp: int) -> None:
+        self._keys.set_high_water(ck_id, role, timestamp)
+        self._store.set_high_water([(ck_id, role.value, timestamp)])
+
+    def open_ticket(self, ticket: str) -> CommunicationKeyset:
+        return self._keys.open_ticket(ticket)
+
+    def cache(self, ck: CommunicationKeyset) -> None:
+        self._keys.cache(ck)

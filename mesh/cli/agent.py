@@ -1,0 +1,273 @@
+"""``snrmesh agent`` and its clients: ``send``, ``peers``, ``history``, ``events``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mesh.agent.client import ControlClient, default_control_path
+from mesh.cli.secrets import PIN_ENV, read_secret
+from mesh.files import FileTooLarge, read_bounded
+from mesh.keyset.bundle import MAX_BUNDLE_SIZE, open_bundle
+from mesh.keyset.errors import BundleError
+from mesh.timefmt import utc_iso
+from mesh.token.software import SoftwareToken
+
+__all__ = ["register"]
+
+AGENT_HELP = """\
+Run this node's agent: load its bundle and token, find its dialogue mates
+(mDNS on the LAN, and/or --peer addresses), authenticate them with the CKs in
+the bundle (no server), and carry chat and status between them -- across
+several hops when a mate is out of direct reach. Messages wait in a durable
+outbox until the recipient confirms them. Clients (snrmesh send/peers/history/
+events, snrmesh tui) talk to the agent over its control socket; only the agent
+ever holds keys. The token PIN comes from SNRMESH_PIN or a prompt.
+
+examples:
+  snrmesh agent --bundle alpha-1.bundle --token alpha-1.token --state ~/.snrmesh
+  snrmesh agent ... --listen 127.0.0.1:7717 --mdns-interface 127.0.0.1
+  snrmesh agent ... --no-mdns --peer 10.0.0.7:7717 --peer gs-1@10.0.0.9:7717
+"""
+
+
+def _default_state() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "snrmesh"
+
+
+def _position(text: str) -> tuple[float, float, float]:
+    try:
+        lat, lon, alt = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected LAT,LON,ALT (e.g. 48.85,2.35,35)") from None
+    return (lat, lon, alt)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from mesh.agent.agent import Agent, AgentConfig, parse_address
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    token = SoftwareToken(args.token)
+    try:
+        raw = read_bounded(args.bundle, MAX_BUNDLE_SIZE, what="bundle")
+    except FileNotFoundError:
+        raise BundleError(f"bundle {args.bundle} does not exist") from None
+    except (OSError, FileTooLarge) as exc:
+        raise BundleError(f"cannot read bundle {args.bundle}: {exc}") from None
+    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
+    bundle = open_bundle(raw, token)
+    state = Path(args.state or _default_state())
+    config = AgentConfig(
+        state_dir=state,
+        listen=parse_address(args.listen),
+        peers=tuple(args.peer),
+        mdns=not args.no_mdns,
+        mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
+        control_path=Path(args.control) if args.control else None,
+        heartbeat=args.heartbeat,
+        position=args.position,
+        position_file=Path(args.position_file) if args.position_file else None,
+        simulate_track=args.simulate_track,
+        battery=args.battery,
+        status_text=args.status_text,
+        blocked=frozenset(args.block),
+    )
+
+    async def main() -> None:
+        agent = Agent(config, bundle, token)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.request_stop)
+        await agent.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(args.control or default_control_path())
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        target = {"to": args.to} if args.to else {"group": args.group}
+        result = client.request("send", text=args.text, **target)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"queued message {result['message_id']} for {args.to or 'group ' + args.group}")
+    return 0
+
+
+def _ago(now: float, then: float | None) -> str:
+    if then is None:
+        return "never"
+    seconds = max(0, int(now - then))
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago"
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    import time
+
+    with _client(args) as client:
+        peers = client.request("peers")["peers"]
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    now = time.time()
+    for p in peers:
+        state = p["state"] + (f" via {p['via']}" if p.get("via") else "")
+        if p.get("refused_reason"):
+            state += f" ({p['refused_reason']})"
+        where = "" if not p.get("position") else " pos " + ",".join(f"{x:g}" for x in p["position"])
+        print(
+            f"{p['identity']:<16} {p['role']:<15} {state:<22} seen {_ago(now, p['last_seen'])}"
+            f"{where}"
+        )
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"limit": args.limit}
+    if args.peer:
+        request["peer"] = args.peer
+    if args.group:
+        request["group"] = args.group
+    with _client(args) as client:
+        messages = client.request("history", **request)["messages"]
+    if args.json:
+        print(json.dumps(messages, indent=2))
+        return 0
+    for m in messages:
+        where = f"[{m['group']}] " if m.get("group") else ""
+        arrow = f"<- {m['peer']}" if m["direction"] == "in" else f"-> {m['peer'] or m['group']}"
+        state = "" if m["direction"] == "in" else f"  ({m['state']})"
+        print(f"{utc_iso(m['at'])} {arrow:<18} {where}{m['text']}{state}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            for event in client.events():
+                print(json.dumps(event), flush=True)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "agent",
+        help="run this node's mesh agent",
+        description=AGENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bundle", required=True, metavar="FILE", help="this node's bundle")
+    p.add_argument("--token", required=True, metavar="FILE", help="this node's token file")
+    p.add_argument(
+        "--state",
+        metavar="DIR",
+        help="state folder: history, outbox, control socket (default: "
+        "$XDG_STATE_HOME/snrmesh or ~/.local/state/snrmesh)",
+    )
+    p.add_argument(
+        "--listen",
+        default="0.0.0.0:7717",
+        metavar="HOST:PORT",
+        help="where to accept links (default: 0.0.0.0:7717; port 0 picks one)",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="[NODE@]HOST:PORT",
+        help="a mate to dial, for networks without multicast (repeatable)",
+    )
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        metavar="IP",
+        help="announce and browse on this interface only (repeatable; default: all)",
+    )
+    p.add_argument("--no-mdns", action="store_true", help="no mDNS discovery at all")
+    p.add_argument(
+        "--control", metavar="SOCKET", help="control socket path (default: STATE/control.sock)"
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="status heartbeat period in seconds (default: 30)",
+    )
+    p.add_argument("--position", type=_position, metavar="LAT,LON,ALT", help="own position")
+    p.add_argument(
+        "--position-file",
+        metavar="FILE",
+        help="read LAT,LON,ALT from this file at each heartbeat (e.g. from a GPS)",
+    )
+    p.add_argument(
+        "--simulate-track", action="store_true", help="move the position in a small circle (demos)"
+    )
+    p.add_argument("--battery", type=float, metavar="PERCENT", help="battery level to report")
+    p.add_argument("--status-text", metavar="TEXT", help="free text in the status heartbeat")
+    p.add_argument(
+        "--block",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="never link directly with NODE (emulates a cut link in simulations)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_agent)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--control",
+        metavar="SOCKET",
+        help="the agent's control socket (default: $SNRMESH_CONTROL or "
+        "~/.local/state/snrmesh/control.sock)",
+    )
+
+    p = commands.add_parser(
+        "send",
+        parents=[client],
+        help="send a chat message",
+        description="Queue a chat message; the agent delivers it end to end "
+        "(now, or when the mate is next reachable).",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="NODE", help="a dialogue mate")
+    target.add_argument("--group", metavar="GROUP", help="every member of a mission group")
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_send)
+
+    p = commands.add_parser("peers", parents=[client], help="list dialogue mates and link state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peers)
+
+    p = commands.add_parser("history", parents=[client], help="print the message history")
+    p.add_argument("--peer", metavar="NODE", help="only the conversation with NODE")
+    p.add_argument("--group", metavar="GROUP", help="only the conversation of GROUP")
+    p.add_argument("--limit", type=int, default=200, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history)
+
+    p = commands.add_parser(
+        "events", parents=[client], help="follow the agent's event stream (JSON lines)"
+    )
+    p.set_defaults(func=cmd_events)

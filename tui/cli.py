@@ -1,0 +1,63 @@
+"""``snrmesh tui``: attach the terminal UI to a running agent's control socket."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+__all__ = ["CONTROL_ENV", "default_control_path", "register"]
+
+CONTROL_ENV = "SNRMESH_CONTROL"
+
+DESCRIPTION = """\
+Attach a terminal UI to your running snrmesh agent through its control socket.
+
+Panels: status bar (identity, mission, epoch, token, links, connection), peers
+(link state, last heartbeat, battery, position, CK countdown), chats (one per
+mate and per group, with unread counts), the open chat (delivery ticks:
+◷ pending, ✓ sent, ✓✓ delivered, ✓✓ read) and alerts (refused handshakes,
+expiring keysets, revoked nodes, token problems).
+
+The TUI never holds a key or a token; if the agent stops, it says so, keeps the
+last known state on screen and reconnects when the agent is back.
+"""
+
+EPILOG = """\
+keys: F1 help, F2 peers, F3 chats, F4 alerts, F5 write, Ctrl+P command palette,
+Ctrl+Q quit. See docs/tui.md.
+"""
+
+
+def default_control_path() -> Path:
+    """``$SNRMESH_CONTROL``, else the agent's default ``~/.local/state/snrmesh/control.sock``."""
+    configured = os.environ.get(CONTROL_ENV)
+    if configured:
+        return Path(configured)
+    return Path.home() / ".local" / "state" / "snrmesh" / "control.sock"
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui.app import SnrmeshApp  # Textual loads only when the TUI is wanted
+
+    SnrmeshApp(args.control).run()
+    return 0
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "tui",
+        help="terminal UI for chat, peers, status and alerts (attaches to the agent)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--control",
+        metavar="SOCKET",
+        type=Path,
+        default=default_control_path(),
+        help=f"the agent's control socket (default: ${CONTROL_ENV}, else "
+        "~/.local/state/snrmesh/control.sock)",
+    )
+    p.set_defaults(func=cmd_tui)

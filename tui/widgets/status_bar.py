@@ -1,0 +1,74 @@
+"""The status bar: who this node is, mission and epoch, token, links, and the agent connection.
+
+One line while the agent is reachable; a second line saying why not (and
+that the TUI keeps retrying) while it is not.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.text import Text
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from tui.format import countdown
+from tui.model import AppState, Connection
+
+__all__ = ["StatusBar"]
+
+SEPARATOR = " │ "
+
+
+class StatusBar(Widget):
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "status--ok",
+        "status--warn",
+        "status--bad",
+        "status--dim",
+        "status--me",
+    }
+
+    state: reactive[AppState] = reactive(AppState)
+    now: reactive[float] = reactive(0.0)
+
+    def render(self) -> Text:
+        state, now = self.state, self.now
+        style = self.get_component_rich_style
+        line = Text(no_wrap=True, overflow="ellipsis")
+        connection = state.connection
+        if connection is Connection.CONNECTED:
+            line.append("● connected", style("status--ok"))
+        elif connection is Connection.RECONNECTED:
+            line.append("● reconnected", style("status--ok"))
+        elif connection is Connection.CONNECTING:
+            line.append("◌ connecting…", style("status--warn"))
+        else:
+            line.append("✖ disconnected, reconnecting…", style("status--bad"))
+        info = state.info
+        if info is not None:
+            line.append(SEPARATOR)
+            line.append(info.identity, style("status--me"))
+            line.append(f" ({info.role})")
+            line.append(SEPARATOR)
+            line.append(info.mission.name)
+            line.append(SEPARATOR)
+            if info.epoch is None:
+                line.append("no epoch", style("status--warn"))
+            else:
+                line.append(f"epoch {info.epoch.index}, next in {countdown(now, info.epoch.end)}")
+            line.append(SEPARATOR)
+            token_style = "status--ok" if info.token.state == "ok" else "status--bad"
+            mark = "✓" if info.token.state == "ok" else "✖"
+            line.append(f"token {mark} {info.token.state}", style(token_style))
+            if info.links is not None:
+                line.append(SEPARATOR)
+                line.append(f"links {info.links}")
+        if state.connection_detail and not state.online:
+            line.append("\n")
+            line.append(state.connection_detail, style("status--dim"))
+        return line
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return 1 if self.state.online or not self.state.connection_detail else 2

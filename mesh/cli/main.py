@@ -17,6 +17,7 @@ from mesh.cli import agent as agent_cli
 from mesh.cli import bundle as bundle_cli
 from mesh.errors import MeshError
 from provisioning import cli as desk_cli
+from tui import cli as tui_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     desk_cli.register(commands)
     bundle_cli.register(commands)
     agent_cli.register(commands)
+    tui_cli.register(commands)
     return parser
 
 

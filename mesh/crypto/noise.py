@@ -27,6 +27,7 @@ import hmac
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import dropwhile
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag as _CryptographyInvalidTag
@@ -126,32 +127,38 @@ _CIPHERS = {
 # -- Hash functions (section 4.3) -------------------------------------------------------
 
 
+class _Digest(Protocol):
+    def digest(self) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _HashFunctions:
-    """A 32-byte hash, by its ``hashlib``/``hmac`` name (both have BLOCKLEN 64)."""
+    """A 32-byte hash (BLOCKLEN 64): its ``hashlib`` constructor and its ``hmac`` name."""
 
     name: str
+    new: Callable[[bytes], _Digest]
     algorithm: str
 
     def hash(self, data: bytes) -> bytes:
-        return hashlib.new(self.algorithm, data).digest()
+        return self.new(data).digest()
 
     def hkdf(self, chaining_key: bytes, ikm: bytes, outputs: int) -> tuple[bytes, ...]:
         """``HKDF(chaining_key, input_key_material, num_outputs)`` of section 4.3.
 
         HASHLEN is 32 for both hashes, so no output needs truncating.
         """
-        temp_key = hmac.digest(chaining_key, ikm, self.algorithm)
-        output1 = hmac.digest(temp_key, b"\x01", self.algorithm)
-        output2 = hmac.digest(temp_key, output1 + b"\x02", self.algorithm)
+        algorithm = self.algorithm
+        temp_key = hmac.digest(chaining_key, ikm, algorithm)
+        output1 = hmac.digest(temp_key, b"\x01", algorithm)
+        output2 = hmac.digest(temp_key, output1 + b"\x02", algorithm)
         if outputs == 2:
             return output1, output2
-        return output1, output2, hmac.digest(temp_key, output2 + b"\x03", self.algorithm)
+        return output1, output2, hmac.digest(temp_key, output2 + b"\x03", algorithm)
 
 
 _HASHES = {
-    "SHA256": _HashFunctions("SHA256", "sha256"),
-    "BLAKE2s": _HashFunctions("BLAKE2s", "blake2s"),
+    "SHA256": _HashFunctions("SHA256", hashlib.sha256, "sha256"),
+    "BLAKE2s": _HashFunctions("BLAKE2s", hashlib.blake2s, "blake2s"),
 }
 
 
@@ -177,8 +184,10 @@ class NoiseProtocol:
     responder_premessage: tuple[str, ...]
     messages: tuple[tuple[str, ...], ...]
     psk_count: int
+    leading_psks: int  # psk tokens that open message 1 (psk0): mixed at Initialize()
     cipher: _CipherFunctions
     hash: _HashFunctions
+    initial_h: bytes  # InitializeSymmetric's h, computed once per protocol
 
     @classmethod
     def from_name(cls, name: str) -> NoiseProtocol:
@@ -204,15 +213,23 @@ class NoiseProtocol:
             else:
                 messages[int(index) - 1].append("psk")
             psk_count += 1
+        encoded = name.encode("ascii")
+        hash_functions = _HASHES[hash_name]
         return cls(
-            name=name.encode("ascii"),
+            name=encoded,
             pattern=pattern,
             initiator_premessage=pre_i,
             responder_premessage=pre_r,
             messages=tuple(tuple(tokens) for tokens in messages),
             psk_count=psk_count,
+            leading_psks=len(messages[0]) - len(tuple(dropwhile("psk".__eq__, messages[0]))),
             cipher=_CIPHERS[cipher],
-            hash=_HASHES[hash_name],
+            hash=hash_functions,
+            initial_h=(
+                encoded.ljust(HASHLEN, b"\x00")
+                if len(encoded) <= HASHLEN
+                else hash_functions.hash(encoded)
+            ),
         )
 
 
@@ -222,14 +239,16 @@ class NoiseProtocol:
 class CipherState:
     """Section 5.1: a key (or none) and a 64-bit nonce.
 
-    The AEAD object is built once per key (``InitializeKey``), not per message:
-    keying is a measurable share of the cost of a small record.
+    The AEAD object is built on the first use of a key, then reused for every
+    message: keying costs as much as sealing a small record, and a handshake
+    replaces most of its keys before using them.
     """
 
-    __slots__ = ("_aead", "_cipher", "n")
+    __slots__ = ("_aead", "_cipher", "_key", "n")
 
     def __init__(self, cipher: _CipherFunctions, key: bytes | None = None) -> None:
         self._cipher = cipher
+        self._key: bytes | None = None
         self._aead: _AEAD | None = None
         self.n = 0
         if key is not None:
@@ -238,11 +257,24 @@ class CipherState:
     def initialize_key(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise NoiseError(f"a cipher key is {KEY_SIZE} bytes")
-        self._aead = self._cipher.new(key)
+        self._key = key
+        self._aead = None
         self.n = 0
 
     def has_key(self) -> bool:
-        return self._aead is not None
+        return self._key is not None
+
+    def copy(self) -> CipherState:
+        """Same key and nonce, independent from now on (AEAD objects are stateless: shared)."""
+        clone = CipherState(self._cipher)
+        clone._key, clone._aead, clone.n = self._key, self._aead, self.n
+        return clone
+
+    def _keyed(self) -> _AEAD | None:
+        aead = self._aead
+        if aead is None and self._key is not None:
+            aead = self._aead = self._cipher.new(self._key)
+        return aead
 
     def set_nonce(self, nonce: int) -> None:
         """``SetNonce``: how records with explicit counters choose their nonce."""
@@ -251,7 +283,7 @@ class CipherState:
         self.n = nonce
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
-        aead = self._aead
+        aead = self._aead or self._keyed()
         if aead is None:
             return plaintext
         if self.n >= MAX_NONCE:
@@ -262,7 +294,7 @@ class CipherState:
 
     def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
         """Decrypt, or raise :class:`InvalidTag` and leave ``n`` unchanged (as the spec says)."""
-        aead = self._aead
+        aead = self._aead or self._keyed()
         if aead is None:
             return ciphertext
         if self.n >= MAX_NONCE:
@@ -284,17 +316,21 @@ class SymmetricState:
         """``InitializeSymmetric(protocol_name)``."""
         self._hash = protocol.hash
         self._cipher = protocol.cipher
-        name = protocol.name
-        self.h = name.ljust(HASHLEN, b"\x00") if len(name) <= HASHLEN else self._hash.hash(name)
-        self.ck = self.h
+        self.h = self.ck = protocol.initial_h
         self.cipher_state = CipherState(self._cipher)
+
+    def copy(self) -> SymmetricState:
+        clone = SymmetricState.__new__(SymmetricState)
+        clone._hash, clone._cipher, clone.ck, clone.h = self._hash, self._cipher, self.ck, self.h
+        clone.cipher_state = self.cipher_state.copy()
+        return clone
 
     def mix_key(self, input_key_material: bytes) -> None:
         self.ck, temp_k = self._hash.hkdf(self.ck, input_key_material, 2)
         self.cipher_state.initialize_key(temp_k)
 
     def mix_hash(self, data: bytes) -> None:
-        self.h = self._hash.hash(self.h + data)
+        self.h = self._hash.new(self.h + data).digest()
 
     def mix_key_and_hash(self, input_key_material: bytes) -> None:
         self.ck, temp_h, temp_k = self._hash.hkdf(self.ck, input_key_material, 3)
@@ -325,7 +361,9 @@ class HandshakeState:
 
     After the last message, :attr:`cipher_states` holds the ``Split()`` pair
     (initiator-to-responder, responder-to-initiator) and :attr:`handshake_hash`
-    the final ``h``. Any failure leaves the object unusable: the caller drops it.
+    the final ``h``. A :meth:`read_message` that fails leaves the state as it was,
+    so a datagram endpoint can drop a forged message and still accept the
+    genuine one; a failed :meth:`write_message` leaves it unusable.
     """
 
     __slots__ = (
@@ -333,6 +371,7 @@ class HandshakeState:
         "_initiator",
         "_message_index",
         "_protocol",
+        "_psk_index",
         "_psks",
         "_s",
         "_symmetric",
@@ -358,7 +397,8 @@ class HandshakeState:
             raise NoiseError(f"{protocol.pattern} needs {protocol.psk_count} PSKs of {PSK_SIZE} B")
         self._protocol = protocol
         self._initiator = initiator
-        self._psks = list(psks)
+        self._psks = tuple(psks)
+        self._psk_index = 0
         self._s = s
         self._e = e
         self.rs = rs
@@ -377,10 +417,28 @@ class HandshakeState:
                 if token != "s" or key is None:
                     raise NoiseError(f"{protocol.pattern} needs the pre-message static key")
                 symmetric.mix_hash(key)
+        # psk tokens that open message 1 depend on nothing in it: mixing them now is
+        # the same computation, and lets copy() start handshakes from this point.
+        for _ in range(protocol.leading_psks):
+            self._mix_psk()
 
-    @property
-    def finished(self) -> bool:
-        return self.cipher_states is not None
+    def copy(self) -> HandshakeState:
+        """An independent copy of a state that has not sent or received a message yet.
+
+        ``Initialize()`` (prologue, pre-messages, leading psk) depends only on
+        the peers and their keys, so a caller may run it once per peer and
+        start each handshake from a copy.
+        """
+        if self._message_index or self._e is not None:
+            raise NoiseError("only a handshake that has not started can be copied")
+        clone = HandshakeState.__new__(HandshakeState)
+        clone._protocol, clone._initiator = self._protocol, self._initiator
+        clone._psks, clone._psk_index = self._psks, self._psk_index
+        clone._s, clone._e, clone.rs, clone.re = self._s, None, self.rs, None
+        clone._message_index = 0
+        clone.cipher_states = clone.handshake_hash = None
+        clone._symmetric = self._symmetric.copy()
+        return clone
 
     def _next_tokens(self, writing: bool) -> tuple[str, ...]:
         messages = self._protocol.messages
@@ -390,7 +448,7 @@ class HandshakeState:
         if (index % 2 == 0) != (self._initiator == writing):
             raise NoiseError("not our turn to " + ("write" if writing else "read"))
         self._message_index = index + 1
-        return messages[index]
+        return messages[index][self._protocol.leading_psks :] if index == 0 else messages[index]
 
     def _mix_dh(self, token: str) -> None:
         initiator_key, responder_key = _DH_TOKENS[token]
@@ -402,6 +460,10 @@ class HandshakeState:
         if key_pair is None or public is None:
             raise NoiseError(f"token {token!r} needs a key this side does not have")
         self._symmetric.mix_key(_dh(key_pair, public))
+
+    def _mix_psk(self) -> None:
+        self._symmetric.mix_key_and_hash(self._psks[self._psk_index])
+        self._psk_index += 1
 
     def _finish_if_last(self) -> None:
         if self._message_index == len(self._protocol.messages):
@@ -422,7 +484,7 @@ class HandshakeState:
                 if psk_mode:
                     symmetric.mix_key(public)
             elif token == "psk":
-                symmetric.mix_key_and_hash(self._psks.pop(0))
+                self._mix_psk()
             else:
                 self._mix_dh(token)
         out.append(symmetric.encrypt_and_hash(payload))
@@ -438,6 +500,34 @@ class HandshakeState:
             raise NoiseError("Noise message too large")
         message = bytes(message)  # other implementations hand us bytearrays
         symmetric = self._symmetric
+        cipher_state = symmetric.cipher_state
+        saved = (
+            symmetric.ck,
+            symmetric.h,
+            cipher_state._key,
+            cipher_state._aead,
+            cipher_state.n,
+            self._message_index,
+            self._psk_index,
+            self.re,
+        )
+        try:
+            return self._read_message(message)
+        except (InvalidTag, NoiseError):
+            (
+                symmetric.ck,
+                symmetric.h,
+                cipher_state._key,
+                cipher_state._aead,
+                cipher_state.n,
+                self._message_index,
+                self._psk_index,
+                self.re,
+            ) = saved
+            raise
+
+    def _read_message(self, message: bytes) -> bytes:
+        symmetric = self._symmetric
         psk_mode = self._protocol.psk_count > 0
         offset = 0
         for token in self._next_tokens(writing=False):
@@ -450,7 +540,7 @@ class HandshakeState:
                 if psk_mode:
                     symmetric.mix_key(self.re)
             elif token == "psk":
-                symmetric.mix_key_and_hash(self._psks.pop(0))
+                self._mix_psk()
             else:
                 self._mix_dh(token)
         rest = message[offset:]

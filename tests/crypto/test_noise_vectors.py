@@ -174,3 +174,41 @@ def test_interoperates_with_noiseprotocol_package(we_initiate: bool) -> None:
     send, recv = ours.cipher_states if we_initiate else ours.cipher_states[::-1]
     assert theirs.decrypt(send.encrypt_with_ad(b"", b"ping")) == b"ping"
     assert recv.decrypt_with_ad(b"", theirs.encrypt(b"pong")) == b"pong"
+
+
+def test_a_failed_read_leaves_the_state_unchanged() -> None:
+    """A forged message 2 must not spoil the initiator: the genuine one still completes."""
+    protocol = NoiseProtocol.from_name("Noise_NNpsk2_25519_ChaChaPoly_SHA256")
+    psk = bytes(range(32))
+    initiator = HandshakeState(protocol, initiator=True, prologue=b"p", psks=[psk])
+    responder = HandshakeState(protocol, initiator=False, prologue=b"p", psks=[psk])
+    responder.read_message(initiator.write_message(b"one"))
+    reply = responder.write_message(b"two")
+    forged = bytearray(reply)
+    forged[40] ^= 0x80
+    with pytest.raises(InvalidTag):
+        initiator.read_message(bytes(forged))
+    with pytest.raises(NoiseError):
+        initiator.read_message(bytes(4))
+    assert initiator.read_message(reply) == b"two"
+    assert initiator.handshake_hash == responder.handshake_hash
+
+
+def test_copies_of_an_initialized_state_are_independent_handshakes() -> None:
+    """What the session layer does: Initialize() once per CK, then one copy per handshake."""
+    protocol = NoiseProtocol.from_name("Noise_NNpsk0_25519_ChaChaPoly_SHA256")
+    psk = bytes(range(32))
+    template = HandshakeState(protocol, initiator=True, prologue=b"p", psks=[psk])
+    hashes = set()
+    for _ in range(2):
+        initiator = template.copy()
+        responder = HandshakeState(protocol, initiator=False, prologue=b"p", psks=[psk])
+        responder.read_message(initiator.write_message(b"one"))
+        initiator.read_message(responder.write_message(b"two"))
+        assert initiator.handshake_hash == responder.handshake_hash
+        hashes.add(initiator.handshake_hash)
+    assert len(hashes) == 2  # fresh ephemerals each time
+    started = template.copy()
+    started.write_message(b"")
+    with pytest.raises(NoiseError):
+        started.copy()

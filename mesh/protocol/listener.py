@@ -1,0 +1,146 @@
+"""The responder side of many peers: one :class:`Connection` per source.
+
+A listener bounds what strangers can make a node hold: at most
+``max_half_open`` connections without a confirmed session (START or
+AWAIT_CONFIRM) and ``max_connections`` in all; a connection that did not
+complete its handshake within ``handshake_timeout`` of being created is
+closed; ticket unwraps share one per-source :class:`RateLimiter`.
+
+Sources are whatever the transport adapter uses to tell peers apart (an
+address tuple); they are opaque here. Refusals made before any connection
+exists are logged as ``(source, HandshakeRefused)`` events on the listener.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from contextlib import suppress
+
+from mesh.protocol.config import Role, SessionConfig, Transport
+from mesh.protocol.connection import Connection
+from mesh.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+from mesh.protocol.events import HandshakeRefused
+from mesh.protocol.frames import FrameType
+from mesh.protocol.keysets import KeysetLookup
+from mesh.protocol.ratelimit import RateLimiter
+from mesh.protocol.state import TERMINAL, State
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_HALF_OPEN", "Listener"]
+
+DEFAULT_MAX_HALF_OPEN = 64
+DEFAULT_MAX_CONNECTIONS = 1024
+_HALF_OPEN = (State.START, State.AWAIT_CONFIRM)
+_INIT_TYPES = (FrameType.INIT, FrameType.TICKET_INIT)
+
+
+class Listener:
+    """Creates responder connections on demand, within fixed bounds."""
+
+    __slots__ = (
+        "_born",
+        "_config",
+        "_connections",
+        "_events",
+        "_keys",
+        "_limiter",
+        "_max_connections",
+        "_max_half_open",
+    )
+
+    def __init__(
+        self,
+        *,
+        config: SessionConfig,
+        keys: KeysetLookup,
+        max_half_open: int = DEFAULT_MAX_HALF_OPEN,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        ticket_limiter: RateLimiter | None = None,
+    ) -> None:
+        if not 0 < max_half_open <= max_connections:
+            raise LocalProtocolError("need 0 < max_half_open <= max_connections")
+        self._config = config
+        self._keys = keys
+        self._max_half_open = max_half_open
+        self._max_connections = max_connections
+        self._limiter = ticket_limiter if ticket_limiter is not None else RateLimiter()
+        self._connections: dict[Hashable, Connection] = {}
+        self._born: dict[Hashable, float] = {}
+        self._events: deque[tuple[Hashable, HandshakeRefused]] = deque()
+
+    def connection(self, source: Hashable) -> Connection | None:
+        return self._connections.get(source)
+
+    def half_open(self) -> int:
+        return sum(c.state in _HALF_OPEN for c in self._connections.values())
+
+    def accept(self, source: Hashable, now: float) -> Connection | None:
+        """A new responder connection for ``source``, or None (logged) when over a bound."""
+        self._prune()
+        if self.half_open() >= self._max_half_open or len(self._connections) >= (
+            self._max_connections
+        ):
+            self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
+            return None
+        connection = Connection(
+            config=self._config,
+            keys=self._keys,
+            role=Role.RESPONDER,
+            ticket_limiter=self._limiter,
+            source=source,
+        )
+        self._connections[source] = connection
+        self._born[source] = now
+        return connection
+
+    def datagram_received(self, data: bytes, source: Hashable, now: float) -> Connection | None:
+        """Route a datagram; returns the connection that took it (to pull its output), if any.
+
+        A datagram from an unknown source must be a message 1. Never raises on
+        the peer's behalf: a refused first message leaves the connection in
+        ERROR with its REFUSE frame to send, and it is pruned afterwards.
+        """
+        if self._config.transport is not Transport.DATAGRAM:
+            raise LocalProtocolError("this listener serves streams: use accept()")
+        connection = self._connections.get(source)
+        if connection is None or connection.state in TERMINAL:
+            if not data or data[0] & 0x0F not in _INIT_TYPES:
+                self._events.append((source, HandshakeRefused(Reason.UNEXPECTED_FRAME)))
+                return None
+            connection = self.accept(source, now)
+            if connection is None:
+                return None
+        with suppress(RemoteProtocolError):  # logged on the connection, its REFUSE still to send
+            connection.datagram_received(data, now)
+        return connection
+
+    def next_event(self) -> tuple[Hashable, HandshakeRefused] | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        times = [
+            t
+            for source, c in self._connections.items()
+            if (t := self._deadline(source, c)) is not None
+        ]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        for source, connection in list(self._connections.items()):
+            deadline = self._deadline(source, connection)
+            if deadline is not None and now >= deadline:
+                if connection.state is State.START:
+                    connection.close(now)
+                else:
+                    connection.handle_timer(now)
+        self._prune()
+
+    def _deadline(self, source: Hashable, connection: Connection) -> float | None:
+        if connection.state is State.START:
+            return self._born[source] + self._config.handshake_timeout
+        return connection.get_timer()
+
+    def _prune(self) -> None:
+        for source in [s for s, c in self._connections.items() if c.state in TERMINAL]:
+            del self._connections[source]
+            del self._born[source]

@@ -43,6 +43,7 @@ from tui.state import (
     AlertKind,
     AlertUpdate,
     Conversation,
+    Lagged,
     Message,
     MessageUpdate,
     PeerUpdate,
@@ -125,7 +126,9 @@ class SnrmeshApp(App[None]):
                                 raise
                             self.post_message(AgentNotice(f"ignored a malformed event: {exc}"))
                             continue
-                        if event is not None:
+                        if isinstance(event, Lagged):
+                            self.post_message(SnapshotLoaded(await link.fetch(), reconnected=False))
+                        elif event is not None:
                             self.post_message(AgentEventReceived(event))
             except TuiError as exc:
                 self._link = None
@@ -224,13 +227,12 @@ class SnrmeshApp(App[None]):
         except TuiError as exc:
             self.notify(f"Not sent: {exc}. The text is in the input history (↑).", severity="error")
             return
-        identity = self.state.info.identity if self.state.info else ""
         self.state = self.state.with_messages(
             (
                 Message(
                     id=message_id,
                     direction="out",
-                    peer=conversation.name if conversation.kind == "peer" else identity,
+                    peer=conversation.name if conversation.kind == "peer" else "",
                     group=conversation.name if conversation.kind == "group" else None,
                     text=text,
                     at=self.clock(),

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-__all__ = ["CONTROL_ENV", "default_control_path", "register"]
+from mesh.agent.client import default_control_path
 
-CONTROL_ENV = "SNRMESH_CONTROL"
+__all__ = ["register"]
 
 DESCRIPTION = """\
 Attach a terminal UI to your running snrmesh agent through its control socket.
@@ -29,18 +27,10 @@ Ctrl+Q quit. See docs/tui.md.
 """
 
 
-def default_control_path() -> Path:
-    """``$SNRMESH_CONTROL``, else the agent's default ``~/.local/state/snrmesh/control.sock``."""
-    configured = os.environ.get(CONTROL_ENV)
-    if configured:
-        return Path(configured)
-    return Path.home() / ".local" / "state" / "snrmesh" / "control.sock"
-
-
 def cmd_tui(args: argparse.Namespace) -> int:
     from tui.app import SnrmeshApp  # Textual loads only when the TUI is wanted
 
-    SnrmeshApp(args.control).run()
+    SnrmeshApp(args.control or default_control_path()).run()
     return 0
 
 
@@ -55,9 +45,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--control",
         metavar="SOCKET",
-        type=Path,
-        default=default_control_path(),
-        help=f"the agent's control socket (default: ${CONTROL_ENV}, else "
-        "~/.local/state/snrmesh/control.sock)",
+        help="the agent's control socket (default: $SNRMESH_CONTROL, else "
+        "$XDG_STATE_HOME/snrmesh/control.sock, else ~/.local/state/snrmesh/control.sock)",
     )
     p.set_defaults(func=cmd_tui)

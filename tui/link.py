@@ -127,6 +127,10 @@ class AgentLink:
     async def load(self) -> Snapshot:
         """Subscribe, then fetch everything the main screen shows."""
         await self.subscribe()
+        return await self.fetch()
+
+    async def fetch(self) -> Snapshot:
+        """Fetch everything the main screen shows (again, after a ``lagged`` event)."""
         info = await self.hello()
         peers, peer_problems = await self.peers()
         groups = await self.groups()

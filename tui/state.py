@@ -28,6 +28,7 @@ __all__ = [
     "Epoch",
     "EpochUpdate",
     "Group",
+    "Lagged",
     "LinkState",
     "Message",
     "MessageUpdate",
@@ -225,7 +226,12 @@ class EpochUpdate:
     epoch: Epoch
 
 
-AgentEvent = PeerUpdate | MessageUpdate | ReceiptUpdate | AlertUpdate | EpochUpdate
+@dataclass(frozen=True, slots=True)
+class Lagged:
+    """The agent dropped events for this client (it read too slowly): refetch everything."""
+
+
+AgentEvent = PeerUpdate | MessageUpdate | ReceiptUpdate | AlertUpdate | EpochUpdate | Lagged
 
 
 # -- field readers ----------------------------------------------------------------------------
@@ -313,11 +319,16 @@ def parse_message(value: Any) -> Message:
     if direction not in ("in", "out"):
         raise AgentProtocolError(f"{what}: 'direction' is {direction!r}, not 'in' or 'out'")
     text = obj.get("text")
+    group = _str(obj.get("group")) or None
+    peer = obj.get("peer")
+    # A message we sent to a group has no single recipient: the agent leaves "peer" empty.
+    if not isinstance(peer, str) or not (peer or (group and direction == "out")):
+        raise AgentProtocolError(f"{what}: 'peer' is missing or not a string")
     return Message(
         id=message_id,
         direction="in" if direction == "in" else "out",
-        peer=_required_str(obj, "peer", what),
-        group=_str(obj.get("group")) or None,
+        peer=peer,
+        group=group,
         text=text if isinstance(text, str) else "",
         at=_required_number(obj, "at", what),
         state=_enum(Delivery, obj.get("state", "sent"), "state", what),
@@ -425,4 +436,6 @@ def parse_event(name: str, fields: Mapping[str, Any]) -> AgentEvent | None:
         return AlertUpdate(parse_alert(fields.get("alert")))
     if name == "epoch":
         return EpochUpdate(parse_epoch(fields.get("epoch")))
+    if name == "lagged":
+        return Lagged()
     return None

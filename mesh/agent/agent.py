@@ -419,9 +419,9 @@ class Agent:
         key = self.keys.discovery_key(now)
         mates = tag_map(key, tuple(self.peers)) if key is not None else {}
         peer = mates.get(tag or "")
-        if peer is None and expect is not None and tag == NO_TAG:
-            peer = expect  # no discovery key this epoch: trust the configured identity
-        if peer is None or (expect is not None and peer != expect):
+        if expect is not None and peer is None:
+            peer = expect  # named by the operator: the handshake itself will tell
+        if peer is None or peer != (expect or peer):
             writer.close()
             if static is not None and static.failures == 0:
                 self._alert("refused", None, f"{address} is not a dialogue mate (unknown tag)")

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         blocked=frozenset(args.block),
     )
 
+    offset: float = args.clock_offset
+
+    def clock() -> float:
+        return time.time() + offset
+
     async def main() -> None:
-        agent = Agent(config, bundle, token)
+        agent = Agent(config, bundle, token, clock=clock)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, agent.request_stop)
@@ -119,7 +125,6 @@ def _ago(now: float, then: float | None) -> str:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    import time
 
     with _client(args) as client:
         peers = client.request("peers")["peers"]
@@ -232,6 +237,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="never link directly with NODE (emulates a cut link in simulations)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--clock-offset", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     p.set_defaults(func=cmd_agent)
 
     client = argparse.ArgumentParser(add_help=False)

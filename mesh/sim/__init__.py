@@ -1,0 +1,8 @@
+"""Simulated missions: provisioning plus real agent processes on loopback (tests, demos, bench)."""
+
+from __future__ import annotations
+
+from mesh.sim.harness import SimError, SimNode, Simulation, free_ports
+from mesh.sim.topology import TOPOLOGIES, reachable_pairs
+
+__all__ = ["TOPOLOGIES", "SimError", "SimNode", "Simulation", "free_ports", "reachable_pairs"]

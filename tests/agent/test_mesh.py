@@ -1,0 +1,188 @@
+"""The agent end to end: real agent processes and real sockets on 127.0.0.1.
+
+Each test provisions a throwaway mission (``mesh.sim``) and drives agents
+through their control sockets, as the CLI and the TUI do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mesh.keyset.bundle import open_bundle
+from mesh.sim import Simulation
+from mesh.sim.harness import PIN
+from mesh.token.software import SoftwareToken
+
+MakeSim = Callable[..., Simulation]
+
+
+def ids(sim: Simulation, name: str, **args: object) -> list[str]:
+    return [m["id"] for m in sim.history(name, **args) if m["direction"] == "in"]
+
+
+def delivered(sim: Simulation, sender: str, message_id: str) -> bool:
+    return any(
+        m["id"] == message_id and m["state"] in ("delivered", "read") for m in sim.history(sender)
+    )
+
+
+def test_two_agents_chat_both_ways(make_sim: MakeSim) -> None:
+    sim = make_sim(["alpha-1", "bravo-1"])
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 20, "the link")
+    a = sim.nodes["alpha-1"].request("send", to="bravo-1", text="bravo, alpha: radio check")
+    b = sim.nodes["bravo-1"].request("send", to="alpha-1", text="alpha, bravo: loud and clear")
+    sim.wait_for(lambda: delivered(sim, "alpha-1", a["message_id"]), 20, "alpha's receipt")
+    sim.wait_for(lambda: delivered(sim, "bravo-1", b["message_id"]), 20, "bravo's receipt")
+    at_bravo = sim.history("bravo-1", peer="alpha-1")
+    assert [m["text"] for m in at_bravo if m["direction"] == "in"] == ["bravo, alpha: radio check"]
+    assert ids(sim, "alpha-1", peer="bravo-1") == [b["message_id"]]
+    assert sim.peer_states("alpha-1") == {"bravo-1": "direct"}
+
+
+def test_group_message_reaches_five_agents_once_each(make_sim: MakeSim) -> None:
+    names = ["gs-1", "alpha-1", "alpha-2", "alpha-3", "uav-1", "uav-2"]
+    sim = make_sim(names)
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 30, "every link")
+    sent = sim.nodes["gs-1"].request("send", group="all", text="all stations: move to phase 2")
+    for name in names[1:]:
+        sim.wait_for(
+            lambda name=name: sent["message_id"] in ids(sim, name, group="all"),
+            20,
+            f"{name} to receive the group message",
+        )
+    time.sleep(1.0)  # let any duplicate arrive, if one were sent
+    for name in names[1:]:
+        assert ids(sim, name, group="all") == [sent["message_id"]]
+    sim.wait_for(lambda: delivered(sim, "gs-1", sent["message_id"]), 10, "receipts")
+
+
+def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> None:
+    sim = make_sim(["a", "b", "c"], topology="line")
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 20, "a-b and b-c links")
+    sim.wait_for(lambda: sim.peer_states("a")["c"] == "relayed", 20, "a to see c relayed")
+    sent = sim.nodes["a"].request("send", to="c", text="for c only")
+    sim.wait_for(lambda: sent["message_id"] in ids(sim, "c", peer="a"), 20, "c to receive")
+    sim.wait_for(lambda: delivered(sim, "a", sent["message_id"]), 20, "c's receipt back to a")
+    # a and c hold an end-to-end session under the a-c CK; it runs through b ...
+    a_sessions = sim.nodes["a"].request("sessions")
+    ac = {s["ck_id"] for s in a_sessions["sessions"] if s["peer"] == "c"}
+    assert ac and a_sessions["routes"]["c"] == {"via": "b", "hops": 2}
+    # ... and b never holds the a-c CK: not in its bundle, not in any of its sessions.
+    token = SoftwareToken(sim.nodes["b"].token)
+    token.verify_pin(PIN)
+    b_bundle = open_bundle(sim.nodes["b"].bundle.read_bytes(), token)
+    assert not ac & {k.ck_id.hex() for k in b_bundle.keysets}
+    assert not ac & {s["ck_id"] for s in sim.nodes["b"].request("sessions")["sessions"]}
+    assert "for c only" not in sim.nodes["b"].log.read_text()
+    assert sim.history("b") == []
+
+
+def test_message_to_an_agent_that_is_down_is_delivered_once_when_it_starts(
+    make_sim: MakeSim,
+) -> None:
+    sim = make_sim(["a", "c"])
+    sim.provision()
+    sim.start("a")
+    sent = sim.nodes["a"].request("send", to="c", text="read this when you wake up")
+    assert sim.history("a")[0]["state"] == "pending"
+    sim.stop("a")  # the sender restarts too: the outbox is on disk
+    sim.start("a")
+    sim.start("c")
+    sim.wait_for(lambda: delivered(sim, "a", sent["message_id"]), 30, "delivery after start")
+    time.sleep(1.0)
+    assert ids(sim, "c", peer="a") == [sent["message_id"]]
+
+
+@pytest.mark.parametrize("victim", ["receiver", "sender"])
+def test_kill_9_mid_stream_loses_and_duplicates_nothing(make_sim: MakeSim, victim: str) -> None:
+    sim = make_sim(["a", "b"])
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 20, "the link")
+    killed = "b" if victim == "receiver" else "a"
+    acknowledged: list[str] = []
+    for i in range(40):
+        if i == 20:
+            sim.stop(killed, kill=True)
+            if killed == "a":
+                sim.start("a")
+        acknowledged.append(sim.nodes["a"].request("send", to="b", text=f"msg {i}")["message_id"])
+    if killed == "b":
+        sim.start("b")
+    sim.wait_for(
+        lambda: sorted(ids(sim, "b", peer="a")) == sorted(acknowledged),
+        40,
+        "every acknowledged message at b",
+    )
+    sim.wait_for(lambda: all(delivered(sim, "a", m) for m in acknowledged), 20, "all receipts")
+    time.sleep(1.0)
+    received = ids(sim, "b", peer="a")
+    assert len(received) == len(set(received)) == 40
+
+
+def test_mdns_discovery_on_loopback_finds_mates_without_peer_addresses(
+    make_sim: MakeSim,
+) -> None:
+    sim = make_sim(["a", "b", "c"], mdns=True)
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 40, "links from mDNS discovery")
+    for name in sim.nodes:
+        assert "--peer" not in sim.agent_args(sim.nodes[name])
+        assert set(sim.peer_states(name).values()) == {"direct"}
+
+
+def test_strangers_revoked_and_expired_are_refused_with_an_alert(make_sim: MakeSim) -> None:
+    now = time.time()
+    # Provisioned two hours ago with 30-minute epochs: "old" keeps a stale clock, so it
+    # presents the CK of an epoch that is over.
+    sim = make_sim(["a", "b", "r", "old"], epoch_hours=0.5)
+    sim.provision(now=now - 7200)
+    with sim.desk() as desk:
+        desk.revoke("r", now=int(now))
+        for name in ("a", "b"):
+            desk.export(name, sim.nodes[name].bundle, now=int(now))
+    stranger = make_sim(["x", "a"])
+    stranger.provision()
+    port_a = sim.nodes["a"].port
+    sim.start("b", topology=False)
+    sim.start("a", extra=["--peer", f"b@127.0.0.1:{sim.nodes['b'].port}"], topology=False)
+    sim.wait_for(lambda: sim.peer_states("a")["b"] == "direct", 20, "the honest a-b link")
+    at_a = ["--peer", f"a@127.0.0.1:{port_a}"]
+    sim.start("r", extra=at_a, topology=False)
+    sim.start("old", extra=[*at_a, "--clock-offset", "-7000"], topology=False)
+    stranger.start("x", extra=at_a, topology=False)
+
+    def refusals() -> list[str]:
+        return [
+            alert["message"].rsplit(": ", 1)[-1]
+            for alert in sim.nodes["a"].request("alerts")["alerts"]
+            if alert["kind"] == "refused"
+        ]
+
+    # Every dialler sends a ticket with message 1; a lacks all three CKs, so it opens the
+    # ticket: the stranger's is wrapped for another token, r's names a revoked node, and
+    # old's CK is past its window.
+    sim.wait_for(
+        lambda: refusals().count("ticket-invalid") >= 2 and "ck-expired" in refusals(),
+        30,
+        "refusals at a",
+    )
+    log = sim.nodes["a"].log.read_text()
+    assert "wrapped for another token" in log  # the stranger
+    assert "ticket names r, who is not a dialogue mate (or is revoked)" in log
+    kinds = {alert["kind"] for alert in sim.nodes["a"].request("alerts")["alerts"]}
+    assert "revoked" in kinds
+    assert sim.peer_states("a")["b"] == "direct"
+    assert "r" not in sim.peer_states("a")  # a revoked node is not a mate any more
+    sent = sim.nodes["a"].request("send", to="b", text="still here")
+    sim.wait_for(lambda: delivered(sim, "a", sent["message_id"]), 20, "the honest link to work")

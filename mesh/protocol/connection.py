@@ -403,7 +403,9 @@ class Connection:
         self._keys_in_use(now, keys.peer_capabilities)
 
     def _handle_refuse(self) -> None:
-        if not self._state.allows(Trigger.RECV_REFUSE):
+        # A refusal is not authenticated: on datagrams, where anyone can inject one, it
+        # may end a first handshake (as dropping packets would) but never a session.
+        if not self._state.allows(Trigger.RECV_REFUSE) or (self._datagram and self._epoch >= 0):
             raise RemoteProtocolError(Reason.UNEXPECTED_FRAME, "refusal")
         self._terminate(Trigger.RECV_REFUSE, Termination.PEER_REFUSED)
 

@@ -148,18 +148,28 @@ class Pair:
     initiator_store: MemoryKeyStore
     responder_store: MemoryKeyStore
     transport: Transport
+    initiator_identity: str = ""  # default: the CK's first party
 
-    def wire(self, now: float = NOW, *, connect: bool = True, **overrides: Any) -> Wire:
-        initiator = Connection(
-            config=config(self.ck.party_a, self.transport, **overrides),
-            keys=self.initiator_store,
-            role=Role.INITIATOR,
-        )
-        responder = Connection(
-            config=config(self.ck.party_b, self.transport, **overrides),
+    @property
+    def identities(self) -> tuple[str, str]:
+        initiator = self.initiator_identity or self.ck.party_a
+        return initiator, self.ck.peer_of(initiator)
+
+    def responder(self, **overrides: Any) -> Connection:
+        """A fresh responder connection over the responder's store (a new stream, or source)."""
+        return Connection(
+            config=config(self.identities[1], self.transport, **overrides),
             keys=self.responder_store,
             role=Role.RESPONDER,
         )
+
+    def wire(self, now: float = NOW, *, connect: bool = True, **overrides: Any) -> Wire:
+        initiator = Connection(
+            config=config(self.identities[0], self.transport, **overrides),
+            keys=self.initiator_store,
+            role=Role.INITIATOR,
+        )
+        responder = self.responder(**overrides)
         if connect:
             initiator.connect(self.ck.ck_id, now)
         return Wire(initiator, responder)

@@ -665,14 +665,14 @@ class Agent:
         return True
 
     def _on_session_up(self, peer: str) -> None:
-        self._flush_outbox(peer)
+        self._flush_outbox(peer, include_sent=True)
         for receipt in self._pending_receipts.pop(peer, []):
             self._send_to(peer, receipt)
         self._send_to(peer, self._status_message())
 
-    def _flush_outbox(self, peer: str) -> None:
+    def _flush_outbox(self, peer: str, *, include_sent: bool) -> None:
         sent: list[tuple[bytes, str]] = []
-        for entry in self.store.undelivered(peer):
+        for entry in self.store.undelivered(peer, include_sent=include_sent):
             chat = Chat(entry.message_id, entry.text, entry.at, entry.group)
             if not self._send_to(peer, chat):
                 break
@@ -688,6 +688,7 @@ class Agent:
 
     def _handle_messages(self, peer: str, records: list[bytes], *, link: Link | None) -> None:
         chats: list[tuple[bytes, str, str | None, str, float]] = []
+        receipts: list[tuple[bytes, str, str]] = []
         for data in records:
             try:
                 message = decode(data)
@@ -704,13 +705,7 @@ class Agent:
                     (message.message_id, peer, message.group, message.text, message.sent_at)
                 )
             elif isinstance(message, Receipt):
-                if self.store.receipt(message.message_id, peer, message.state):
-                    self._emit(
-                        "receipt",
-                        message_id=message.message_id.hex(),
-                        peer=peer,
-                        state=message.state,
-                    )
+                receipts.append((message.message_id, peer, message.state))
             elif isinstance(message, Status):
                 info = self.peers[peer]
                 info.position, info.battery, info.text = (
@@ -729,6 +724,8 @@ class Agent:
                 pass
             else:
                 log.info("dropped a hop-by-hop message from %s on a relayed session", peer)
+        for message_id, _, state in self.store.receipts(receipts) if receipts else ():
+            self._emit("receipt", message_id=message_id.hex(), peer=peer, state=state)
         if chats:
             for stored in self.store.receive(chats):
                 self._emit("message", message=stored.to_json())
@@ -797,7 +794,7 @@ class Agent:
             self._last_retry = now
             for peer in self.store.recipients_waiting():
                 if peer in self.peers:
-                    self._flush_outbox(peer)
+                    self._flush_outbox(peer, include_sent=True)
         if now - self._last_heartbeat >= self.config.heartbeat:
             self._last_heartbeat = now
             status = self._status_message()
@@ -943,7 +940,7 @@ class Agent:
             message_id, peer=peer, group=group, text=text, at=now, recipients=recipients
         )
         for recipient in recipients:
-            self._flush_outbox(recipient)
+            self._flush_outbox(recipient, include_sent=False)
         stored = self.store.message(message_id, "out")
         if stored is not None:
             self._emit("message", message=stored.to_json())

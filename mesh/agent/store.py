@@ -170,12 +170,20 @@ class AgentStore:
                 [(message_id, r) for r in recipients],
             )
 
-    def undelivered(self, recipient: str, limit: int = 500) -> list[OutboxEntry]:
-        """Outbox rows for ``recipient`` with no receipt yet, oldest first."""
+    def undelivered(
+        self, recipient: str, *, include_sent: bool = True, limit: int = 500
+    ) -> list[OutboxEntry]:
+        """Outbox rows for ``recipient`` with no receipt yet, oldest first.
+
+        ``include_sent=False`` gives only those never sent: what a new message
+        adds. Sent-but-unacknowledged ones are re-sent on retries and when a
+        session (re)starts.
+        """
+        states = "('pending', 'sent')" if include_sent else "('pending')"
         rows = self.db.execute(
             "SELECT o.id, o.recipient, m.grp, m.text, m.at FROM outbox o "
             "JOIN messages m ON m.id = o.id AND m.direction = 'out' "
-            "WHERE o.recipient = ? AND o.state IN ('pending', 'sent') ORDER BY m.at LIMIT ?",
+            f"WHERE o.recipient = ? AND o.state IN {states} ORDER BY m.at LIMIT ?",
             (recipient, limit),
         ).fetchall()
         return [OutboxEntry(*row) for row in rows]
@@ -197,18 +205,24 @@ class AgentStore:
                 list(entries),
             )
 
-    def receipt(self, message_id: bytes, recipient: str, state: str) -> bool:
-        """Apply a receipt; return True if it advanced the state (so it is news)."""
-        order = OUT_STATES.index(state)
+    def receipts(self, batch: list[tuple[bytes, str, str]]) -> list[tuple[bytes, str, str]]:
+        """Apply receipts (id, recipient, state) in one transaction; return those that were news.
+
+        A state never moves back (a late ``delivered`` after ``read`` changes nothing).
+        """
+        news = []
         with self.db:
             self.db.execute("BEGIN")
-            cur = self.db.execute(
-                "UPDATE outbox SET state = ? WHERE id = ? AND recipient = ? AND "
-                "CASE state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 "
-                "ELSE 3 END < ?",
-                (state, message_id, recipient, order),
-            )
-        return cur.rowcount > 0
+            for message_id, recipient, state in batch:
+                cur = self.db.execute(
+                    "UPDATE outbox SET state = ? WHERE id = ? AND recipient = ? AND "
+                    "CASE state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 "
+                    "ELSE 3 END < ?",
+                    (state, message_id, recipient, OUT_STATES.index(state)),
+                )
+                if cur.rowcount:
+                    news.append((message_id, recipient, state))
+        return news
 
     # -- incoming ---------------------------------------------------------------------------------
 

@@ -24,10 +24,13 @@ def test_outbox_advances_only_forward_and_group_fans_out(tmp_path: Path) -> None
     mid = os.urandom(16)
     store.queue(mid, peer="", group="squad", text="all", at=1.0, recipients=["b", "c"])
     assert [e.recipient for e in store.undelivered("b")] == ["b"]
+    assert [e.recipient for e in store.undelivered("b", include_sent=False)] == ["b"]
     assert store.history(group="squad")[0].state == "pending"
     store.mark_sent([(mid, "b"), (mid, "c")])
-    assert store.receipt(mid, "b", "read")
-    assert not store.receipt(mid, "b", "delivered")  # never moves back
+    assert store.undelivered("c", include_sent=False) == []
+    assert [e.recipient for e in store.undelivered("c")] == ["c"]
+    assert store.receipts([(mid, "b", "read")]) == [(mid, "b", "read")]
+    assert store.receipts([(mid, "b", "delivered")]) == []  # never moves back
     assert store.history(group="squad")[0].state == "read"
     assert store.undelivered("b") == []
     assert [e.recipient for e in store.undelivered("c")] == ["c"]

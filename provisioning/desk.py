@@ -638,6 +638,15 @@ class Desk:
         pending_row = self._db.execute(
             "SELECT pending_keys FROM nodes WHERE identity = ?", (identity,)
         ).fetchone()[0]
+        token_generation = info.generation(Slot.KEY_CHANGE)
+        # Only a resumed rekey (pending keys recorded) may find the token one generation ahead.
+        if token_generation != node.generation and (
+            pending_row is None or token_generation != new_generation
+        ):
+            raise TokenError(
+                f"token of {identity} is at key generation {token_generation}, "
+                f"the desk expected {node.generation} (is this desk an older copy?)"
+            )
         if pending_row is None:
             with self.store.transaction():
                 new_keys = derive_slot_keys(node.token_id, seed)
@@ -651,7 +660,6 @@ class Desk:
                 self._audit(now, "rekey-prepare", node=identity, generation=new_generation)
         new_keys = self._keys(identity, pending=True)
         old_keys = self._keys(identity)
-        token_generation = info.generation(Slot.KEY_CHANGE)
         if token_generation == node.generation:
             message = build_key_change(
                 KeyChange(node.token_id, (new_generation,) * SLOT_COUNT, new_keys),
@@ -659,11 +667,6 @@ class Desk:
                 current_key=old_keys[Slot.KEY_CHANGE],
             )
             token.key_change(message)
-        elif token_generation != new_generation:
-            raise TokenError(
-                f"token of {identity} is at key generation {token_generation}, "
-                f"the desk expected {node.generation}"
-            )
         old_wrap = jwk.JWK(kty="oct", k=base64url_encode(old_keys[Slot.WRAP]))
         new_wrap = jwk.JWK(kty="oct", k=base64url_encode(new_keys[Slot.WRAP]))
         new_kid = slot_kid(node.token_id, Slot.WRAP, new_generation)

@@ -1,0 +1,272 @@
+"""Every bad input through the real command line: one line, exit 1, no traceback, no file changed.
+
+Each case runs ``python -m mesh.cli`` in a copy of the provisioned site, with
+the secrets in the environment and stdin not a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mesh.token.software import SoftwareToken
+from tests.provisioning.conftest import (
+    PIN,
+    Site,
+    assert_refused,
+    refused_without_change,
+    snapshot,
+    snrmesh,
+)
+
+Prepare = Callable[[Site], None]
+
+
+def _garble(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_middle(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def _garble_table(site: Site, table: str) -> None:
+    """Overwrite the root page of one table, leaving the file header and schema intact."""
+    path = site.desk_dir / "desk.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
+    raw = bytearray(path.read_bytes())
+    raw[(root - 1) * page_size : root * page_size] = os.urandom(page_size)
+    path.write_bytes(bytes(raw))
+
+
+def _nothing(site: Site) -> None:
+    pass
+
+
+def _mission_file(text: str) -> Prepare:
+    def prepare(site: Site) -> None:
+        (site.root / "mission.toml").write_text(text)
+        (site.root / "toks").mkdir()  # a failed apply must not leave token files in it
+
+    return prepare
+
+
+LATE_FAILING_PLAN = """\
+[[node]]
+id = "bravo-1"
+role = "soldier"
+
+[[node]]
+id = "bravo-2"
+role = "uav"
+
+[groups]
+bravo = ["bravo-1", "bravo-2", "ghost"]
+"""
+
+
+CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, str | None]]] = [
+    # the desk store and its passphrase
+    ("wrong-passphrase-show", _nothing, ("desk", "show", "desk"), ("wrong desk passphrase",),
+     {"passphrase": "not the passphrase"}),
+    ("wrong-passphrase-export", _nothing,
+     ("desk", "export", "desk", "alpha-1", "--out", "new.bundle"), ("wrong desk passphrase",),
+     {"passphrase": "not the passphrase"}),
+    ("garbage-store", lambda s: _garble(s.desk_dir / "desk.sqlite"), ("desk", "show", "desk"),
+     ("corrupt",), {}),
+    ("truncated-store", lambda s: _truncate(s.desk_dir / "desk.sqlite"), ("desk", "show", "desk"),
+     ("corrupt",), {}),
+    ("truncated-store-export", lambda s: _truncate(s.desk_dir / "desk.sqlite"),
+     ("desk", "export", "desk", "alpha-1", "--out", "new.bundle"), ("corrupt",), {}),
+    ("garbage-nodes-table-export", lambda s: _garble_table(s, "nodes"),
+     ("desk", "export", "desk", "alpha-1", "--out", "new.bundle"), ("store is corrupt",), {}),
+    ("no-desk", _nothing, ("desk", "show", "elsewhere"), ("no desk in elsewhere",), {}),
+    # tokens
+    ("garbage-token", lambda s: _garble(s.token("alpha-1")),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"),
+     ("not a snrmesh token file",), {}),
+    ("flipped-token", lambda s: _flip_middle(s.token("alpha-1")),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"), ("corrupt",), {}),
+    ("truncated-token", lambda s: _truncate(s.token("alpha-1")),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"), ("token", "corrupt"),
+     {}),
+    ("flipped-token-rekey", lambda s: _flip_middle(s.token("alpha-1")),
+     ("desk", "rekey", "desk", "alpha-1", "--token", "alpha-1.token"), ("corrupt",), {}),
+    ("missing-token", _nothing,
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "nobody.token"), ("does not exist",), {}),
+    ("another-nodes-token-rekey", _nothing,
+     ("desk", "rekey", "desk", "alpha-1", "--token", "alpha-2.token"), ("belongs to alpha-2",),
+     {}),
+    # bundles
+    ("flipped-bundle", lambda s: _flip_middle(s.bundle("alpha-1")),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"),
+     ("bundle integrity check failed",), {}),
+    ("truncated-bundle", lambda s: _truncate(s.bundle("alpha-1")),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"),
+     ("not a snrmesh bundle",), {}),
+    ("truncated-bundle-signature", lambda s: s.bundle("alpha-1").write_bytes(
+        s.bundle("alpha-1").read_bytes()[:-4]),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"), ("bundle",), {}),
+    ("garbage-bundle", lambda s: _garble(s.bundle("alpha-1")),
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"),
+     ("not a snrmesh bundle",), {}),
+    ("bundle-for-another-token", _nothing,
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "gs-1.token"),
+     ("issued for another token", "gs-1"), {}),
+    ("missing-bundle", _nothing,
+     ("bundle", "inspect", "nothing.bundle", "--token", "alpha-1.token"), ("does not exist",),
+     {}),
+    # nodes, groups and pairs
+    ("unknown-node-export", _nothing,
+     ("desk", "export", "desk", "nobody", "--out", "nobody.bundle"), ("unknown node 'nobody'",),
+     {}),
+    ("unknown-node-pair", _nothing, ("desk", "pair", "desk", "gs-1", "nobody"),
+     ("unknown node 'nobody'",), {}),
+    ("unknown-node-group", _nothing, ("desk", "group", "desk", "squad", "gs-1", "nobody"),
+     ("unknown node 'nobody'",), {}),
+    ("unknown-node-revoke", _nothing, ("desk", "revoke", "desk", "nobody"),
+     ("unknown node 'nobody'",), {}),
+    ("unknown-node-personalise", _nothing,
+     ("desk", "personalise", "desk", "nobody", "--token", "nobody.token"),
+     ("unknown node 'nobody'",), {}),
+    ("unknown-node-rekey", _nothing,
+     ("desk", "rekey", "desk", "nobody", "--token", "alpha-1.token"), ("unknown node 'nobody'",),
+     {}),
+    ("duplicate-identity", _nothing,
+     ("desk", "enrol", "desk", "alpha-1", "--role", "soldier", "--token", "again.token"),
+     ("alpha-1 is already enrolled",), {}),
+    ("token-file-exists", _nothing,
+     ("desk", "enrol", "desk", "bravo-1", "--role", "soldier", "--token", "alpha-1.token"),
+     ("already exists",), {}),
+    ("bad-identity", _nothing,
+     ("desk", "enrol", "desk", "Bravo 1", "--role", "soldier", "--token", "b.token"),
+     ("invalid identity",), {}),
+    ("second-token-is-a-clone", _nothing,
+     ("desk", "personalise", "desk", "alpha-1", "--token", "clone.token"), ("clone",), {}),
+    ("empty-group", _nothing, ("desk", "group", "desk", "lonely"), ("lonely is empty",), {}),
+    ("one-member-group", _nothing, ("desk", "group", "desk", "lonely", "gs-1"),
+     ("at least two",), {}),
+    ("self-pair", _nothing, ("desk", "pair", "desk", "gs-1", "gs-1"), ("its own dialogue mate",),
+     {}),
+    # missions
+    ("window-in-the-past", _nothing,
+     ("desk", "init", "new-desk", "--mission", "late", "--hours", "1", "--start",
+      "2001-01-01T00:00:00Z"), ("ends in the past", "2001-01-01T01:00:00Z"), {}),
+    ("zero-hours", _nothing, ("desk", "init", "new-desk", "--mission", "x", "--hours", "0"),
+     ("must be positive",), {}),
+    ("bad-start", _nothing,
+     ("desk", "init", "new-desk", "--mission", "x", "--hours", "1", "--start", "tomorrow"),
+     ("iso 8601",), {}),
+    ("epoch-too-short", _nothing,
+     ("desk", "init", "new-desk", "--mission", "x", "--hours", "1", "--epoch-hours", "0.001"),
+     ("at least 60 s",), {}),
+    ("desk-exists", _nothing, ("desk", "init", "desk", "--mission", "x", "--hours", "1"),
+     ("already holds a desk",), {}),
+    ("missing-mission-file", _nothing, ("desk", "apply", "desk", "nothing.toml"),
+     ("does not exist",), {}),
+    ("mission-file-not-toml", _mission_file("[[node]\nid = 1\n"),
+     ("desk", "apply", "desk", "mission.toml", "--tokens", "toks"), ("not valid TOML",), {}),
+    ("mission-file-bad-role", _mission_file('[[node]]\nid = "b"\nrole = "general"\n'),
+     ("desk", "apply", "desk", "mission.toml", "--tokens", "toks"), ("unknown role",), {}),
+    ("mission-file-fails-after-tokens", _mission_file(LATE_FAILING_PLAN),
+     ("desk", "apply", "desk", "mission.toml", "--tokens", "toks"), ("unknown node 'ghost'",),
+     {}),
+    ("mission-file-changes-a-role", _mission_file('[[node]]\nid = "gs-1"\nrole = "uav"\n'),
+     ("desk", "apply", "desk", "mission.toml"), ("already enrolled as ground-station",), {}),
+    # secrets nobody can type: no variable, no terminal
+    ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
+     {"passphrase": None}),
+    ("no-passphrase-init", _nothing, ("desk", "init", "new-desk", "--mission", "x", "--hours", "1"),
+     ("SNRMESH_DESK_PASSPHRASE",), {"passphrase": None}),
+    ("no-pin-enrol", _nothing,
+     ("desk", "enrol", "desk", "bravo-1", "--role", "soldier", "--token", "b.token"),
+     ("SNRMESH_PIN",), {"pin": None}),
+    ("no-pin-inspect", _nothing,
+     ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"), ("SNRMESH_PIN",),
+     {"pin": None}),
+    ("no-pin-rekey", _nothing,
+     ("desk", "rekey", "desk", "alpha-1", "--token", "alpha-1.token"), ("SNRMESH_PIN",),
+     {"pin": None}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("prepare", "args", "needles", "secrets"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_bad_input_is_refused_in_one_line_and_changes_nothing(
+    site: Site,
+    prepare: Prepare,
+    args: tuple[object, ...],
+    needles: tuple[str, ...],
+    secrets: dict[str, str | None],
+) -> None:
+    prepare(site)
+    refused_without_change(site, *args, needles=needles, **secrets)
+
+
+def test_a_revoked_node_cannot_be_exported(site: Site) -> None:
+    assert snrmesh("desk", "revoke", "desk", "uav-1", cwd=site.root).returncode == 0
+    refused_without_change(
+        site, "desk", "export", "desk", "uav-1", "--out", "u.bundle", needles=("uav-1 is revoked",)
+    )
+    refused_without_change(site, "desk", "revoke", "desk", "uav-1", needles=("already revoked",))
+
+
+def _token_state(path: Path) -> tuple[object, ...]:
+    info = SoftwareToken(path).info()
+    return (info.token_id, info.identity, info.role, info.slots, path.stat().st_size)
+
+
+def test_wrong_pins_lock_the_token_and_change_nothing_else(site: Site) -> None:
+    token = "alpha-1.token"
+    inspect = ("bundle", "inspect", "alpha-1.bundle", "--token", token)
+    others = {k: v for k, v in snapshot(site.root).items() if k != token}
+    state = _token_state(site.token("alpha-1"))
+    for left in (4, 3, 2, 1):
+        line = assert_refused(snrmesh(*inspect, cwd=site.root, pin="0000"), "wrong PIN")
+        assert f"{left} tries left" in line
+        assert SoftwareToken(site.token("alpha-1")).info().pin_tries_left == left
+    assert_refused(snrmesh(*inspect, cwd=site.root, pin="0000"), "locked")
+    assert_refused(snrmesh(*inspect, cwd=site.root, pin=PIN), "locked")  # right PIN, too late
+    rekey = ("desk", "rekey", "desk", "alpha-1", "--token", token)
+    assert_refused(snrmesh(*rekey, cwd=site.root, pin=PIN), "locked")
+
+    assert SoftwareToken(site.token("alpha-1")).info().locked
+    assert _token_state(site.token("alpha-1")) == state  # only the counter moved
+    assert {k: v for k, v in snapshot(site.root).items() if k != token} == others
+
+
+def test_a_wrong_pin_for_rekey_leaves_the_desk_as_it_was(site: Site) -> None:
+    before = snapshot(site.desk_dir)
+    rekey = ("desk", "rekey", "desk", "alpha-1", "--token", "alpha-1.token")
+    assert_refused(snrmesh(*rekey, cwd=site.root, pin="0000"), "wrong PIN", "4 tries left")
+    assert snapshot(site.desk_dir) == before
+
+
+def test_usage_errors_exit_2_without_a_traceback(site: Site) -> None:
+    for args in (
+        ("desk", "enrol", "desk", "bravo-1", "--role", "general", "--token", "b.token"),
+        ("desk", "export", "desk", "alpha-1"),
+    ):
+        before = snapshot(site.root)
+        result = snrmesh(*args, cwd=site.root)
+        assert result.returncode == 2, args
+        assert "usage:" in result.stderr and "Traceback" not in result.stderr
+        assert snapshot(site.root) == before

@@ -7,6 +7,7 @@ import hmac
 import os
 
 import pytest
+from jwcrypto.common import base64url_encode
 
 from mesh.token import (
     KEY_SIZE,
@@ -90,6 +91,7 @@ def test_forged_or_misaddressed_key_changes_are_refused(known_token: KnownToken)
         (other, "another token"),
         ("not.a.key.change.message", "not base64url JSON"),
         ("x" * 5000, "too large"),
+        (base64url_encode("[" * 3000) + ".AAAA" * 4, "not base64url JSON"),
     ]:
         with pytest.raises(KeyChangeRefused, match=reason):
             token.key_change(message)

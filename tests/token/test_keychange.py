@@ -7,7 +7,7 @@ import hmac
 import os
 
 import pytest
-from jwcrypto.common import base64url_encode
+from jwcrypto.common import base64url_decode, base64url_encode
 
 from mesh.token import (
     KEY_SIZE,
@@ -106,8 +106,11 @@ def test_key_change_needs_a_verified_pin(known_token: KnownToken) -> None:
 def test_key_change_message_does_not_carry_keys_in_the_clear(known_token: KnownToken) -> None:
     new = _new_keys()
     message = _message(known_token, new)
+    parts = [base64url_decode(part) for part in message.split(".")]
+    assert len(parts) == 5 and len(parts[3]) > 4 * KEY_SIZE  # the keys are in the ciphertext...
     for key in new:
-        assert key.hex() not in message
+        assert all(key not in part for part in parts)  # ...encrypted
+        assert base64url_encode(key) not in message
     opened = open_key_change(message, current_key=known_token.key(Slot.KEY_CHANGE))
     assert opened.keys == new
     assert all(key.hex() not in repr(opened) for key in new)

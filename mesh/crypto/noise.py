@@ -266,8 +266,13 @@ class CipherState:
 
     def copy(self) -> CipherState:
         """Same key and nonce, independent from now on (AEAD objects are stateless: shared)."""
-        clone = CipherState(self._cipher)
-        clone._key, clone._aead, clone.n = self._key, self._aead, self.n
+        clone = CipherState.__new__(CipherState)
+        clone._cipher, clone._key, clone._aead, clone.n = (
+            self._cipher,
+            self._key,
+            self._aead,
+            self.n,
+        )
         return clone
 
     def _keyed(self) -> _AEAD | None:
@@ -334,7 +339,7 @@ class SymmetricState:
 
     def mix_key_and_hash(self, input_key_material: bytes) -> None:
         self.ck, temp_h, temp_k = self._hash.hkdf(self.ck, input_key_material, 3)
-        self.mix_hash(temp_h)
+        self.h = self._hash.new(self.h + temp_h).digest()  # MixHash(temp_h)
         self.cipher_state.initialize_key(temp_k)
 
     def get_handshake_hash(self) -> bytes:
@@ -361,9 +366,9 @@ class HandshakeState:
 
     After the last message, :attr:`cipher_states` holds the ``Split()`` pair
     (initiator-to-responder, responder-to-initiator) and :attr:`handshake_hash`
-    the final ``h``. A :meth:`read_message` that fails leaves the state as it was,
-    so a datagram endpoint can drop a forged message and still accept the
-    genuine one; a failed :meth:`write_message` leaves it unusable.
+    the final ``h``. A failed :meth:`read_message` or :meth:`write_message`
+    leaves the state unusable; a caller that must survive a forged message (a
+    datagram endpoint waiting for the genuine one) reads from a :meth:`copy`.
     """
 
     __slots__ = (
@@ -423,20 +428,19 @@ class HandshakeState:
             self._mix_psk()
 
     def copy(self) -> HandshakeState:
-        """An independent copy of a state that has not sent or received a message yet.
+        """An independent copy, to try a message on without risking this state.
 
-        ``Initialize()`` (prologue, pre-messages, leading psk) depends only on
-        the peers and their keys, so a caller may run it once per peer and
-        start each handshake from a copy.
+        Also how handshakes start cheaply: ``Initialize()`` (prologue,
+        pre-messages, leading psk) depends only on the peers and their keys, so
+        a caller may run it once per peer and start each handshake from a copy
+        (the ephemeral key pair, once generated, is shared with copies).
         """
-        if self._message_index or self._e is not None:
-            raise NoiseError("only a handshake that has not started can be copied")
         clone = HandshakeState.__new__(HandshakeState)
         clone._protocol, clone._initiator = self._protocol, self._initiator
         clone._psks, clone._psk_index = self._psks, self._psk_index
-        clone._s, clone._e, clone.rs, clone.re = self._s, None, self.rs, None
-        clone._message_index = 0
-        clone.cipher_states = clone.handshake_hash = None
+        clone._s, clone._e, clone.rs, clone.re = self._s, self._e, self.rs, self.re
+        clone._message_index = self._message_index
+        clone.cipher_states, clone.handshake_hash = self.cipher_states, self.handshake_hash
         clone._symmetric = self._symmetric.copy()
         return clone
 
@@ -499,34 +503,6 @@ class HandshakeState:
         if len(message) > MAX_MESSAGE_SIZE:
             raise NoiseError("Noise message too large")
         message = bytes(message)  # other implementations hand us bytearrays
-        symmetric = self._symmetric
-        cipher_state = symmetric.cipher_state
-        saved = (
-            symmetric.ck,
-            symmetric.h,
-            cipher_state._key,
-            cipher_state._aead,
-            cipher_state.n,
-            self._message_index,
-            self._psk_index,
-            self.re,
-        )
-        try:
-            return self._read_message(message)
-        except (InvalidTag, NoiseError):
-            (
-                symmetric.ck,
-                symmetric.h,
-                cipher_state._key,
-                cipher_state._aead,
-                cipher_state.n,
-                self._message_index,
-                self._psk_index,
-                self.re,
-            ) = saved
-            raise
-
-    def _read_message(self, message: bytes) -> bytes:
         symmetric = self._symmetric
         psk_mode = self._protocol.psk_count > 0
         offset = 0

@@ -126,7 +126,7 @@ class Connection:
         self._source = source
         self._events: deque[Event] = deque()
         self._output: list[bytes] = []
-        self._inbox = bytearray()
+        self._inbox = b""  # the start of an incomplete frame (streams)
         self._queued: list[bytes] = []
         self.ck: CommunicationKeyset | None = None
         self.peer: str | None = None
@@ -209,22 +209,23 @@ class Connection:
             raise LocalProtocolError("this connection runs over datagrams")
         if self._state.terminal:
             return
-        buffer = bytes(self._inbox) + data if self._inbox else data
+        buffer = self._inbox + data if self._inbox else bytes(data)
         offset = 0
-        try:
-            while not self._state.terminal:
+        while not self._state.terminal:
+            try:
                 size = frame_size(buffer, offset)
+            except RemoteProtocolError as exc:  # the framing itself is refused
+                fatal = self._refuse(exc, handshake=False)
+            else:
                 if size is None or len(buffer) - offset < size:
                     break
                 frame = buffer[offset : offset + size]
                 offset += size
-                self._handle_frame(frame, now)
-        except RemoteProtocolError as exc:
-            self._inbox.clear()
-            if not self._state.terminal:  # frame_size refused the framing itself
-                self._refuse(exc, handshake=False)
-            raise
-        self._inbox[:] = buffer[offset:]
+                fatal = self._handle_frame(frame, now)
+            if fatal is not None:
+                self._inbox = b""
+                raise fatal
+        self._inbox = buffer[offset:]
 
     def datagram_received(self, data: bytes, now: float) -> None:
         """One datagram, which must hold exactly one frame.
@@ -241,9 +242,11 @@ class Connection:
             if size != len(data):
                 raise RemoteProtocolError(Reason.MALFORMED, "a datagram holds exactly one frame")
         except RemoteProtocolError as exc:
-            self._refuse(exc, handshake=False)
-            return
-        self._handle_frame(bytes(data), now)
+            fatal = self._refuse(exc, handshake=False)
+        else:
+            fatal = self._handle_frame(bytes(data), now)
+        if fatal is not None:
+            raise fatal
 
     # -- output ----------------------------------------------------------------------
 
@@ -296,7 +299,8 @@ class Connection:
 
     # -- frames ----------------------------------------------------------------------
 
-    def _handle_frame(self, frame: bytes, now: float) -> None:
+    def _handle_frame(self, frame: bytes, now: float) -> RemoteProtocolError | None:
+        """Act on one complete frame; returns the refusal to raise if it ended the connection."""
         kind = frame[0] & 0x0F
         try:
             if kind & FrameType.RECORD:
@@ -309,26 +313,30 @@ class Connection:
                 self._handle_refuse()
         except RemoteProtocolError as exc:
             is_init = kind in _INIT_FRAMES
-            self._refuse(
+            return self._refuse(
                 exc,
                 handshake=kind in _HANDSHAKE_FRAMES,
                 ck_id=frame[TYPE_SIZE : TYPE_SIZE + CK_ID_SIZE] if is_init else None,
             )
+        return None
 
     def _refuse(
         self, exc: RemoteProtocolError, *, handshake: bool, ck_id: bytes | None = None
-    ) -> None:
-        """Log why; drop the frame (datagrams with something to protect) or fail."""
+    ) -> RemoteProtocolError | None:
+        """Log why; drop the frame (datagrams with something to protect) or fail.
+
+        Returns the error when the connection failed, for the public entry point to raise.
+        """
         self._events.append(
             HandshakeRefused(exc.reason, ck_id) if handshake else FrameRejected(exc.reason)
         )
         starting_responder = self.role is Role.RESPONDER and self._state.state is State.START
         if self._datagram and not starting_responder:
-            return
+            return None
         if ck_id is not None:  # a refused message 1: one generic answer, whatever the reason
             self._output.append(REFUSE_FRAME)
         self._terminate(Trigger.FAIL, Termination.PROTOCOL_ERROR, exc.reason)
-        raise exc
+        return exc
 
     def _handle_init(self, frame: bytes, now: float) -> None:
         if self.role is not Role.RESPONDER or not self._state.allows(Trigger.RECV_INIT):
@@ -390,7 +398,7 @@ class Connection:
         initiation = self._initiation
         if initiation is None or not self._state.allows(Trigger.RECV_RESPONSE):
             raise RemoteProtocolError(Reason.UNEXPECTED_FRAME, "message 2")
-        keys = initiation.read_response(frame)
+        keys = initiation.read_response(frame, retry=self._datagram)
         self._state.process(Trigger.RECV_RESPONSE)
         self._initiation = None
         self._handshake_deadline = self._retransmit_at = None

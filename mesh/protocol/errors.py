@@ -61,5 +61,9 @@ class RemoteProtocolError(ProtocolError):
     """The peer, or someone between us, sent something this connection refuses."""
 
     def __init__(self, reason: Reason, detail: str = "") -> None:
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        super().__init__(reason, detail)
         self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:  # formatted when shown, not on the refusal path
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value

@@ -22,8 +22,8 @@ connections, timers or high-water marks: ``connection.py`` sequences it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from mesh.crypto.noise import CipherState, HandshakeState, NoiseError, NoiseProtocol
 from mesh.crypto.primitives import InvalidTag
@@ -56,9 +56,12 @@ NOISE_PROTOCOL = NoiseProtocol.from_name(PROTOCOL_NAME)
 TEMPLATE_CACHE_SIZE = 256  # initialized handshakes kept, one per (CK, roles) in use
 
 
-@dataclass(frozen=True, slots=True)
-class SessionKeys:
-    """The ``Split()`` of one handshake, oriented for this side."""
+class SessionKeys(NamedTuple):
+    """The ``Split()`` of one handshake, oriented for this side.
+
+    A named tuple rather than a dataclass: it is built twice per handshake and
+    consumed at once, and a tuple is the cheapest immutable value to build.
+    """
 
     send: CipherState
     receive: CipherState
@@ -88,7 +91,7 @@ def check_keyset(
 
 
 @lru_cache(maxsize=TEMPLATE_CACHE_SIZE)
-def _initialized(ck: CommunicationKeyset, *, initiator: bool, me: str, peer: str) -> HandshakeState:
+def _initialized(ck: CommunicationKeyset, initiator: bool, me: str, peer: str) -> HandshakeState:
     """``Initialize()`` for one CK and pair of roles: prologue and PSK mixed, once.
 
     It depends on nothing else, so each handshake starts from a copy; the
@@ -103,7 +106,7 @@ def _initialized(ck: CommunicationKeyset, *, initiator: bool, me: str, peer: str
 
 
 def _new_state(ck: CommunicationKeyset, *, initiator: bool, me: str, peer: str) -> HandshakeState:
-    return _initialized(ck, initiator=initiator, me=me, peer=peer).copy()
+    return _initialized(ck, initiator, me, peer).copy()  # positional: a cheaper cache key
 
 
 class InitiatorHandshake:
@@ -125,9 +128,14 @@ class InitiatorHandshake:
         noise_message = self._state.write_message(pack_init_payload(timestamp, capabilities))
         self.frame = push_init(Init(ck.ck_id, noise_message, ticket))
 
-    def read_response(self, frame: bytes) -> SessionKeys:
-        """Authenticate message 2; a refused one leaves this handshake able to read another."""
-        state = self._state
+    def read_response(self, frame: bytes, *, retry: bool) -> SessionKeys:
+        """Authenticate message 2.
+
+        With ``retry`` (datagrams) it reads from a copy, so that a refused
+        message leaves this handshake able to read the genuine one; a stream
+        never gets a second message 2, so it reads in place.
+        """
+        state = self._state.copy() if retry else self._state
         try:
             payload = state.read_message(pull_response(frame))
         except InvalidTag:

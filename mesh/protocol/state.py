@@ -29,7 +29,15 @@ from mesh.protocol.errors import LocalProtocolError
 __all__ = ["TERMINAL", "TRANSITIONS", "ConnectionState", "State", "Trigger"]
 
 
-class State(Enum):
+class _Member(Enum):
+    """Enum members are singletons compared by identity, so hashing by identity agrees
+    with equality; it runs in C, where ``Enum.__hash__`` hashes the name in Python.
+    State and trigger lookups happen on every frame."""
+
+    __hash__ = object.__hash__
+
+
+class State(_Member):
     START = "start"
     AWAIT_RESPONSE = "await-response"  # initiator: message 1 sent
     AWAIT_CONFIRM = "await-confirm"  # responder: message 2 sent, no record yet
@@ -39,7 +47,7 @@ class State(Enum):
     ERROR = "error"
 
 
-class Trigger(Enum):
+class Trigger(_Member):
     CONNECT = "connect"  # initiator sends message 1
     RETRY = "retry"  # initiator sends a fresh message 1 (datagram loss)
     START_REKEY = "start-rekey"  # initiator sends message 1 on a live session
@@ -96,10 +104,13 @@ TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
 }
 
 
-_ROWS: dict[tuple[Role, State], dict[Trigger, State]] = {
-    (role, state): {t: new for (r, s, t), new in TRANSITIONS.items() if (r, s) == (role, state)}
+# the table by role, then by state: the row a connection consults for each trigger
+_ROWS: dict[Role, dict[State, dict[Trigger, State]]] = {
+    role: {
+        state: {t: new for (r, s, t), new in TRANSITIONS.items() if (r, s) == (role, state)}
+        for state in State
+    }
     for role in Role
-    for state in State
 }
 
 
@@ -110,13 +121,14 @@ class ConnectionState:
     terminal, so the per-record checks cost one small dict lookup.
     """
 
-    __slots__ = ("_row", "role", "state", "terminal")
+    __slots__ = ("_row", "_rows", "role", "state", "terminal")
 
     def __init__(self, role: Role) -> None:
         self.role = role
         self.state = S.START
         self.terminal = False
-        self._row = _ROWS[role, S.START]
+        self._rows = _ROWS[role]
+        self._row = self._rows[S.START]
 
     def allows(self, trigger: Trigger) -> bool:
         return trigger in self._row
@@ -129,5 +141,5 @@ class ConnectionState:
             )
         self.state = new
         self.terminal = new in TERMINAL
-        self._row = _ROWS[self.role, new]
+        self._row = self._rows[new]
         return new

@@ -22,9 +22,9 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["FIXED_NOW", "MAX_LINE_BYTES", "AgentThread", "FakeAgent"]
 
@@ -36,6 +36,7 @@ EPOCH_SECONDS = 6 * 3600
 IDENTITY = "alpha-1"
 
 Json = dict[str, Any]
+T = TypeVar("T")
 
 
 class BadRequest(Exception):
@@ -531,10 +532,14 @@ class AgentThread:
             target=self._loop.run_forever, name="fake-agent", daemon=True
         )
 
-    def __enter__(self) -> FakeAgent:
+    def __enter__(self) -> AgentThread:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.agent.start(), self._loop).result(timeout=5)
-        return self.agent
+        return self
+
+    async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the agent's loop and wait for it from another loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
 
     def __exit__(self, *exc_info: object) -> None:
         asyncio.run_coroutine_threadsafe(self.agent.stop(), self._loop).result(timeout=5)

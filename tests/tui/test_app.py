@@ -328,7 +328,7 @@ async def test_peer_and_epoch_events_update_the_panels(socket_path: Path) -> Non
         assert [str(c) for c in peers.get_row("alpha-2")[2:5]] == ["direct", "2s", "12%"]
         await wait_until(pilot, lambda: "links 2" in status_text(app), "hello to be refetched")
         await agent.next_epoch()
-        await wait_until(pilot, lambda: "epoch 1, next in 8h12m" in status_text(app), "epoch 1")
+        await wait_until(pilot, lambda: "epoch 1 → 8h12m" in status_text(app), "epoch 1")
 
 
 async def test_lagged_event_refetches_everything(socket_path: Path) -> None:

@@ -8,6 +8,7 @@ rows to the chat on a 24-line terminal.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from rich.text import Text
@@ -20,6 +21,7 @@ from tui.format import ALERT_LABEL, clock_time
 from tui.messages import DismissRequested
 from tui.model import AppState
 from tui.state import Alert, AlertKind
+from tui.widgets.styling import component_style
 
 __all__ = ["AlertsPanel"]
 
@@ -37,6 +39,12 @@ class AlertsPanel(OptionList):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._shown: tuple[tuple[Alert, ...], str] | None = None
+
+    def notify_style_update(self) -> None:
+        """What is shown carries its own styles: render it again when the CSS or theme changes."""
+        super().notify_style_update()
+        self._shown = None
+        self.call_later(self._sync)
 
     def watch_state(self) -> None:
         self._sync()
@@ -60,7 +68,7 @@ class AlertsPanel(OptionList):
         self.display = bool(alerts)
 
     def _prompt(self, alert: Alert) -> Text:
-        style = self.get_component_rich_style
+        style = partial(component_style, self)
         severe = alert.kind in (AlertKind.REFUSED, AlertKind.REVOKED, AlertKind.TOKEN)
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(clock_time(alert.at, self.now), style("alerts--time"))

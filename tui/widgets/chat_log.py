@@ -8,6 +8,7 @@ scrolls to the newest.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from rich.console import RenderableType
@@ -21,6 +22,7 @@ from textual.widgets import Static
 from tui.format import DELIVERY_MARK, LINK_SYMBOL, clock_time, link_label
 from tui.model import AppState
 from tui.state import Conversation, Delivery, LinkState, Message
+from tui.widgets.styling import component_style
 
 __all__ = ["ChatLog"]
 
@@ -47,6 +49,12 @@ class ChatLog(VerticalScroll):
 
     def compose(self) -> ComposeResult:
         yield Static(id="chat-text")
+
+    def notify_style_update(self) -> None:
+        """What is shown carries its own styles: render it again when the CSS or theme changes."""
+        super().notify_style_update()
+        self._shown = None
+        self.call_later(self._sync)
 
     def watch_state(self) -> None:
         self._sync()
@@ -87,7 +95,7 @@ class ChatLog(VerticalScroll):
     def _render_messages(
         self, active: Conversation | None, messages: tuple[Message, ...]
     ) -> RenderableType:
-        style = self.get_component_rich_style
+        style = partial(component_style, self)
         if active is None:
             return Text(
                 "No conversation open. Pick a mate or a group in Chats (F3) or Peers (F2) "

@@ -8,6 +8,7 @@ conversation.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from rich.text import Text
@@ -19,6 +20,7 @@ from tui.format import LINK_SYMBOL
 from tui.messages import ConversationSelected
 from tui.model import AppState
 from tui.state import Conversation
+from tui.widgets.styling import component_style
 
 __all__ = ["ConversationList"]
 
@@ -39,9 +41,16 @@ class ConversationList(OptionList):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._shown: tuple[Text, ...] = ()
+        self._active: Conversation | None = None
 
     def on_mount(self) -> None:
         self.border_title = "Chats"
+
+    def notify_style_update(self) -> None:
+        """Prompts carry their own styles: rebuild them when the CSS or theme changes."""
+        super().notify_style_update()
+        self._shown = ()
+        self.call_later(self.watch_state)
 
     def watch_state(self) -> None:
         if not self.is_mounted:
@@ -51,6 +60,9 @@ class ConversationList(OptionList):
         if prompts == self._shown:
             return
         highlighted = self.highlighted_option.id if self.highlighted_option else None
+        if self.state.active != self._active:  # opened elsewhere (peers, palette): follow it
+            self._active = self.state.active
+            highlighted = self._active.key if self._active else highlighted
         self.set_options(Option(p, id=c.key) for c, p in zip(conversations, prompts, strict=True))
         self._shown = prompts
         keys = [c.key for c in conversations]
@@ -64,7 +76,7 @@ class ConversationList(OptionList):
         self.border_title = f"Chats ({total} unread)" if total else "Chats"
 
     def _prompt(self, conversation: Conversation) -> Text:
-        style = self.get_component_rich_style
+        style = partial(component_style, self)
         if conversation.kind == "group":
             symbol, symbol_style = "#", style("conversations--group")
         else:

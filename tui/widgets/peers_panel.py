@@ -8,6 +8,7 @@ Enter opens the chat with the mate under the cursor.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from rich.text import Text
@@ -18,6 +19,7 @@ from tui.format import LINK_SYMBOL, battery, countdown, link_label, position, si
 from tui.messages import ConversationSelected
 from tui.model import AppState
 from tui.state import Conversation, LinkState, Peer
+from tui.widgets.styling import component_style
 
 __all__ = ["CK_WARNING_SECONDS", "LOW_BATTERY", "STALE_HEARTBEAT_SECONDS", "PeersPanel"]
 
@@ -59,8 +61,15 @@ class PeersPanel(DataTable[Text]):
 
     def on_mount(self) -> None:
         self.border_title = "Peers"
+        self.show_cursor = False
         for key, label in COLUMNS:
             self.add_column(label, key=key)
+
+    def notify_style_update(self) -> None:
+        """Cells carry their own styles: rebuild them when the CSS or theme changes."""
+        super().notify_style_update()
+        self._keys = ()
+        self.call_later(self._sync)
 
     def watch_state(self) -> None:
         self._sync()
@@ -89,7 +98,7 @@ class PeersPanel(DataTable[Text]):
             self.move_cursor(row=keys.index(current), animate=False)
 
     def _cells(self, peer: Peer) -> tuple[Text, ...]:
-        now, style = self.now, self.get_component_rich_style
+        now, style = self.now, partial(component_style, self)
         link_style = style(f"peers--{peer.state.value}")
         seen_stale = peer.last_seen is None or now - peer.last_seen > STALE_HEARTBEAT_SECONDS
         ck_warn = peer.ck_expires is not None and peer.ck_expires - now < CK_WARNING_SECONDS
@@ -105,6 +114,12 @@ class PeersPanel(DataTable[Text]):
             Text(position(peer.position)),
             Text(_cut(note or "", NOTE_WIDTH), style=style("peers--dim")),
         )
+
+    def on_focus(self) -> None:
+        self.show_cursor = True  # a cursor only where the keys go
+
+    def on_blur(self) -> None:
+        self.show_cursor = False
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()

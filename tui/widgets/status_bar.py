@@ -6,19 +6,22 @@ that the TUI keeps retrying) while it is not.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from rich.text import Text
-from textual.geometry import Size
 from textual.reactive import reactive
 from textual.widget import Widget
 
 from tui.format import countdown
 from tui.model import AppState, Connection
+from tui.widgets.styling import component_style
 
 __all__ = ["StatusBar"]
 
 SEPARATOR = " │ "
+WIDE = 100
+"""From this many columns on, the status bar has room for the role and a worded epoch."""
 
 
 class StatusBar(Widget):
@@ -30,12 +33,13 @@ class StatusBar(Widget):
         "status--me",
     }
 
-    state: reactive[AppState] = reactive(AppState)
+    state: reactive[AppState] = reactive(AppState, layout=True)  # one or two lines
     now: reactive[float] = reactive(0.0)
 
     def render(self) -> Text:
         state, now = self.state, self.now
-        style = self.get_component_rich_style
+        style = partial(component_style, self)
+        compact = self.size.width < WIDE  # 80 columns: drop the role, shorten the epoch
         line = Text(no_wrap=True, overflow="ellipsis")
         connection = state.connection
         if connection is Connection.CONNECTED:
@@ -50,14 +54,20 @@ class StatusBar(Widget):
         if info is not None:
             line.append(SEPARATOR)
             line.append(info.identity, style("status--me"))
-            line.append(f" ({info.role})")
+            if not compact:
+                line.append(f" ({info.role})")
             line.append(SEPARATOR)
             line.append(info.mission.name)
             line.append(SEPARATOR)
             if info.epoch is None:
                 line.append("no epoch", style("status--warn"))
             else:
-                line.append(f"epoch {info.epoch.index}, next in {countdown(now, info.epoch.end)}")
+                left = countdown(now, info.epoch.end)
+                line.append(
+                    f"epoch {info.epoch.index} → {left}"
+                    if compact
+                    else f"epoch {info.epoch.index}, next in {left}"
+                )
             line.append(SEPARATOR)
             token_style = "status--ok" if info.token.state == "ok" else "status--bad"
             mark = "✓" if info.token.state == "ok" else "✖"
@@ -69,6 +79,3 @@ class StatusBar(Widget):
             line.append("\n")
             line.append(state.connection_detail, style("status--dim"))
         return line
-
-    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
-        return 1 if self.state.online or not self.state.connection_detail else 2

@@ -24,7 +24,7 @@ from tests.provisioning.conftest import (
     snrmesh,
 )
 
-Prepare = Callable[[Site], None]
+Prepare = Callable[[Site], object]
 
 
 def _garble(path: Path) -> None:

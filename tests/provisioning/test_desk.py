@@ -59,7 +59,7 @@ def test_plain_jwcrypto_decrypts_every_issued_copy_with_the_wrap_slot_key(site: 
     assert len(rows) == 4 * EPOCHS  # squad (3 pairs) + gs-1/uav-1, 4 epochs each
     for ck_id, a, b, _epoch, nbf, exp, copy_a, copy_b in rows:
         keys = []
-        for holder, copy in ((a, copy_a), (b, copy_b)):
+        for holder, copy in ((str(a), copy_a), (str(b), copy_b)):
             message = jwe.JWE()
             message.deserialize(copy, key=oct_jwk(wrap[holder]))
             header = json.loads(message.objects["protected"])

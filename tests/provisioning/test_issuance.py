@@ -37,7 +37,7 @@ def test_pool_issuance_mints_copies_that_unwrap(
         contexts.append(str(method))
         return real_get_context(method)
 
-    monkeypatch.setattr(issuance.multiprocessing, "get_context", get_context)
+    monkeypatch.setattr(multiprocessing, "get_context", get_context)
 
     now = int(time.time())
     progress: list[tuple[int, int]] = []

@@ -59,7 +59,7 @@ def _mutate(header: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
         if key not in doc:
             doc[key] = data.draw(cbor_values, label="added")
             continue
-        target = doc[key]
+        target: Any = doc[key]
         if isinstance(target, list) and target and data.draw(st.booleans(), label="element"):
             i = data.draw(st.integers(min_value=0, max_value=len(target) - 1), label="index")
             target[i] = data.draw(_near_misses(target[i]) | cbor_values, label="element value")

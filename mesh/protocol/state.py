@@ -26,7 +26,7 @@ from enum import Enum
 from mesh.protocol.config import Role
 from mesh.protocol.errors import LocalProtocolError
 
-__all__ = ["TERMINAL", "TRANSITIONS", "ConnectionState", "State", "Trigger"]
+__all__ = ["LIVE", "TERMINAL", "TRANSITIONS", "ConnectionState", "State", "Trigger"]
 
 
 class _Member(Enum):
@@ -67,10 +67,13 @@ S = State
 T = Trigger
 
 TERMINAL = frozenset({S.CLOSED, S.ERROR})
-_LIVE = [state for state in S if state not in TERMINAL]
 _HANDSHAKING = {
     INITIATOR: (S.AWAIT_RESPONSE, S.REKEYING),
     RESPONDER: (S.AWAIT_CONFIRM, S.REKEYING),
+}
+LIVE = {  # the states each role can be in before the end
+    INITIATOR: (S.START, S.AWAIT_RESPONSE, S.ESTABLISHED, S.REKEYING),
+    RESPONDER: (S.START, S.AWAIT_CONFIRM, S.ESTABLISHED, S.REKEYING),
 }
 
 TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
@@ -99,8 +102,8 @@ TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
     },
     # both: the ways out
     **{(role, state, T.TIMEOUT): S.CLOSED for role in Role for state in _HANDSHAKING[role]},
-    **{(role, state, T.CLOSE): S.CLOSED for role in Role for state in _LIVE},
-    **{(role, state, T.FAIL): S.ERROR for role in Role for state in _LIVE},
+    **{(role, state, T.CLOSE): S.CLOSED for role in Role for state in LIVE[role]},
+    **{(role, state, T.FAIL): S.ERROR for role in Role for state in LIVE[role]},
 }
 
 

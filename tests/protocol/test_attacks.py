@@ -317,7 +317,7 @@ def test_truncation_and_extension(transport: Transport) -> None:
     chat(world.bystander_session(), now=NOW + 1)
 
 
-def test_truncated_stream_waits_then_times_out() -> None:
+def test_a_frame_split_on_a_stream_waits_for_its_rest() -> None:
     world = make_world(Transport.STREAM)
     wire = world.victim.wire()
     [init] = wire.take("i")
@@ -626,3 +626,26 @@ def test_injected_refusal_cannot_end_a_datagram_session() -> None:
     pending.take("i")
     assert pending.to("i", REFUSE_FRAME, NOW + 1) is None
     assert pending.initiator.state is State.CLOSED
+
+
+@BOTH
+def test_a_ck_stolen_later_does_not_decrypt_recorded_sessions(transport: Transport) -> None:
+    """Forward secrecy: the thief replays the recording into a node of its own that holds
+    the CK (and no high-water mark). It reads message 1's payload -- a timestamp and
+    capabilities, nothing secret -- but every recorded record fails to open, because the
+    session keys also depend on ephemeral private keys that were never stored (a
+    regression that reused or derived an ephemeral key would make this test fail)."""
+    world = make_world(transport)
+    wire = world.victim.established()
+    wire.initiator.send_data(b"the secret plan", NOW)
+    wire.pump()
+    recorded = wire.log["i"]  # INIT, key confirmation, data record
+    thief = Pair(
+        world.victim.ck, MemoryKeyStore(), MemoryKeyStore([world.victim.ck]), transport
+    ).responder()
+    assert deliver(thief, recorded[0], NOW + 1) is None  # the PSK alone opens message 1
+    for record in recorded[1:]:
+        deliver(thief, record, NOW + 1)
+    events = drain(thief)
+    assert not [e for e in events if isinstance(e, DataReceived | HandshakeCompleted)]
+    assert Reason.AUTH_FAILED in refusals(events)

@@ -228,3 +228,13 @@ def test_stream_frames_split_cleanly() -> None:
     wire = make_pair(Transport.STREAM).wire()
     assert [len(f) for f in split_frames(wire.initiator.data_to_send())] == [75]
     assert deliver(wire.responder, b"") is None  # nothing is not an error on a stream
+
+
+@BOTH
+def test_plaintext_never_appears_on_the_wire(transport: Transport) -> None:
+    wire = make_pair(transport).established()
+    secret = b"the eagle lands at 0400 on grid 31U"
+    wire.initiator.send_data(secret, NOW)
+    wire.responder.send_data(secret, NOW)
+    frames = wire.take("i") + wire.take("r")
+    assert frames and not any(secret[:8] in frame for frame in frames + wire.log["i"])

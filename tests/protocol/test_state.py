@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.protocol import LocalProtocolError, Role, State
-from mesh.protocol.state import TERMINAL, TRANSITIONS, ConnectionState, Trigger
+from mesh.protocol.state import LIVE, TERMINAL, TRANSITIONS, ConnectionState, Trigger
 
 
 def test_terminal_states_have_no_exit() -> None:
@@ -14,10 +14,23 @@ def test_terminal_states_have_no_exit() -> None:
 
 def test_every_live_state_can_fail_and_close() -> None:
     for role in Role:
-        for state in State:
-            if state not in TERMINAL:
-                assert TRANSITIONS[role, state, Trigger.FAIL] is State.ERROR
-                assert TRANSITIONS[role, state, Trigger.CLOSE] is State.CLOSED
+        for state in LIVE[role]:
+            assert TRANSITIONS[role, state, Trigger.FAIL] is State.ERROR
+            assert TRANSITIONS[role, state, Trigger.CLOSE] is State.CLOSED
+
+
+def test_every_state_in_the_table_is_reachable_for_its_role() -> None:
+    """No dead rows: a state appears for a role only if that role can get there."""
+    for role in Role:
+        reachable, frontier = {State.START}, [State.START]
+        while frontier:
+            state = frontier.pop()
+            for (r, s, _), new in TRANSITIONS.items():
+                if (r, s) == (role, state) and new not in reachable:
+                    reachable.add(new)
+                    frontier.append(new)
+        assert {s for r, s, _ in TRANSITIONS if r is role} <= reachable
+        assert reachable == set(LIVE[role]) | TERMINAL
 
 
 def test_roles_are_not_interchangeable() -> None:

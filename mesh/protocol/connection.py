@@ -151,6 +151,10 @@ class Connection:
         return self._state.role
 
     @property
+    def transport(self) -> Transport:
+        return self._config.transport
+
+    @property
     def state(self) -> State:
         return self._state.state
 

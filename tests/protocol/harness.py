@@ -79,7 +79,7 @@ def split_frames(data: bytes) -> list[bytes]:
 
 def outgoing(connection: Connection) -> list[bytes]:
     """The frames a connection wants to send, whatever its transport."""
-    if connection._datagram:
+    if connection.transport is Transport.DATAGRAM:
         return connection.datagrams_to_send()
     return split_frames(connection.data_to_send())
 
@@ -87,7 +87,7 @@ def outgoing(connection: Connection) -> list[bytes]:
 def deliver(connection: Connection, frame: bytes, now: float = NOW) -> RemoteProtocolError | None:
     """Hand one frame over; returns the refusal the connection raised, if it did."""
     try:
-        if connection._datagram:
+        if connection.transport is Transport.DATAGRAM:
             connection.datagram_received(frame, now)
         else:
             connection.receive_data(frame, now)

@@ -52,7 +52,7 @@ def connect_with(pair: Pair, ticket: str, now: float = NOW) -> Connection:
 
 
 def first_frame(initiator: Connection) -> bytes:
-    if initiator._datagram:
+    if initiator.transport is Transport.DATAGRAM:
         return initiator.datagrams_to_send()[0]
     return initiator.data_to_send()
 

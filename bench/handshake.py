@@ -404,7 +404,7 @@ def run(seconds: float) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         tls_bytes_of, tls_op = tls_factory(Path(folder))
         tls_bytes = tls_bytes_of()
-        rounds = 5
+        rounds = 10
         rates = best_rate(
             {
                 "snrmesh": mesh.handshake_op,

@@ -98,7 +98,9 @@ class Listener:
 
         A datagram from an unknown source must be a message 1. Never raises on
         the peer's behalf: a refused first message leaves the connection in
-        ERROR with its REFUSE frame to send, and it is pruned afterwards.
+        ERROR with its REFUSE frame to send. Pull a returned connection's output
+        and events at once: finished connections are forgotten the next time the
+        listener accepts one or handles its timer.
         """
         if self._config.transport is not Transport.DATAGRAM:
             raise LocalProtocolError("this listener serves streams: use accept()")

@@ -485,21 +485,17 @@ def test_revoked_ck(transport: Transport) -> None:
 def test_identity_mismatch(transport: Transport) -> None:
     """A CK for alpha-bravo used by alpha towards charlie."""
     world = make_world(transport)
-    ab = world.victim.ck
-    charlie = MemoryKeyStore([ab])  # even if charlie somehow holds it
-    wire = Pair(ab, world.victim.initiator_store, charlie, transport).wire()
-    wire.responder = Connection(
-        config=config("charlie", transport), keys=charlie, role=Role.RESPONDER
+
+    def charlie_refuses(keys: MemoryKeyStore, now: float) -> Connection:
+        charlie = Connection(config=config("charlie", transport), keys=keys, role=Role.RESPONDER)
+        assert deliver(charlie, world.victim.wire(now).take("i")[0], now) is not None
+        return charlie
+
+    # even a charlie that somehow holds the CK refuses it: charlie is not one of its parties
+    assert_refused(
+        charlie_refuses(MemoryKeyStore([world.victim.ck]), NOW), Reason.IDENTITY_MISMATCH
     )
-    assert wire.to("r", wire.take("i")[0]) is not None
-    assert_refused(wire.responder, Reason.IDENTITY_MISMATCH)
-    # and a charlie that does not hold it
-    wire = world.victim.wire(NOW + 1)
-    wire.responder = Connection(
-        config=config("charlie", transport), keys=MemoryKeyStore(), role=Role.RESPONDER
-    )
-    assert wire.to("r", wire.take("i")[0], NOW + 1) is not None
-    assert_refused(wire.responder, Reason.UNKNOWN_CK)
+    assert_refused(charlie_refuses(MemoryKeyStore(), NOW + 1), Reason.UNKNOWN_CK)
     chat(world.bystander_session())
 
 

@@ -1,6 +1,7 @@
 """JSON-lines framing of the agent's control API, with no I/O (see docs/agent.md).
 
-One JSON object per ``\\n``-terminated UTF-8 line, at most :data:`MAX_LINE_BYTES`.
+One JSON object per ``\\n``-terminated UTF-8 line: requests up to
+:data:`MAX_REQUEST_BYTES`, answers up to :data:`MAX_LINE_BYTES`.
 This module turns requests into bytes and lines into :class:`Response` or
 :class:`Event` values; ``tui.client`` only moves the bytes. Anything the
 agent sends that the API does not allow raises :class:`AgentProtocolError`.
@@ -15,10 +16,19 @@ from typing import Any
 
 from tui.errors import AgentProtocolError, LocalRequestError
 
-__all__ = ["MAX_LINE_BYTES", "Event", "Response", "decode_line", "encode_request"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "Event",
+    "Response",
+    "decode_line",
+    "encode_request",
+]
 
-MAX_LINE_BYTES = 64 * 1024
-"""Longest line either side may send, the ``\\n`` included."""
+MAX_REQUEST_BYTES = 64 * 1024
+"""Longest request line the agent accepts, the ``\\n`` included."""
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""Longest line we accept from the agent: a history of long messages is large."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +56,9 @@ def encode_request(request_id: int, op: str, arguments: Mapping[str, Any]) -> by
         raise LocalRequestError("request arguments may not be named 'id' or 'op'")
     line = json.dumps({"id": request_id, "op": op, **arguments}, ensure_ascii=False) + "\n"
     data = line.encode("utf-8")
-    if len(data) > MAX_LINE_BYTES:
+    if len(data) > MAX_REQUEST_BYTES:
         raise LocalRequestError(
-            f"request {op!r} is {len(data)} bytes; the limit is {MAX_LINE_BYTES}"
+            f"request {op!r} is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}"
         )
     return data
 

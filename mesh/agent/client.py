@@ -16,7 +16,7 @@ from mesh.errors import MeshError
 
 __all__ = ["ControlClient", "ControlUnavailable", "RequestFailed", "default_control_path"]
 
-MAX_LINE = 64 * 1024
+MAX_LINE = 16 * 1024 * 1024  # responses: a long history is large; requests are capped by the agent
 
 
 class ControlUnavailable(MeshError):

@@ -24,21 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mesh import __version__
 from mesh.agent.control import ControlError, ControlServer
 from mesh.agent.keyring import KeyRing
 from mesh.agent.routing import RoutingTable
-from mesh.agent.store import AgentStore, StoredMessage
+from mesh.agent.store import AgentStore, Outgoing, StoredMessage
 from mesh.discovery import discovery_tag, tag_map
 from mesh.discovery.mdns import MdnsDiscovery
 from mesh.errors import MeshError
@@ -63,6 +65,7 @@ from mesh.token import SecureElement
 from mesh.transport import Link, read_preamble, write_preamble
 from mesh.wire import (
     MAX_HOPS,
+    MAX_RECEIPT_IDS,
     MAX_TEXT,
     MAX_TEXT_BYTES,
     Chat,
@@ -199,6 +202,8 @@ class Agent:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dial_waiters: dict[Link, asyncio.Future[bool]] = {}
+        self._flush_scheduled: set[str] = set()
+        self._to_commit: list[tuple[Outgoing, asyncio.Future[None]]] = []
         self._stopping = asyncio.Event()
         self._routes_dirty = True
         self._last_routes = 0.0
@@ -290,8 +295,12 @@ class Agent:
         log.warning("alert: %s", message)
         self._emit("alert", alert=alert.to_json())
 
+    @property
+    def _watched(self) -> bool:
+        return self.control is not None and self.control.watched
+
     def _emit(self, event: str, **fields: Any) -> None:
-        if self.control is not None:
+        if self.control is not None and self.control.watched:
             self.control.broadcast(event, **fields)
 
     def peer_state(self, identity: str) -> tuple[str, str | None]:
@@ -328,7 +337,7 @@ class Agent:
         }
 
     def _peer_changed(self, identity: str) -> None:
-        if identity in self.peers:
+        if identity in self.peers and self._watched:
             self._emit("peer", peer=self.peer_json(identity))
 
     def _seen(self, identity: str) -> None:
@@ -670,6 +679,53 @@ class Agent:
             self._send_to(peer, receipt)
         self._send_to(peer, self._status_message())
 
+    def _commit(self, outgoing: Outgoing) -> asyncio.Future[None]:
+        """Queue ``outgoing`` durably; the future resolves once it is on disk (group commit)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._to_commit:
+            asyncio.get_running_loop().call_soon(self._commit_now)
+        self._to_commit.append((outgoing, future))
+        return future
+
+    def _commit_now(self) -> None:
+        batch, self._to_commit = self._to_commit, []
+        try:
+            self.store.queue([outgoing for outgoing, _ in batch])
+        except sqlite3.Error as exc:  # the store failed: every waiting send fails with it
+            for _, future in batch:
+                future.set_exception(ControlError("internal", f"cannot store the message: {exc}"))
+            return
+        for outgoing, future in batch:
+            future.set_result(None)
+            for recipient in outgoing.recipients:
+                self._schedule_flush(recipient)
+            if self._watched:
+                stored = StoredMessage(
+                    outgoing.message_id,
+                    "out",
+                    outgoing.peer,
+                    outgoing.group,
+                    outgoing.text,
+                    outgoing.at,
+                    True,
+                    "pending",
+                )
+                self._emit("message", message=stored.to_json())
+
+    def _schedule_flush(self, peer: str) -> None:
+        """Send what was queued for ``peer`` once the current burst of requests is handled.
+
+        A burst of sends then costs one outbox query and one write for all of
+        them, instead of one each.
+        """
+        if peer not in self._flush_scheduled:
+            self._flush_scheduled.add(peer)
+            asyncio.get_running_loop().call_soon(self._scheduled_flush, peer)
+
+    def _scheduled_flush(self, peer: str) -> None:
+        self._flush_scheduled.discard(peer)
+        self._flush_outbox(peer, include_sent=False)
+
     def _flush_outbox(self, peer: str, *, include_sent: bool) -> None:
         sent: list[tuple[bytes, str]] = []
         for entry in self.store.undelivered(peer, include_sent=include_sent):
@@ -680,11 +736,14 @@ class Agent:
         if sent:
             self.store.mark_sent(sent)
 
-    def _receipt(self, peer: str, receipt: Receipt) -> None:
-        if not self._send_to(peer, receipt, create=True):
-            pending = self._pending_receipts.setdefault(peer, [])
-            if len(pending) < MAX_PENDING_RECEIPTS:
-                pending.append(receipt)
+    def _receipt(self, peer: str, state: str, message_ids: list[bytes]) -> None:
+        """Acknowledge ``message_ids`` to ``peer`` (a few receipts carry many ids)."""
+        for i in range(0, len(message_ids), MAX_RECEIPT_IDS):
+            receipt = Receipt(tuple(message_ids[i : i + MAX_RECEIPT_IDS]), state)
+            if not self._send_to(peer, receipt, create=True):
+                pending = self._pending_receipts.setdefault(peer, [])
+                if len(pending) < MAX_PENDING_RECEIPTS:
+                    pending.append(receipt)
 
     def _handle_messages(self, peer: str, records: list[bytes], *, link: Link | None) -> None:
         chats: list[tuple[bytes, str, str | None, str, float]] = []
@@ -705,7 +764,7 @@ class Agent:
                     (message.message_id, peer, message.group, message.text, message.sent_at)
                 )
             elif isinstance(message, Receipt):
-                receipts.append((message.message_id, peer, message.state))
+                receipts += [(mid, peer, message.state) for mid in message.message_ids]
             elif isinstance(message, Status):
                 info = self.peers[peer]
                 info.position, info.battery, info.text = (
@@ -729,8 +788,8 @@ class Agent:
         if chats:
             for stored in self.store.receive(chats):
                 self._emit("message", message=stored.to_json())
-            for message_id, *_ in chats:  # acknowledge copies we already had, too
-                self._receipt(peer, Receipt(message_id, "delivered"))
+            # acknowledge copies we already had, too: the first receipt may have been lost
+            self._receipt(peer, "delivered", [chat[0] for chat in chats])
 
     def _on_routes_changed(self) -> None:
         for peer in self.peers:
@@ -881,8 +940,10 @@ class Agent:
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             raise ControlError("bad-request", f"unknown op {op!r}")
-        result: dict[str, Any] = handler(args)
-        return result
+        result = handler(args)
+        if inspect.isawaitable(result):
+            result = await result
+        return cast(dict[str, Any], result)
 
     def _op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
         m = self.bundle.mission
@@ -912,7 +973,7 @@ class Agent:
     def _op_groups(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"groups": {g: list(m) for g, m in self.bundle.groups.items()}}
 
-    def _op_send(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_send(self, args: dict[str, Any]) -> dict[str, Any]:
         text = args.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ControlError("bad-request", "send needs a non-empty 'text'")
@@ -934,16 +995,9 @@ class Agent:
             peer = ""
         else:
             raise ControlError("bad-request", "send needs exactly one of 'to' and 'group'")
-        message_id = os.urandom(16)
-        now = self.clock()
-        self.store.queue(
-            message_id, peer=peer, group=group, text=text, at=now, recipients=recipients
-        )
-        for recipient in recipients:
-            self._flush_outbox(recipient, include_sent=False)
-        stored = self.store.message(message_id, "out")
-        if stored is not None:
-            self._emit("message", message=stored.to_json())
+        outgoing = Outgoing(os.urandom(16), peer, group, text, self.clock(), tuple(recipients))
+        await self._commit(outgoing)
+        message_id = outgoing.message_id
         return {"message_id": message_id.hex(), "state": "pending"}
 
     def _op_history(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -960,9 +1014,12 @@ class Agent:
         if (peer is None) == (group is None) or not isinstance(peer or group, str):
             raise ControlError("bad-request", "mark_read needs exactly one of 'peer' and 'group'")
         marked = self.store.mark_read(peer=peer, group=group)
+        by_sender: dict[str, list[bytes]] = {}
         for message_id, sender in marked:
             if sender in self.peers:
-                self._receipt(sender, Receipt(message_id, "read"))
+                by_sender.setdefault(sender, []).append(message_id)
+        for sender, message_ids in by_sender.items():
+            self._receipt(sender, "read", message_ids)
         return {"marked": len(marked)}
 
     def _op_alerts(self, args: dict[str, Any]) -> dict[str, Any]:

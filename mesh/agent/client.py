@@ -97,9 +97,12 @@ class ControlClient:
         return result if isinstance(result, dict) else {}
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Subscribe, then yield events until the agent goes away."""
+        """Subscribe now; the iterator then yields events until the agent goes away."""
         self._sock.settimeout(None)
         self.request("subscribe")
+        return self._event_stream()
+
+    def _event_stream(self) -> Iterator[dict[str, Any]]:
         while True:
             obj = self._read()
             if "event" in obj:

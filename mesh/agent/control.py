@@ -73,6 +73,11 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
+    @property
+    def watched(self) -> bool:
+        """Whether any client subscribed (so building an event is worth it)."""
+        return bool(self._subscribers)
+
     def broadcast(self, event: str, **fields: Any) -> None:
         line = _line({"event": event, **fields})
         for queue in self._subscribers:

@@ -26,7 +26,14 @@ from typing import Any
 
 from mesh.errors import MeshError
 
-__all__ = ["STATE_DB", "AgentStore", "Alert", "OutboxEntry", "StoredMessage"]
+__all__ = [
+    "STATE_DB",
+    "AgentStore",
+    "Alert",
+    "OutboxEntry",
+    "Outgoing",
+    "StoredMessage",
+]
 
 STATE_DB = "agent.sqlite"
 OUT_STATES = ("pending", "sent", "delivered", "read")
@@ -97,6 +104,18 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message the local user sends: to one mate (``peer``) or to a ``group``'s members."""
+
+    message_id: bytes
+    peer: str
+    group: str | None
+    text: str
+    at: float
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxEntry:
     message_id: bytes
     recipient: str
@@ -147,27 +166,22 @@ class AgentStore:
 
     # -- outgoing ---------------------------------------------------------------------------------
 
-    def queue(
-        self,
-        message_id: bytes,
-        *,
-        peer: str,
-        group: str | None,
-        text: str,
-        at: float,
-        recipients: Iterable[str],
-    ) -> None:
-        """Record an outgoing message and its outbox rows, atomically."""
+    def queue(self, batch: list[Outgoing]) -> None:
+        """Record outgoing messages and their outbox rows, all in one transaction.
+
+        The agent gathers the sends of one event-loop turn into one call (group
+        commit): each is acknowledged to its client only after this returns.
+        """
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute(
+            self.db.executemany(
                 "INSERT INTO messages (id, direction, peer, grp, text, at, read) "
                 "VALUES (?, 'out', ?, ?, ?, ?, 1)",
-                (message_id, peer, group, text, at),
+                [(m.message_id, m.peer, m.group, m.text, m.at) for m in batch],
             )
             self.db.executemany(
                 "INSERT INTO outbox (id, recipient, state) VALUES (?, ?, 'pending')",
-                [(message_id, r) for r in recipients],
+                [(m.message_id, r) for m in batch for r in m.recipients],
             )
 
     def undelivered(
@@ -210,18 +224,30 @@ class AgentStore:
 
         A state never moves back (a late ``delivered`` after ``read`` changes nothing).
         """
-        news = []
+        order = {state: i for i, state in enumerate(OUT_STATES)}
+        news: list[tuple[bytes, str, str]] = []
         with self.db:
             self.db.execute("BEGIN")
-            for message_id, recipient, state in batch:
-                cur = self.db.execute(
-                    "UPDATE outbox SET state = ? WHERE id = ? AND recipient = ? AND "
-                    "CASE state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 "
-                    "ELSE 3 END < ?",
-                    (state, message_id, recipient, OUT_STATES.index(state)),
+            current: dict[tuple[bytes, str], str] = {}
+            for i in range(0, len(batch), 500):  # SQLite's bound-parameter limit
+                chunk = batch[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                current.update(
+                    ((bytes(mid), rcpt), state)
+                    for mid, rcpt, state in self.db.execute(
+                        f"SELECT id, recipient, state FROM outbox WHERE id IN ({marks})",
+                        [mid for mid, _, _ in chunk],
+                    )
                 )
-                if cur.rowcount:
+            for message_id, recipient, state in batch:
+                before = current.get((message_id, recipient))
+                if before is not None and order[state] > order[before]:
+                    current[message_id, recipient] = state
                     news.append((message_id, recipient, state))
+            self.db.executemany(
+                "UPDATE outbox SET state = ? WHERE id = ? AND recipient = ?",
+                [(state, mid, rcpt) for mid, rcpt, state in news],
+            )
         return news
 
     # -- incoming ---------------------------------------------------------------------------------
@@ -233,16 +259,28 @@ class AgentStore:
         fresh: list[StoredMessage] = []
         with self.db:
             self.db.execute("BEGIN")
-            for message_id, sender, group, text, at in batch:
-                cur = self.db.execute(
-                    "INSERT OR IGNORE INTO messages (id, direction, peer, grp, text, at) "
-                    "VALUES (?, 'in', ?, ?, ?, ?)",
-                    (message_id, sender, group, text, at),
+            known: set[bytes] = set()
+            for i in range(0, len(batch), 500):  # SQLite's bound-parameter limit
+                chunk = batch[i : i + 500]
+                known.update(
+                    bytes(mid)
+                    for (mid,) in self.db.execute(
+                        "SELECT id FROM messages WHERE direction = 'in' AND id IN "
+                        f"({','.join('?' * len(chunk))})",
+                        [m[0] for m in chunk],
+                    )
                 )
-                if cur.rowcount:
+            for message_id, sender, group, text, at in batch:
+                if message_id not in known:
+                    known.add(message_id)
                     fresh.append(
                         StoredMessage(message_id, "in", sender, group, text, at, False, None)
                     )
+            self.db.executemany(
+                "INSERT INTO messages (id, direction, peer, grp, text, at) "
+                "VALUES (?, 'in', ?, ?, ?, ?)",
+                [(m.message_id, m.peer, m.group, m.text, m.at) for m in fresh],
+            )
         return fresh
 
     def mark_read(self, *, peer: str | None, group: str | None) -> list[tuple[bytes, str]]:

@@ -89,6 +89,7 @@ class Link:
         self._owner = owner
         self._clock = clock
         self._closed = False
+        self._flush_soon = False
 
     @property
     def peer(self) -> str | None:
@@ -99,9 +100,15 @@ class Link:
         return self.connection.role is Role.INITIATOR
 
     def send(self, data: bytes) -> None:
-        """Send one record (1 to 16 KiB); raises ``LocalProtocolError`` if the session is gone."""
+        """Send one record (1 to 16 KiB); raises ``LocalProtocolError`` if the session is gone.
+
+        The bytes reach the socket at the end of the current event-loop turn,
+        so a burst of records costs one write.
+        """
         self.connection.send_data(data, self._clock())
-        self._flush()
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def close(self) -> None:
         if not self._closed:
@@ -111,6 +118,7 @@ class Link:
             self._finish(None)
 
     def _flush(self) -> None:
+        self._flush_soon = False
         data = self.connection.data_to_send()
         if data and not self._writer.is_closing():
             self._writer.write(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mesh.wire.errors import WireError
 from mesh.wire.messages import (
     MAX_HOPS,
+    MAX_RECEIPT_IDS,
     MAX_TEXT,
     MAX_TEXT_BYTES,
     MESSAGE_ID_SIZE,
@@ -21,6 +22,7 @@ from mesh.wire.messages import (
 
 __all__ = [
     "MAX_HOPS",
+    "MAX_RECEIPT_IDS",
     "MAX_TEXT",
     "MAX_TEXT_BYTES",
     "MESSAGE_ID_SIZE",

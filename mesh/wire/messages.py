@@ -30,6 +30,7 @@ __all__ = [
     "MAX_GROUP_NAME",
     "MAX_HOPS",
     "MAX_MESSAGE_SIZE",
+    "MAX_RECEIPT_IDS",
     "MAX_ROUTES",
     "MAX_STATUS_TEXT",
     "MAX_TEXT",
@@ -52,6 +53,7 @@ MAX_TEXT_BYTES = 12 * 1024  # UTF-8: a chat must fit one record even when relaye
 MAX_STATUS_TEXT = 200
 MAX_GROUP_NAME = 64
 MAX_ROUTES = 4096
+MAX_RECEIPT_IDS = 512
 MAX_HOPS = 8
 MAX_RELAYED_FRAME = 16 * 1024 + 64
 MAX_MESSAGE_SIZE = 64 * 1024
@@ -69,7 +71,9 @@ class Chat:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    message_id: bytes
+    """``delivered`` (stored by the recipient) or ``read`` (seen by its user), for 1..512 ids."""
+
+    message_ids: tuple[bytes, ...]
     state: str  # "delivered" | "read"
 
 
@@ -127,7 +131,7 @@ def encode(message: Message) -> bytes:
             if message.group is not None:
                 doc["g"] = message.group
         case Receipt():
-            doc = {"t": "rcpt", "id": message.message_id, "s": message.state}
+            doc = {"t": "rcpt", "ids": list(message.message_ids), "s": message.state}
         case Status():
             doc = {"t": "status", "role": message.role, "at": message.sent_at}
             if message.position is not None:
@@ -244,7 +248,12 @@ def decode(data: bytes) -> Message:
         state = _get(doc, "s", str)
         if state not in RECEIPT_STATES:
             raise WireError("unknown receipt state")
-        return Receipt(_message_id(doc), state)
+        message_ids = _get(doc, "ids", list)
+        if not 0 < len(message_ids) <= MAX_RECEIPT_IDS or not all(
+            isinstance(m, bytes) and len(m) == MESSAGE_ID_SIZE for m in message_ids
+        ):
+            raise WireError(f"a receipt carries 1..{MAX_RECEIPT_IDS} ids of 16 bytes")
+        return Receipt(tuple(message_ids), state)
     if kind == "status":
         pos = _get(doc, "pos", list, optional=True)
         position = None

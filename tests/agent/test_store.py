@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mesh.agent.store import AgentStore
+from mesh.agent.store import AgentStore, Outgoing
 
 
 def test_incoming_duplicates_are_stored_once_and_survive_reopen(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_incoming_duplicates_are_stored_once_and_survive_reopen(tmp_path: Path) 
 def test_outbox_advances_only_forward_and_group_fans_out(tmp_path: Path) -> None:
     store = AgentStore(tmp_path)
     mid = os.urandom(16)
-    store.queue(mid, peer="", group="squad", text="all", at=1.0, recipients=["b", "c"])
+    store.queue([Outgoing(mid, "", "squad", "all", 1.0, ("b", "c"))])
     assert [e.recipient for e in store.undelivered("b")] == ["b"]
     assert [e.recipient for e in store.undelivered("b", include_sent=False)] == ["b"]
     assert store.history(group="squad")[0].state == "pending"

@@ -40,6 +40,8 @@ MAX_PIN_TRIES = 5
 SLOT_COUNT = 4
 MIN_PIN_LENGTH = 4
 MAX_PIN_LENGTH = 64
+DERIVE_INFO = b"snrmesh token derive v1"
+MAX_DERIVE_CONTEXT = 256
 
 
 class Slot(IntEnum):
@@ -116,6 +118,17 @@ class SecureElement(ABC):
     @abstractmethod
     def verify_mac(self, slot: Slot, data: bytes, tag: bytes) -> bool:
         """Constant-time check of a tag made by :meth:`mac`."""
+
+    @abstractmethod
+    def derive(self, slot: Slot, context: bytes) -> bytes:
+        """A 32-byte key derived inside the token from a slot key and a fresh ``context``.
+
+        HKDF-SHA256 (RFC 5869): ``ikm`` = the slot key, no salt, ``info`` =
+        ``"snrmesh token derive v1" || context``. Only the ``AUTH`` slot
+        derives; the static key itself never leaves the token. Used for the
+        PSK of a link to an Authentication Server (the seed's "randoms
+        encrypted with one of the client's static keys").
+        """
 
     @abstractmethod
     def key_change(self, message: str) -> None:

@@ -27,7 +27,7 @@ import cbor2
 from jwcrypto import jwk
 from jwcrypto.common import base64url_encode
 
-from mesh.crypto import InvalidTag, Sealer, SealingParams, hmac_sha256
+from mesh.crypto import InvalidTag, Sealer, SealingParams, hkdf_sha256, hmac_sha256
 from mesh.crypto.primitives import CryptoError, sha256
 from mesh.files import FileTooLarge, read_bounded, write_atomic
 from mesh.keyset.copies import decrypt_copy, read_wrapped_kid
@@ -42,7 +42,9 @@ from mesh.token.errors import (
     WrongPin,
 )
 from mesh.token.interface import (
+    DERIVE_INFO,
     KEY_SIZE,
+    MAX_DERIVE_CONTEXT,
     MAX_PIN_LENGTH,
     MAX_PIN_TRIES,
     MIN_PIN_LENGTH,
@@ -262,6 +264,13 @@ class SoftwareToken(SecureElement):
         if slot not in MAC_SLOTS:
             raise TokenError(f"slot {slot.name} is not a MAC slot")
         return hmac_sha256(self._key(slot), data)
+
+    def derive(self, slot: Slot, context: bytes) -> bytes:
+        if slot is not Slot.AUTH:
+            raise TokenError(f"slot {slot.name} does not derive keys (only AUTH)")
+        if len(context) > MAX_DERIVE_CONTEXT:
+            raise TokenError(f"derive context over {MAX_DERIVE_CONTEXT} bytes")
+        return hkdf_sha256(self._key(slot), salt=None, info=DERIVE_INFO + context)
 
     def verify_mac(self, slot: Slot, data: bytes, tag: bytes) -> bool:
         return hmac.compare_digest(self.mac(slot, data), tag)

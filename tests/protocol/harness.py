@@ -234,6 +234,9 @@ class FakeToken(SecureElement):
     def verify_mac(self, slot: Slot, data: bytes, tag: bytes) -> bool:
         raise NotImplementedError
 
+    def derive(self, slot: Slot, context: bytes) -> bytes:
+        raise NotImplementedError("the protocol tests never derive")
+
     def key_change(self, message: str) -> None:
         raise NotImplementedError
 

@@ -231,3 +231,32 @@ def test_ill_typed_kdf_parameters_are_corrupt_not_a_crash(
     known_token.path.write_bytes(_encode(fields))
     with pytest.raises(TokenError):
         SoftwareToken(known_token.path).verify_pin(PIN)
+
+
+def test_derive_is_hkdf_of_the_auth_key_and_refuses_other_slots(tmp_path: Path) -> None:
+    """DERIVE gives HKDF(AUTH key, context) -- the static key itself never leaves the token."""
+    from mesh.crypto import hkdf_sha256
+    from mesh.token.interface import DERIVE_INFO
+
+    keys = [bytes([i]) * 32 for i in range(4)]
+    token = SoftwareToken.personalise(
+        tmp_path / "t.token",
+        pin="1234",
+        token_id=b"\x01" * 16,
+        identity="alpha-1",
+        role="soldier",
+        keys=keys,
+        generations=[1, 1, 1, 1],
+    )
+    with pytest.raises(TokenNotReady):
+        token.derive(Slot.AUTH, b"ctx")
+    token.verify_pin("1234")
+    derived = token.derive(Slot.AUTH, b"ctx-1")
+    assert derived == hkdf_sha256(keys[Slot.AUTH], salt=None, info=DERIVE_INFO + b"ctx-1")
+    assert derived != token.derive(Slot.AUTH, b"ctx-2")
+    assert derived not in keys
+    for slot in (Slot.WRAP, Slot.MAC, Slot.KEY_CHANGE):
+        with pytest.raises(TokenError, match="does not derive"):
+            token.derive(slot, b"ctx")
+    with pytest.raises(TokenError, match="context"):
+        token.derive(Slot.AUTH, b"x" * 257)

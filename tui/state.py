@@ -331,7 +331,13 @@ def parse_message(value: Any) -> Message:
         group=group,
         text=text if isinstance(text, str) else "",
         at=_required_number(obj, "at", what),
-        state=_enum(Delivery, obj.get("state", "sent"), "state", what),
+        # Incoming messages carry no delivery state (null): they are delivered by definition.
+        state=_enum(
+            Delivery,
+            obj.get("state") or ("delivered" if direction == "in" else "sent"),
+            "state",
+            what,
+        ),
         read=obj.get("read") is True,
     )
 

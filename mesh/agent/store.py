@@ -145,8 +145,8 @@ class Alert:
 _BEST_STATE = """
     (SELECT CASE MAX(CASE o.state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1
                                   WHEN 'delivered' THEN 2 ELSE 3 END)
-            WHEN 0 THEN 'pending' WHEN 1 THEN 'sent' WHEN 2 THEN 'delivered' ELSE 'read' END
-       FROM outbox o WHERE o.id = m.id)"""
+            WHEN 0 THEN 'pending' WHEN 1 THEN 'sent' WHEN 2 THEN 'delivered' WHEN 3 THEN 'read' END
+       FROM outbox o WHERE o.id = m.id AND m.direction = 'out')"""
 
 
 class AgentStore:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from mesh import __version__
 from mesh.cli import agent as agent_cli
 from mesh.cli import bundle as bundle_cli
+from mesh.cli import demo as demo_cli
 from mesh.cli import sim as sim_cli
 from mesh.errors import MeshError
 from provisioning import cli as desk_cli
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle_cli.register(commands)
     agent_cli.register(commands)
     sim_cli.register(commands)
+    demo_cli.register(commands)
     tui_cli.register(commands)
     return parser
 

@@ -16,7 +16,7 @@ def test_incoming_duplicates_are_stored_once_and_survive_reopen(tmp_path: Path) 
     store.close()
     again = AgentStore(tmp_path)
     assert again.receive([(mid, "b", None, "hi", 1.0)]) == []
-    assert [m.text for m in again.history(peer="b")] == ["hi"]
+    assert [(m.text, m.state) for m in again.history(peer="b")] == [("hi", None)]
 
 
 def test_outbox_advances_only_forward_and_group_fans_out(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ class PeersPanel(DataTable[Text]):
             for peer in peers:
                 for (column, _), cell in zip(COLUMNS, self._cells(peer), strict=True):
                     if self.get_cell(peer.identity, column) != cell:
-                        self.update_cell(peer.identity, column, cell)
+                        self.update_cell(peer.identity, column, cell, update_width=True)
             return
         current = self._keys[self.cursor_row] if 0 <= self.cursor_row < len(self._keys) else None
         self.clear()

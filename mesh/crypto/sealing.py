@@ -21,8 +21,8 @@ from mesh.crypto.primitives import CryptoError, InvalidTag, random_bytes
 __all__ = ["SCRYPT_MIN_N", "SEAL_OVERHEAD", "Sealer", "SealingParams"]
 
 SCRYPT_MIN_N = 2**15
-SCRYPT_MAX_N = 2**20
-SCRYPT_MAX_R = 16
+SCRYPT_MAX_N = 2**18
+SCRYPT_MAX_R = 8
 SCRYPT_MAX_P = 4
 SALT_SIZE = 16
 NONCE_SIZE = 12
@@ -35,7 +35,8 @@ class SealingParams:
     """scrypt parameters, stored in the clear next to what they seal.
 
     Bounds are checked on load so that a hostile file cannot make us allocate
-    gigabytes (``n`` too large) or skip the work factor (``n`` too small).
+    more than 256 MiB (scrypt needs 128 * r * N bytes: at most 128 * 8 * 2^18) or
+    skip the work factor (``n`` too small).
     """
 
     salt: bytes
@@ -49,7 +50,7 @@ class SealingParams:
         if any(type(v) is not int for v in (self.n, self.r, self.p)):
             raise CryptoError("scrypt N, r and p must be integers")
         if not (SCRYPT_MIN_N <= self.n <= SCRYPT_MAX_N) or self.n & (self.n - 1):
-            raise CryptoError("scrypt N must be a power of two in [2^15, 2^20]")
+            raise CryptoError("scrypt N must be a power of two in [2^15, 2^18]")
         if not (1 <= self.r <= SCRYPT_MAX_R and 1 <= self.p <= SCRYPT_MAX_P):
             raise CryptoError("scrypt r/p out of range")
 

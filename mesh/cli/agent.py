@@ -14,12 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh.agent.client import ControlClient, default_control_path
-from mesh.cli.secrets import PIN_ENV, read_secret
-from mesh.files import FileTooLarge, read_bounded
-from mesh.keyset.bundle import MAX_BUNDLE_SIZE, open_bundle
-from mesh.keyset.errors import BundleError
+from mesh.cli.node import unlock_node
 from mesh.timefmt import utc_iso
-from mesh.token.software import SoftwareToken
 
 __all__ = ["register"]
 
@@ -60,15 +56,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    token = SoftwareToken(args.token)
-    try:
-        raw = read_bounded(args.bundle, MAX_BUNDLE_SIZE, what="bundle")
-    except FileNotFoundError:
-        raise BundleError(f"bundle {args.bundle} does not exist") from None
-    except (OSError, FileTooLarge) as exc:
-        raise BundleError(f"cannot read bundle {args.bundle}: {exc}") from None
-    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
-    bundle = open_bundle(raw, token)
+    token, bundle = unlock_node(args.token, args.bundle)
     state = Path(args.state or _default_state())
     config = AgentConfig(
         state_dir=state,

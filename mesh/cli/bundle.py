@@ -6,26 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from mesh.cli.secrets import PIN_ENV, read_secret
-from mesh.files import FileTooLarge, read_bounded
-from mesh.keyset.bundle import MAX_BUNDLE_SIZE, open_bundle
-from mesh.keyset.errors import BundleError
+from mesh.cli.node import unlock_node
 from mesh.timefmt import utc_iso as _ts
-from mesh.token.software import SoftwareToken
 
 __all__ = ["register"]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    token = SoftwareToken(args.token)
-    try:
-        raw = read_bounded(args.bundle, MAX_BUNDLE_SIZE, what="bundle")
-    except FileNotFoundError:
-        raise BundleError(f"bundle {args.bundle} does not exist") from None
-    except (OSError, FileTooLarge) as exc:
-        raise BundleError(f"cannot read bundle {args.bundle}: {exc}") from None
-    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
-    bundle = open_bundle(raw, token)
+    _, bundle = unlock_node(args.token, args.bundle)
     mates: list[dict[str, Any]] = []
     for mate in bundle.mates:
         windows = sorted((k.not_before, k.not_after) for k in bundle.keysets_with(mate.identity))

@@ -35,6 +35,17 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _swap_b64_middle(path: Path) -> None:
+    """Change the middle character of a JOSE file into another base64url character.
+
+    The file still parses, so only the MAC (not the base64 decoder) can catch it.
+    """
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle] = ord("B") if raw[middle] == ord("A") else ord("A")
+    path.write_bytes(bytes(raw))
+
+
 def _flip_middle(path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x04
@@ -113,7 +124,7 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
      ("desk", "rekey", "desk", "alpha-1", "--token", "alpha-2.token"), ("belongs to alpha-2",),
      {}),
     # bundles
-    ("flipped-bundle", lambda s: _flip_middle(s.bundle("alpha-1")),
+    ("flipped-bundle", lambda s: _swap_b64_middle(s.bundle("alpha-1")),
      ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"),
      ("bundle integrity check failed",), {}),
     ("truncated-bundle", lambda s: _truncate(s.bundle("alpha-1")),

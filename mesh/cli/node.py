@@ -1,0 +1,28 @@
+"""What a node's own commands share: unlocking its token and opening its bundle with it."""
+
+from __future__ import annotations
+
+from mesh.cli.secrets import PIN_ENV, read_secret
+from mesh.files import FileTooLarge, read_bounded
+from mesh.keyset.bundle import MAX_BUNDLE_SIZE, Bundle, open_bundle
+from mesh.keyset.errors import BundleError
+from mesh.token.software import SoftwareToken
+
+__all__ = ["unlock_node"]
+
+
+def unlock_node(token_path: str, bundle_path: str) -> tuple[SoftwareToken, Bundle]:
+    """Open the token, read the bundle (bounded), ask for the PIN, check the bundle with the token.
+
+    The bundle is read before the PIN is asked for, so a missing or oversized
+    file is reported without spending a PIN try.
+    """
+    token = SoftwareToken(token_path)
+    try:
+        raw = read_bounded(bundle_path, MAX_BUNDLE_SIZE, what="bundle")
+    except FileNotFoundError:
+        raise BundleError(f"bundle {bundle_path} does not exist") from None
+    except (OSError, FileTooLarge) as exc:
+        raise BundleError(f"cannot read bundle {bundle_path}: {exc}") from None
+    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
+    return token, open_bundle(raw, token)

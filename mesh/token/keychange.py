@@ -20,7 +20,7 @@ import cbor2
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException, base64url_decode, base64url_encode
 
-from mesh.token.errors import KeyChangeRefused
+from mesh.token.errors import KeyChangeRefused, Refusal
 from mesh.token.interface import KEY_SIZE, SLOT_COUNT, TOKEN_ID_SIZE
 
 __all__ = [
@@ -95,7 +95,9 @@ def open_key_change(message: str, *, current_key: bytes) -> KeyChange:
         token.deserialize(message, key=jwk.JWK(kty="oct", k=base64url_encode(current_key)))
         body = cbor2.loads(token.payload)
     except (JWException, ValueError, TypeError, cbor2.CBORDecodeError):
-        raise KeyChangeRefused("key-change message failed authentication") from None
+        raise KeyChangeRefused(
+            "key-change message failed authentication", refusal=Refusal.FAILED_AUTH
+        ) from None
     if not isinstance(body, dict):
         raise KeyChangeRefused("key-change payload is not a map")
     token_id, gens, keys = body.get("token"), body.get("gens"), body.get("keys")
@@ -109,4 +111,6 @@ def open_key_change(message: str, *, current_key: bytes) -> KeyChange:
 def check_newer(current: Sequence[int], proposed: Sequence[int]) -> None:
     """Every proposed generation must be strictly newer than the one it replaces."""
     if any(new <= old for old, new in zip(current, proposed, strict=True)):
-        raise KeyChangeRefused("key change is not newer than the keys held (replay?)")
+        raise KeyChangeRefused(
+            "key change is not newer than the keys held (replay?)", refusal=Refusal.NOT_NEWER
+        )

@@ -89,7 +89,7 @@ TICK = 0.5  # seconds between housekeeping rounds
 ROUTES_EVERY = 10.0
 RETRY_EVERY = 5.0
 PING_AFTER = 15.0
-ROLL_AHEAD = 60.0  # dial with the next epoch's CK this long before the current one ends
+ROLL_GRACE = 30.0  # an accepting side rolls a link itself if the dialler has not, this late
 EXPIRY_WARNING = 600.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -441,7 +441,7 @@ class Agent:
         if peer in self.config.blocked or (peer in self.links and not roll):
             writer.close()
             return peer in self.links
-        keyset = self.keys.keyset_for(peer, now + (ROLL_AHEAD if roll else 0.0))
+        keyset = self.keys.keyset_for(peer, now)
         if keyset is None:
             writer.close()
             return False
@@ -901,21 +901,31 @@ class Agent:
         return interfaces[0] if interfaces else "127.0.0.1"
 
     def _roll_links(self, now: float) -> None:
-        """Make-before-break onto the next epoch's CK, by the side that dialled."""
+        """Make-before-break onto the epoch's CK once a link's CK is no longer the current one.
+
+        At the epoch boundary the side that dialled a link dials again with the
+        new epoch's CK; the new link replaces the old one (which kept working
+        meanwhile: an established session does not expire with its CK). If that
+        side is gone, the other side rolls after :data:`ROLL_GRACE` seconds.
+        """
         for peer, link in list(self.links.items()):
             ck = link.connection.ck
-            if ck is None or not link.dialled or ck.not_after - now > ROLL_AHEAD:
-                continue
             info = self.peers[peer]
-            following = self.keys.keyset_for(peer, now + ROLL_AHEAD)
-            if following is None or following.ck.ck_id == ck.ck_id or info.dialling:
+            current = self.keys.keyset_for(peer, now)
+            if ck is None or current is None or current.ck.ck_id == ck.ck_id or info.dialling:
                 continue
-            host, _, port = link.address.rpartition(":")
+            if link.dialled:
+                host, _, port_text = link.address.rpartition(":")
+                target: tuple[str, int] | None = (host, int(port_text))
+            else:
+                target = info.address if now >= current.ck.not_before + ROLL_GRACE else None
+            if target is None:
+                continue
             info.dialling = True
 
-            async def roll(info: PeerInfo = info, host: str = host, port: int = int(port)) -> None:
+            async def roll(info: PeerInfo = info, target: tuple[str, int] = target) -> None:
                 try:
-                    await self._dial(host, port, expect=info.identity, roll=True)
+                    await self._dial(*target, expect=info.identity, roll=True)
                 finally:
                     info.dialling = False
 

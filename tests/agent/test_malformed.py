@@ -1,0 +1,70 @@
+"""A mate's malformed or oversized messages are dropped and logged; the link stays up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import cbor2
+
+from mesh.agent.agent import Agent, AgentConfig
+from mesh.keyset.bundle import open_bundle
+from mesh.sim import Simulation
+from mesh.sim.harness import PIN
+from mesh.token.software import SoftwareToken
+from mesh.wire import MAX_TEXT
+
+MakeSim = Callable[..., Simulation]
+
+
+def test_garbage_from_an_authenticated_mate_closes_nothing(make_sim: MakeSim) -> None:
+    sim = make_sim(["a", "b"])
+    sim.provision()
+    sim.start("b", topology=False)
+    node = sim.nodes["a"]
+    token = SoftwareToken(node.token)
+    token.verify_pin(PIN)
+    bundle = open_bundle(node.bundle.read_bytes(), token)
+    config = AgentConfig(
+        state_dir=node.state,
+        listen=("127.0.0.1", node.port),
+        mdns=False,
+        peers=(f"b@127.0.0.1:{sim.nodes['b'].port}",),
+    )
+
+    async def run() -> None:
+        agent = Agent(config, bundle, token)  # "a", in this process, so we can misbehave
+        await agent.start()
+        try:
+            for _ in range(200):
+                if "b" in agent.links:
+                    break
+                await asyncio.sleep(0.05)
+            link = agent.links["b"]
+            for junk in (
+                b"\xff\x00 not cbor",
+                cbor2.dumps({"t": "chat", "id": b"short", "text": "x", "at": 1.0}),
+                cbor2.dumps(
+                    {"t": "chat", "id": b"i" * 16, "text": "x" * (MAX_TEXT + 1), "at": 1.0}
+                ),
+                cbor2.dumps({"t": "rcpt", "ids": [b"i" * 16] * 600, "s": "read"}),
+                cbor2.dumps({"t": "nonsense"}),
+                cbor2.dumps([[[[[]]]]] * 100),
+            ):
+                link.send(junk)
+            await agent._op_send({"to": "b", "text": "still talking"})
+            for _ in range(200):
+                if agent.store.counts().get("delivered"):
+                    break
+                await asyncio.sleep(0.05)
+            assert agent.store.counts().get("delivered") == 1
+            assert agent.links.get("b") is link  # the same link: nothing was closed
+        finally:
+            await agent.stop()
+
+    asyncio.run(run())
+    assert [m["text"] for m in sim.history("b")] == ["still talking"]
+    assert sim.peer_states("b") == {"a": "offline"}  # a stopped; b is fine
+    log = sim.nodes["b"].log.read_text()
+    assert log.count("dropped a malformed message from a") == 6
+    assert "Traceback" not in log

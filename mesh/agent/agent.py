@@ -96,6 +96,13 @@ BACKOFF_CAP = 30.0
 PREAMBLE_TIMEOUT = 5.0
 MAX_PENDING_RECEIPTS = 1000
 NO_TAG = "-" * 20
+ALERT_COALESCE = 60.0  # seconds during which the same alert is not raised again
+MAX_ALERT_KEYS = 4096
+
+
+def _host(address: object) -> str:
+    """``HOST`` of ``HOST:PORT`` (a refusal from a new source port is the same source)."""
+    return str(address).rpartition(":")[0] or str(address)
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -203,6 +210,7 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dial_waiters: dict[Link, asyncio.Future[bool]] = {}
         self._flush_scheduled: set[str] = set()
+        self._alerted: dict[tuple[object, ...], float] = {}
         self._to_commit: list[tuple[Outgoing, asyncio.Future[None]]] = []
         self._stopping = asyncio.Event()
         self._routes_dirty = True
@@ -290,8 +298,23 @@ class Agent:
 
     # -- peers and alerts ------------------------------------------------------------------------
 
-    def _alert(self, kind: str, peer: str | None, message: str) -> None:
-        alert = self.store.add_alert(self.clock(), kind, peer, message)
+    def _alert(
+        self, kind: str, peer: str | None, message: str, *, key: tuple[object, ...] = ()
+    ) -> None:
+        """Raise an alert, unless the same one (``key``) was raised in the last minute.
+
+        Without the coalescing, a stranger hammering the port would grow the
+        alert table and the operators' screens without bound.
+        """
+        now = self.clock()
+        key = key or (kind, peer, message)
+        if now - self._alerted.get(key, -math.inf) < ALERT_COALESCE:
+            log.info("alert (repeated, not raised again): %s", message)
+            return
+        if len(self._alerted) >= MAX_ALERT_KEYS:
+            self._alerted = {k: t for k, t in self._alerted.items() if now - t < ALERT_COALESCE}
+        self._alerted[key] = now
+        alert = self.store.add_alert(now, kind, peer, message)
         log.warning("alert: %s", message)
         self._emit("alert", alert=alert.to_json())
 
@@ -480,7 +503,10 @@ class Agent:
             while (item := listener.next_event()) is not None:
                 source, event = item
                 self._alert(
-                    "refused", None, f"refused a handshake from {source}: {event.reason.value}"
+                    "refused",
+                    None,
+                    f"refused a handshake from {source}: {event.reason.value}",
+                    key=("refused", _host(source), event.reason),
                 )
 
     # -- LinkOwner ------------------------------------------------------------------------------
@@ -542,7 +568,12 @@ class Agent:
         who = peer or link.address
         log.info("refused %s: %s", who, reason)
         if isinstance(event, HandshakeRefused):
-            self._alert("refused", peer, f"refused a handshake from {who}: {reason}")
+            self._alert(
+                "refused",
+                peer,
+                f"refused a handshake from {who}: {reason}",
+                key=("refused", peer or _host(link.address), reason),
+            )
             if peer in self.peers:
                 self.peers[peer].refused_reason = reason
                 self._peer_changed(peer)

@@ -1,0 +1,321 @@
+"""``snrmesh as ...`` (the Authentication Server) and ``snrmesh meters ...`` (fleet simulation).
+
+``desk import-meters`` lives with the desk's commands (``provisioning/cli.py``)
+and calls :func:`cmd_import_meters` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
+from mesh.crypto import random_bytes
+from mesh.files import FileTooLarge, read_bounded, write_atomic
+from mesh.token.software import SoftwareToken
+from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.cookies import AdmissionConfig
+from provisioning.authserver.errors import LocalAuthError
+from provisioning.authserver.keystate import KeyPolicy
+from provisioning.authserver.messages import MAX_PURPOSE_LENGTH, KeysetRequest
+from provisioning.authserver.meters import (
+    FACTORY_SEED_SIZE,
+    import_meters,
+    simulate_fleet,
+)
+from provisioning.authserver.protocol import AuthService
+from provisioning.authserver.server import serve_forever
+from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore
+from provisioning.store import Store
+
+__all__ = ["add_import_meters_arguments", "cmd_import_meters", "register"]
+
+AS_HELP = """\
+The online Authentication Server (AS), for when a central server is reachable:
+a node authenticates with its token (a challenge that may change its token
+keys), then asks for a Communication Keyset with a dialogue mate and gets its
+own copy and the mate's (the ticket). The AS serves the desk's store (SQLite,
+or PostgreSQL to scale out over several workers). See docs/authentication-server.md.
+
+  export SNRMESH_DESK_PASSPHRASE=... SNRMESH_PIN=...
+  snrmesh as serve --store desk --listen 127.0.0.1:7450 &
+  snrmesh as request --as 127.0.0.1:7450 --token alpha-1.token --target gs-1
+"""
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise LocalAuthError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> int:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text, flush=True)
+    return 0
+
+
+def _factory_seed(path: str, *, create: bool) -> bytes:
+    if create and not os.path.exists(path):
+        seed = random_bytes(FACTORY_SEED_SIZE)
+        write_atomic(path, seed)
+        return seed
+    try:
+        seed = read_bounded(path, FACTORY_SEED_SIZE, what="factory seed")
+    except (OSError, FileTooLarge) as exc:
+        raise LocalAuthError(f"cannot read factory seed {path}: {exc}") from None
+    if len(seed) != FACTORY_SEED_SIZE:
+        raise LocalAuthError(f"factory seed {path} is not {FACTORY_SEED_SIZE} bytes")
+    return seed
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+def _open_store(args: argparse.Namespace, passphrase: str) -> KeyStateStore:
+    if args.postgres:
+        raise LocalAuthError("--postgres: the PostgreSQL store is not built yet")
+    return SqliteKeyStateStore.open(args.store, passphrase)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    host, port = _address(args.listen)
+    if not 1 <= args.workers <= 64:
+        raise LocalAuthError("--workers must be 1..64")
+    passphrase = read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
+    _open_store(args, passphrase).close()  # fail here, once, on a wrong passphrase or DSN
+    admission = AdmissionConfig(
+        cookie_threshold=args.cookie_threshold,
+        max_pending=max(args.max_pending, args.cookie_threshold),
+        identity_rate=args.identity_rate,
+    )
+    policy = KeyPolicy(key_lifetime=args.key_lifetime)
+
+    def make_service() -> AuthService:
+        return AuthService.create(
+            _open_store(args, passphrase), now=time.time(), admission=admission, policy=policy
+        )
+
+    def ready(bound_host: str, bound_port: int) -> None:
+        print(
+            f"snrmesh as: listening on {bound_host}:{bound_port} "
+            f"({args.workers} worker{'s' * (args.workers > 1)})",
+            flush=True,
+        )
+
+    counters = serve_forever(make_service, host, port, workers=args.workers, on_ready=ready)
+    if args.json:
+        print(json.dumps(counters, sort_keys=True), flush=True)
+    return 0
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    host, port = _address(args.as_address)
+    if len(args.purpose) > MAX_PURPOSE_LENGTH:
+        raise LocalAuthError(f"--purpose is at most {MAX_PURPOSE_LENGTH} characters")
+    token = SoftwareToken(args.token)
+    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
+    request = KeysetRequest(random_bytes(16), args.target, args.purpose, args.epoch)
+    outcome = asyncio.run(
+        request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
+    )
+    auth = outcome.authenticated
+    refused = [e for e in outcome.events if getattr(e, "request_id", None)]
+    if not outcome.grants:
+        reason = refused[0].refusal.value if refused else "no answer"  # type: ignore[union-attr]
+        raise LocalAuthError(f"keyset for {args.target} refused: {reason}")
+    grant = outcome.grants[0].grant
+    data = {
+        "ck": grant.ck_id.hex(),
+        "peer": grant.peer,
+        "nbf": grant.not_before,
+        "exp": grant.not_after,
+        "own": grant.own,
+        "ticket": grant.ticket,
+        "generation": auth.generation if auth else None,
+        "key_changed": bool(auth and auth.key_changed),
+    }
+    if args.out:
+        write_atomic(args.out, json.dumps(data, indent=2, sort_keys=True).encode())
+    return _emit(
+        args,
+        data,
+        f"keyset {grant.ck_id.hex()} with {grant.peer} until {grant.not_after}"
+        + (
+            f"; token keys changed to generation {auth.generation}"
+            if auth and auth.key_changed
+            else ""
+        )
+        + (f"; written to {args.out}" if args.out else ""),
+    )
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    host, port = _address(args.as_address)
+    seed = _factory_seed(args.factory_seed, create=False)
+    report = asyncio.run(
+        simulate_fleet(
+            host,
+            port,
+            seed=seed,
+            count=args.count,
+            head_end=args.head_end,
+            prefix=args.prefix,
+            first=args.first,
+            storm=args.storm,
+            spread=args.spread,
+            sources=args.sources,
+        )
+    )
+    return _emit(
+        args,
+        report,
+        f"{report['served']}/{report['meters']} meters served in {report['seconds']} s "
+        f"(p50 {report['p50_s']} s, p99 {report['p99_s']} s, {report['attempts']} attempts)",
+    )
+
+
+def cmd_import_meters(args: argparse.Namespace) -> int:
+    """``snrmesh desk import-meters DIR --count N --factory-seed FILE [--head-end NODE]``."""
+    seed = _factory_seed(args.factory_seed, create=True)
+    store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
+    with contextlib.closing(store):
+        count = import_meters(
+            store,
+            seed=seed,
+            count=args.count,
+            now=int(time.time()),
+            prefix=args.prefix,
+            first=args.first,
+            head_end=args.head_end,
+        )
+    return _emit(
+        args,
+        {
+            "imported": count,
+            "prefix": args.prefix,
+            "first": args.first,
+            "head_end": args.head_end,
+            "factory_seed": args.factory_seed,
+        },
+        f"imported {count} meters ({args.prefix}-{args.first:07d}...)"
+        + (f", each paired with {args.head_end}" if args.head_end else ""),
+    )
+
+
+# -- parsers ----------------------------------------------------------------------------------
+
+
+def _fleet_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, required=True, metavar="N", help="number of meters")
+    p.add_argument(
+        "--factory-seed",
+        required=True,
+        metavar="FILE",
+        help="the fleet's factory seed (32 bytes; keep it offline)",
+    )
+    p.add_argument("--prefix", default="meter", help="identity prefix (default: meter)")
+    p.add_argument("--first", type=int, default=1, metavar="I", help="first meter number")
+
+
+def add_import_meters_arguments(p: argparse.ArgumentParser) -> None:
+    _fleet_arguments(p)
+    p.add_argument(
+        "--head-end",
+        metavar="NODE",
+        help="pair every meter with this node (the provider's head-end)",
+    )
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    auth = commands.add_parser(
+        "as",
+        help="online Authentication Server: challenge, key change, keysets on request",
+        description=AS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = auth.add_subparsers(title="as commands", metavar="COMMAND", required=True)
+    p = sub.add_parser(
+        "serve",
+        help="run the Authentication Server",
+        description="Serve the desk store in --store DIR (or PostgreSQL).",
+    )
+    p.set_defaults(func=cmd_serve)
+    p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
+    p.add_argument("--listen", default="127.0.0.1:7450", metavar="HOST:PORT")
+    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store (see 'as migrate')")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    p.add_argument(
+        "--key-lifetime",
+        type=float,
+        default=30 * 86400.0,
+        metavar="S",
+        help="change a token's keys once they are S seconds old (0: every time)",
+    )
+    p.add_argument(
+        "--cookie-threshold",
+        type=int,
+        default=500,
+        metavar="N",
+        help="pending challenges per source above which HELLOs need a cookie",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="pending challenges in all above which the AS answers busy",
+    )
+    p.add_argument(
+        "--identity-rate",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="keyset requests per second per identity (bursts of 10)",
+    )
+    p.add_argument("--json", action="store_true", help="print counters as JSON on exit")
+
+    p = sub.add_parser("request", help="authenticate with a token and fetch a keyset")
+    p.set_defaults(func=cmd_request)
+    p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
+    p.add_argument("--token", required=True, metavar="FILE", help="the node's token file")
+    p.add_argument("--target", required=True, metavar="NODE", help="the dialogue mate")
+    p.add_argument("--purpose", default="session", help="recorded in the audit log")
+    p.add_argument("--epoch", type=int, metavar="E", help="a later epoch (default: current)")
+    p.add_argument("--attempts", type=int, default=6, metavar="N", help="tries with backoff")
+    p.add_argument("--out", metavar="FILE", help="also write the keyset (JSON) to FILE")
+    p.add_argument("--json", action="store_true")
+
+    meters = commands.add_parser("meters", help="smart-meter fleets: simulation")
+    msub = meters.add_subparsers(title="meters commands", metavar="COMMAND", required=True)
+    p = msub.add_parser(
+        "sim",
+        help="simulate a fleet of meters fetching keysets from an AS",
+        description="Power up --count in-memory meters (factory keys from "
+        "--factory-seed) that each authenticate and fetch one keyset.",
+    )
+    p.set_defaults(func=cmd_sim)
+    p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
+    _fleet_arguments(p)
+    p.add_argument("--head-end", required=True, metavar="NODE", help="the meters' mate")
+    p.add_argument("--storm", action="store_true", help="all meters at once (no start spread)")
+    p.add_argument(
+        "--spread",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="random power-up delay in [0, S] without --storm",
+    )
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=8,
+        metavar="K",
+        help="loopback source addresses (data concentrators)",
+    )
+    p.add_argument("--json", action="store_true")

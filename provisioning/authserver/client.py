@@ -1,0 +1,172 @@
+"""The asyncio client of an Authentication Server: one attempt, or attempts with backoff.
+
+A thin pump around :class:`ClientSession`. :func:`request_keysets` retries what
+the AS refused temporarily (``busy``, ``rate-limited``, ``unavailable``, a lost
+connection) with **full jitter**: attempt *n* waits a random time in
+``[0, min(cap, base * 2**n)]`` (and at least the server's ``retry-after``), so a
+fleet that lost its AS does not come back in lockstep. A device that just
+powered up first waits a random ``startup_delay`` for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mesh.token import SecureElement
+from provisioning.authserver.errors import AuthRefused, AuthServerError, Refusal
+from provisioning.authserver.messages import KeysetRequest
+from provisioning.authserver.protocol import (
+    Authenticated,
+    ClientEvent,
+    ClientSession,
+    Granted,
+    LinkFailed,
+    Refused,
+)
+
+__all__ = ["Backoff", "Outcome", "attempt", "request_keysets"]
+
+READ_SIZE = 16 * 1024
+TEMPORARY = frozenset({Refusal.BUSY, Refusal.RATE_LIMITED, Refusal.UNAVAILABLE})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """Full-jitter exponential backoff (seconds); ``attempts`` bounds the loop."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    attempts: int = 8
+    startup_delay: float = 0.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.cap, self.base * 2**attempt))
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a request run ended with, and what it cost (attempts, cookies, refusals)."""
+
+    events: list[ClientEvent] = field(default_factory=list)
+    attempts: int = 0
+    refusals: list[Refusal] = field(default_factory=list)
+
+    @property
+    def grants(self) -> list[Granted]:
+        return [e for e in self.events if isinstance(e, Granted)]
+
+    @property
+    def authenticated(self) -> Authenticated | None:
+        return next((e for e in self.events if isinstance(e, Authenticated)), None)
+
+
+async def attempt(
+    host: str,
+    port: int,
+    session: ClientSession,
+    *,
+    timeout: float = 30.0,
+    local_addr: tuple[str, int] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> list[ClientEvent]:
+    """Run one session over one TCP connection; returns its events."""
+
+    async def run() -> None:
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
+        try:
+            writer.write(session.data_to_send())
+            while not session.finished:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    session.connection_lost()
+                    break
+                session.receive_data(data, clock())
+                out = session.data_to_send()
+                if out:
+                    writer.write(out)
+            out = session.data_to_send()
+            if out:
+                writer.write(out)
+            await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    except (TimeoutError, ConnectionError, OSError):
+        session.connection_lost()  # records LinkFailed unless the session had finished
+    return _events(session)
+
+
+def _events(session: ClientSession) -> list[ClientEvent]:
+    events = []
+    while (event := session.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+async def request_keysets(
+    host: str,
+    port: int,
+    token: SecureElement,
+    requests: Sequence[KeysetRequest],
+    *,
+    backoff: Backoff = Backoff(),
+    rng: random.Random | None = None,
+    local_addr: tuple[str, int] | None = None,
+    timeout: float = 30.0,
+) -> Outcome:
+    """Authenticate and fetch ``requests``, retrying temporary refusals with full jitter.
+
+    Raises :class:`AuthRefused` for a permanent refusal of the link (a request
+    refused by policy is an event, not an error) and :class:`AuthServerError`
+    when the attempts run out.
+    """
+    rng = rng or random.Random()
+    outcome = Outcome()
+    if backoff.startup_delay > 0:
+        await asyncio.sleep(rng.uniform(0.0, backoff.startup_delay))
+    wanted = list(requests)
+    for n in range(backoff.attempts):
+        outcome.attempts += 1
+        # the same request ids on every attempt: a retransmit gets the identical answer
+        events = await attempt(
+            host, port, ClientSession(token, wanted), local_addr=local_addr, timeout=timeout
+        )
+        outcome.events.extend(e for e in events if not isinstance(e, LinkFailed | Refused))
+        refusal = next((e for e in events if isinstance(e, Refused) and e.request_id is None), None)
+        outcome.events.extend(e for e in events if isinstance(e, Refused) and e.request_id)
+        answered = {e.grant.request_id for e in events if isinstance(e, Granted)} | {
+            e.request_id for e in events if isinstance(e, Refused) and e.request_id
+        }
+        wanted = [r for r in wanted if r.request_id not in answered]
+        failed = any(isinstance(e, LinkFailed) for e in events)
+        if refusal is None and not failed and any(isinstance(e, Authenticated) for e in events):
+            retry_after = max(
+                (
+                    e.retry_after or 0.0
+                    for e in events
+                    if isinstance(e, Refused) and e.refusal is Refusal.RATE_LIMITED
+                ),
+                default=None,
+            )
+            if not wanted or retry_after is None:
+                return outcome
+        else:
+            retry_after = None
+        if refusal is not None:
+            outcome.refusals.append(refusal.refusal)
+            if refusal.refusal not in TEMPORARY:
+                raise AuthRefused(refusal.refusal)
+            retry_after = refusal.retry_after
+        if n + 1 < backoff.attempts:
+            await asyncio.sleep(max(retry_after or 0.0, backoff.delay(n, rng)))
+    raise AuthServerError(
+        f"no answer from the Authentication Server after {outcome.attempts} attempts"
+    )

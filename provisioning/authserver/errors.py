@@ -1,0 +1,75 @@
+"""Errors of the Authentication Server, typed by whose fault they are.
+
+* :class:`AuthServerError` -- the root (a :class:`provisioning.errors.DeskError`,
+  so the command line catches it with every desk error).
+* :class:`LocalAuthError` -- this side misused the API (fix the caller).
+* :class:`RemoteAuthError` -- the peer sent something we refuse; it carries a
+  :class:`Refusal` code that is also what the peer is told.
+* :class:`AuthRefused` -- the server refused us (client side), with its
+  ``retry_after`` when the refusal is temporary.
+* :class:`StoreUnavailable` -- the key-state store failed (database down).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from provisioning.errors import DeskError
+
+__all__ = [
+    "AuthRefused",
+    "AuthServerError",
+    "LocalAuthError",
+    "MessageError",
+    "Refusal",
+    "RemoteAuthError",
+    "StoreUnavailable",
+]
+
+
+class Refusal(Enum):
+    """Why the server refuses; sent to the client as this value."""
+
+    MALFORMED = "malformed"  # a message that does not parse or comes at the wrong time
+    UNKNOWN = "unknown"  # no such identity, or its key generation is unknown
+    AUTH_FAILED = "auth-failed"  # the link's handshake or the challenge answer did not verify
+    SUSPENDED = "suspended"  # the identity is suspended (a cloned token was seen) or revoked
+    POLICY = "policy"  # the target is not a dialogue mate, revoked, or outside the mission
+    RATE_LIMITED = "rate-limited"  # too many requests from this source or identity
+    BUSY = "busy"  # too many challenges pending: come back after retry-after
+    UNAVAILABLE = "unavailable"  # the key-state store failed
+
+
+class AuthServerError(DeskError):
+    """Root of every error the Authentication Server (and its client) raises on purpose."""
+
+
+class LocalAuthError(AuthServerError):
+    """This side used the API wrongly (a request before authentication, a bad argument)."""
+
+
+class MessageError(AuthServerError):
+    """Bytes that are not a well-formed message of this protocol."""
+
+
+class RemoteAuthError(AuthServerError):
+    """The peer sent something this side refuses."""
+
+    def __init__(self, refusal: Refusal, detail: str = "") -> None:
+        super().__init__(f"{refusal.value}: {detail}" if detail else refusal.value)
+        self.refusal = refusal
+        self.detail = detail
+
+
+class AuthRefused(AuthServerError):
+    """The server refused this client; temporary when ``retry_after`` is set."""
+
+    def __init__(self, refusal: Refusal, retry_after: float | None = None) -> None:
+        suffix = f" (retry after {retry_after:g} s)" if retry_after is not None else ""
+        super().__init__(f"the Authentication Server refused: {refusal.value}{suffix}")
+        self.refusal = refusal
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(AuthServerError):
+    """The key-state store failed; the request can be retried later."""

@@ -1,0 +1,456 @@
+"""The Authentication Server's key-state store: the desk's store, plus a few columns.
+
+The AS reads and writes the desk's own tables (``provisioning/store.py``), so a
+desk hands its mission to an AS by handing over its store. A migration adds
+what the AS needs, without changing anything the desk does:
+
+* ``nodes.previous_keys`` / ``previous_generation`` -- the superseded keys, kept
+  to recognise a cloned token (``keystate.py``);
+* ``nodes.keys_since``, ``last_auth``, ``suspended_at``;
+* an index of group members (the dialogue-mate check of one pair).
+
+Every change runs in one transaction that first locks the token's row
+(``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so two
+workers can never fork a token's key generations. :class:`SqlKeyStateStore`
+holds the logic once; the SQLite and PostgreSQL stores only say how to connect,
+lock and spell placeholders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jwcrypto import jwk
+from jwcrypto.common import base64url_encode
+
+from mesh.crypto import random_bytes
+from mesh.keyset import CommunicationKeyset, read_copy_header, wrap_copy
+from mesh.keyset.keyset import CK_ID_SIZE, PAIR_KEY_SIZE
+from mesh.keyset.mission import Epoch, Mission
+from mesh.token import Slot, slot_kid
+from provisioning.authserver.errors import Refusal, RemoteAuthError, StoreUnavailable
+from provisioning.authserver.keystate import TokenKeys
+from provisioning.desk import _rewrap as rewrap_copy
+from provisioning.desk import derive_slot_keys
+from provisioning.errors import DeskCorrupt
+from provisioning.store import Store
+
+__all__ = [
+    "AS_SCHEMA_VERSION",
+    "MAX_EPOCHS_AHEAD",
+    "IssuedKeyset",
+    "KeyStateStore",
+    "SqlKeyStateStore",
+    "SqliteKeyStateStore",
+    "migrate_sqlite",
+]
+
+AS_SCHEMA_VERSION = 1
+MAX_EPOCHS_AHEAD = 4  # a node may fetch the CKs of the next few epochs, not the whole mission
+MIGRATION = (
+    "ALTER TABLE nodes ADD COLUMN previous_keys BLOB",
+    "ALTER TABLE nodes ADD COLUMN previous_generation INTEGER",
+    "ALTER TABLE nodes ADD COLUMN keys_since INTEGER",
+    "ALTER TABLE nodes ADD COLUMN last_auth INTEGER",
+    "ALTER TABLE nodes ADD COLUMN suspended_at INTEGER",
+    "CREATE INDEX IF NOT EXISTS groups_by_member ON groups (member, name)",
+)
+_NODE = (
+    "SELECT token_id, generation, sealed_keys, pending_keys, previous_keys, previous_generation, "
+    "COALESCE(keys_since, enrolled_at), suspended_at, revoked_at FROM nodes WHERE identity = ?"
+)
+_MATES = (
+    "SELECT 1 FROM pairs WHERE a = ? AND b = ? UNION ALL "
+    "SELECT 1 FROM groups g1 JOIN groups g2 ON g1.name = g2.name "
+    "WHERE g1.member = ? AND g2.member = ?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKeyset:
+    """A CK as the AS hands it out: the requestor's copy and the target's (the ticket)."""
+
+    ck_id: bytes
+    peer: str
+    epoch: int
+    not_before: int
+    not_after: int
+    own: str
+    ticket: str
+
+
+class Sealing:
+    """Opening and sealing slot keys the way the desk does (``Store.seal_keys``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def open(
+        self, identity: str, token_id: bytes, generation: int, blob: bytes
+    ) -> tuple[bytes, ...]:
+        return self._store.open_keys(identity, token_id, generation, bytes(blob))
+
+    def seal(
+        self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]
+    ) -> bytes:
+        return self._store.seal_keys(identity, token_id, generation, keys)
+
+
+class KeyStateStore(ABC):
+    """What the server protocol asks of its store; each call is one short transaction."""
+
+    mission: Mission
+
+    @abstractmethod
+    def load(self, identity: str) -> TokenKeys | None:
+        """The token's keys and status, or None for an identity never enrolled."""
+
+    @abstractmethod
+    def prepare_key_change(self, identity: str, generation: int, now: int) -> TokenKeys:
+        """Record pending keys for ``generation + 1`` (or keep those already pending)."""
+
+    @abstractmethod
+    def commit_key_change(self, identity: str, new_generation: int, now: int) -> None:
+        """The token proved the pending keys: they become current (idempotent)."""
+
+    @abstractmethod
+    def suspend(self, identity: str, presented: int, now: int) -> None:
+        """A superseded key was proven: suspend the identity and raise an audit alert."""
+
+    @abstractmethod
+    def issue(
+        self, requestor: str, target: str, purpose: str, epoch: int | None, now: int
+    ) -> IssuedKeyset:
+        """The pair's CK for the epoch (minted if none), after the dialogue-mate checks."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class SqlKeyStateStore(KeyStateStore):
+    """The store logic over a DB-API connection; subclasses supply transactions."""
+
+    placeholder = "?"
+    lock = ""  # appended to the SELECT of a token's row
+
+    def __init__(self, sealing: Sealing, mission: Mission) -> None:
+        self.sealing = sealing
+        self.mission = mission
+
+    @abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A context whose value has ``execute(sql, params)``; commits on success."""
+
+    def _q(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def _row(self, cur: Any, sql: str, params: Sequence[Any]) -> Any:
+        cur.execute(self._q(sql), params)
+        return cur.fetchone()
+
+    def _exec(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> None:
+        cur.execute(self._q(sql), params)
+
+    def _audit(self, cur: Any, now: int, op: str, **detail: Any) -> None:
+        self._exec(
+            cur,
+            "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
+            (now, op, json.dumps(detail, sort_keys=True)),
+        )
+
+    def _record(self, identity: str, row: Any) -> TokenKeys:
+        token_id, gen, sealed, pending, previous, prev_gen, since, suspended, revoked = row
+        token_id = bytes(token_id)
+        s = self.sealing
+        return TokenKeys(
+            identity=identity,
+            token_id=token_id,
+            generation=gen,
+            keys=s.open(identity, token_id, gen, sealed),
+            pending=None if pending is None else s.open(identity, token_id, gen + 1, pending),
+            previous=(
+                None
+                if previous is None or prev_gen != gen - 1
+                else s.open(identity, token_id, prev_gen, previous)
+            ),
+            keys_since=since,
+            suspended=suspended is not None or revoked is not None,
+        )
+
+    def _locked(self, cur: Any, identity: str) -> TokenKeys:
+        row = self._row(cur, _NODE + self.lock, (identity,))
+        if row is None:
+            raise RemoteAuthError(Refusal.UNKNOWN, identity)
+        return self._record(identity, row)
+
+    # -- KeyStateStore -----------------------------------------------------------------------
+
+    def load(self, identity: str) -> TokenKeys | None:
+        with self.transaction() as cur:
+            row = self._row(cur, _NODE, (identity,))
+        return None if row is None else self._record(identity, row)
+
+    def prepare_key_change(self, identity: str, generation: int, now: int) -> TokenKeys:
+        with self.transaction() as cur:
+            record = self._locked(cur, identity)
+            if record.generation != generation:
+                raise RemoteAuthError(Refusal.AUTH_FAILED, "key generation moved meanwhile")
+            if record.pending is not None:
+                return record
+            # fresh OS randomness mixed (HKDF) with server-side nonces: neither alone decides
+            new = derive_slot_keys(record.token_id, random_bytes(32) + now.to_bytes(8, "big"))
+            self._exec(
+                cur,
+                "UPDATE nodes SET pending_keys = ? WHERE identity = ?",
+                (self.sealing.seal(identity, record.token_id, generation + 1, new), identity),
+            )
+            self._audit(
+                cur,
+                now,
+                "as-key-change",
+                node=identity,
+                token=record.token_id.hex(),
+                generation=generation + 1,
+                outcome="sent",
+            )
+        return TokenKeys(
+            identity,
+            record.token_id,
+            generation,
+            record.keys,
+            new,
+            record.previous,
+            record.keys_since,
+            record.suspended,
+        )
+
+    def commit_key_change(self, identity: str, new_generation: int, now: int) -> None:
+        with self.transaction() as cur:
+            record = self._locked(cur, identity)
+            if record.generation == new_generation:
+                return  # another worker committed it
+            if record.generation != new_generation - 1 or record.pending is None:
+                raise RemoteAuthError(Refusal.AUTH_FAILED, "no such pending key change")
+            old_wrap = jwk.JWK(kty="oct", k=base64url_encode(record.keys[Slot.WRAP]))
+            new_wrap = jwk.JWK(kty="oct", k=base64url_encode(record.pending[Slot.WRAP]))
+            new_kid = slot_kid(record.token_id, Slot.WRAP, new_generation)
+            rewrapped = 0
+            for column, party in (("copy_a", "a"), ("copy_b", "b")):
+                cur.execute(
+                    self._q(f"SELECT ck_id, {column} FROM keysets WHERE {party} = ?"), (identity,)
+                )
+                for ck_id, copy in cur.fetchall():
+                    self._exec(
+                        cur,
+                        f"UPDATE keysets SET {column} = ? WHERE ck_id = ?",
+                        (rewrap_copy(copy, old_wrap, new_wrap, new_kid), ck_id),
+                    )
+                    rewrapped += 1
+            s = self.sealing
+            self._exec(
+                cur,
+                "UPDATE nodes SET generation = ?, sealed_keys = ?, pending_keys = NULL, "
+                "previous_keys = ?, previous_generation = ?, keys_since = ? WHERE identity = ?",
+                (
+                    new_generation,
+                    s.seal(identity, record.token_id, new_generation, record.pending),
+                    s.seal(identity, record.token_id, record.generation, record.keys),
+                    record.generation,
+                    now,
+                    identity,
+                ),
+            )
+            self._audit(
+                cur,
+                now,
+                "as-key-change",
+                node=identity,
+                token=record.token_id.hex(),
+                generation=new_generation,
+                outcome="committed",
+                rewrapped=rewrapped,
+            )
+
+    def suspend(self, identity: str, presented: int, now: int) -> None:
+        with self.transaction() as cur:
+            record = self._locked(cur, identity)
+            self._exec(
+                cur,
+                "UPDATE nodes SET suspended_at = COALESCE(suspended_at, ?) WHERE identity = ?",
+                (now, identity),
+            )
+            self._audit(
+                cur,
+                now,
+                "as-clone-alert",
+                node=identity,
+                token=record.token_id.hex(),
+                presented_generation=presented,
+                current_generation=record.generation,
+                outcome="suspended",
+            )
+
+    def _epoch(self, epoch: int | None, now: int) -> Epoch:
+        current = self.mission.epoch_at(now)
+        if current is None:
+            raise RemoteAuthError(Refusal.POLICY, "outside the mission window")
+        if epoch is None:
+            return current
+        if not current.index <= epoch <= current.index + MAX_EPOCHS_AHEAD:
+            raise RemoteAuthError(Refusal.POLICY, f"epoch {epoch} not available")
+        m = self.mission
+        start = m.start + epoch * m.epoch_seconds
+        if start >= m.end:
+            raise RemoteAuthError(Refusal.POLICY, "epoch after the mission's end")
+        return Epoch(epoch, start, min(start + m.epoch_seconds, m.end))
+
+    def issue(
+        self, requestor: str, target: str, purpose: str, epoch: int | None, now: int
+    ) -> IssuedKeyset:
+        if requestor == target:
+            raise RemoteAuthError(Refusal.POLICY, "a node is not its own dialogue mate")
+        window = self._epoch(epoch, now)
+        a, b = sorted((requestor, target))
+        with self.transaction() as cur:
+            me = self._locked(cur, requestor)
+            if me.suspended:
+                raise RemoteAuthError(Refusal.SUSPENDED, requestor)
+            row = self._row(cur, _NODE, (target,))
+            if row is None or row[7] is not None or row[8] is not None:
+                raise RemoteAuthError(Refusal.POLICY, f"{target} is unknown, revoked or suspended")
+            if self._row(cur, _MATES, (a, b, a, b)) is None:
+                raise RemoteAuthError(Refusal.POLICY, f"{target} is not a dialogue mate")
+            found = self._row(
+                cur,
+                "SELECT ck_id, copy_a, copy_b FROM keysets WHERE a = ? AND b = ? AND epoch = ?",
+                (a, b, window.index),
+            )
+            minted = found is None
+            if minted:
+                other = self._record(target, row)
+                found = self._mint(cur, me, other, window, a, b)
+            ck_id, copy_a, copy_b = bytes(found[0]), found[1], found[2]
+            self._exec(cur, "UPDATE nodes SET last_auth = ? WHERE identity = ?", (now, requestor))
+            self._audit(
+                cur,
+                now,
+                "as-keyset",
+                node=requestor,
+                token=me.token_id.hex(),
+                target=target,
+                purpose=purpose,
+                ck=ck_id.hex(),
+                epoch=window.index,
+                outcome="minted" if minted else "existing",
+            )
+        mine = requestor == a
+        header = read_copy_header(copy_a)
+        return IssuedKeyset(
+            ck_id=ck_id,
+            peer=target,
+            epoch=window.index,
+            not_before=header.not_before,
+            not_after=header.not_after,
+            own=copy_a if mine else copy_b,
+            ticket=copy_b if mine else copy_a,
+        )
+
+    def _mint(
+        self, cur: Any, me: TokenKeys, other: TokenKeys, window: Epoch, a: str, b: str
+    ) -> tuple[bytes, str, str]:
+        ck = CommunicationKeyset(
+            ck_id=random_bytes(CK_ID_SIZE),
+            pair_key=random_bytes(PAIR_KEY_SIZE),
+            mission_id=self.mission.mission_id,
+            party_a=a,
+            party_b=b,
+            not_before=window.start,
+            not_after=window.end,
+        )
+        copies = {}
+        for party in (me, other):
+            copies[party.identity] = wrap_copy(
+                ck,
+                holder=party.identity,
+                kid=slot_kid(party.token_id, Slot.WRAP, party.generation),
+                wrap_key=jwk.JWK(kty="oct", k=base64url_encode(party.keys[Slot.WRAP])),
+            )
+        self._exec(
+            cur,
+            "INSERT INTO keysets (ck_id, a, b, epoch, not_before, not_after, copy_a, copy_b) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (a, b, epoch) DO NOTHING",
+            (ck.ck_id, a, b, window.index, window.start, window.end, copies[a], copies[b]),
+        )
+        row = self._row(
+            cur,
+            "SELECT ck_id, copy_a, copy_b FROM keysets WHERE a = ? AND b = ? AND epoch = ?",
+            (a, b, window.index),
+        )
+        return (bytes(row[0]), row[1], row[2])
+
+
+def migrate_sqlite(db: sqlite3.Connection) -> None:
+    """Add the AS's columns and index to a desk store, once (idempotent)."""
+    done = db.execute("SELECT value FROM meta WHERE key = 'as_schema'").fetchone()
+    if done is not None:
+        if done[0] != AS_SCHEMA_VERSION:
+            raise DeskCorrupt("the store's Authentication Server schema version is unknown")
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
+        for statement in MIGRATION:
+            name = statement.split()[5] if statement.startswith("ALTER") else None
+            if name is None or name not in columns:
+                db.execute(statement)
+        db.execute("INSERT INTO meta VALUES ('as_schema', ?)", (AS_SCHEMA_VERSION,))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class SqliteKeyStateStore(SqlKeyStateStore):
+    """The desk's SQLite file as the AS store (one connection per worker process)."""
+
+    def __init__(self, store: Store, mission: Mission) -> None:
+        super().__init__(Sealing(store), mission)
+        self.store = store
+        store.db.execute("PRAGMA busy_timeout = 10000")
+        migrate_sqlite(store.db)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], passphrase: str) -> SqliteKeyStateStore:
+        from provisioning.desk import Desk  # the desk parses and checks the mission record
+
+        desk = Desk(Store.open(directory, passphrase))
+        return cls(desk.store, desk.mission)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        db = self.store.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store busy: {exc}") from None
+        cur = db.cursor()
+        try:
+            yield cur
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise StoreUnavailable(f"store failed: {exc}") from None
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.store.close()

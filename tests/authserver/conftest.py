@@ -1,0 +1,148 @@
+"""A desk with a squad, a UAV and a small meter fleet, built once and copied per test.
+
+Desk ``grid`` (30 days, 1-day epochs). Nodes with software tokens: gs-1
+(ground-station), alpha-1 and alpha-2 (soldiers), uav-1 (uav). Group
+``squad`` = gs-1, alpha-1; pairs gs-1/uav-1 and gs-1/alpha-2 (so alpha-1 and
+uav-1 are *not* mates). 20 meters (``meter-0000001``...) from a fixed factory
+seed, each paired with gs-1.
+
+``pair`` drives a :class:`ClientSession` against a :class:`ServerSession` in
+memory (``transfer``), with an optional hook to drop or alter bytes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mesh.crypto import random_bytes
+from mesh.token import SecureElement
+from mesh.token.software import SoftwareToken
+from provisioning.authserver.cookies import AdmissionConfig
+from provisioning.authserver.keystate import KeyPolicy
+from provisioning.authserver.messages import KeysetRequest
+from provisioning.authserver.meters import import_meters
+from provisioning.authserver.protocol import AuthService, ClientEvent, ClientSession, ServerSession
+from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore
+from provisioning.desk import Desk
+
+PASSPHRASE = "correct horse battery"
+PIN = "1357"
+SEED = bytes(range(32))
+METERS = 20
+NODES = {"gs-1": "ground-station", "alpha-1": "soldier", "alpha-2": "soldier", "uav-1": "uav"}
+NOW = int(time.time())
+
+
+@dataclass(frozen=True)
+class Site:
+    root: Path
+
+    @property
+    def desk_dir(self) -> Path:
+        return self.root / "desk"
+
+    def token(self, node: str) -> SoftwareToken:
+        token = SoftwareToken(self.root / f"{node}.token")
+        token.verify_pin(PIN)
+        return token
+
+    def open(self) -> Desk:
+        return Desk.open(self.desk_dir, passphrase=PASSPHRASE)
+
+
+@pytest.fixture(scope="session")
+def site_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("as-site")
+    desk = Desk.init(
+        root / "desk",
+        passphrase=PASSPHRASE,
+        name="grid",
+        start=NOW - 60,
+        end=NOW + 30 * 86400,
+        epoch_seconds=86400,
+        now=NOW,
+    )
+    with desk:
+        for node, role in NODES.items():
+            desk.enrol(node, role, token_path=root / f"{node}.token", pin=PIN, now=NOW)
+        desk.group("squad", ["gs-1", "alpha-1"], now=NOW)
+        desk.pair("gs-1", "uav-1", now=NOW)
+        desk.pair("gs-1", "alpha-2", now=NOW)
+        import_meters(desk.store, seed=SEED, count=METERS, now=NOW, head_end="gs-1")
+    return root
+
+
+@pytest.fixture
+def site(site_template: Path, tmp_path: Path) -> Site:
+    root = tmp_path / "site"
+    shutil.copytree(site_template, root)
+    return Site(root)
+
+
+@pytest.fixture
+def store(site: Site) -> Iterator[KeyStateStore]:
+    opened = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    yield opened
+    opened.close()
+
+
+def make_service(
+    store: KeyStateStore, *, key_lifetime: float = 0.0, **admission: float
+) -> AuthService:
+    return AuthService.create(
+        store,
+        now=NOW,
+        policy=KeyPolicy(key_lifetime=key_lifetime),
+        admission=AdmissionConfig(**admission),  # type: ignore[arg-type]
+    )
+
+
+def request(target: str, *, epoch: int | None = None, rid: bytes | None = None) -> KeysetRequest:
+    return KeysetRequest(rid or random_bytes(16), target, "test", epoch)
+
+
+Hook = Callable[[str, bytes], bytes | None]  # (direction, bytes) -> bytes to deliver (None: drop)
+
+
+def transfer(
+    client: ClientSession, server: ServerSession, *, now: float = NOW, hook: Hook | None = None
+) -> list[ClientEvent]:
+    """Move bytes both ways until both sides are quiet; return the client's events."""
+    for _ in range(50):
+        up = client.data_to_send()
+        if up and hook is not None:
+            up = hook("up", up) or b""
+        if up:
+            server.receive_data(up, now)
+        down = server.data_to_send()
+        if down and hook is not None:
+            down = hook("down", down) or b""
+        if down:
+            client.receive_data(down, now)
+        if not up and not down:
+            break
+    if server.closed and not client.finished:
+        client.connection_lost()
+    events = []
+    while (event := client.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def run(
+    service: AuthService,
+    token: SecureElement,
+    requests: list[KeysetRequest] | None = None,
+    *,
+    source: str = "127.0.0.1",
+    now: float = NOW,
+    hook: Hook | None = None,
+) -> list[ClientEvent]:
+    client = ClientSession(token, requests or [])
+    return transfer(client, service.session(source, now), now=now, hook=hook)

@@ -1,0 +1,250 @@
+"""The online flow in memory: key change, CK, ticket handshake, lost replies, clones, policy."""
+
+from __future__ import annotations
+
+import json
+
+from mesh.keyset import open_copy
+from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig
+from mesh.token import Slot
+from provisioning.authserver.errors import Refusal
+from provisioning.authserver.messages import Answer, decode, encode
+from provisioning.authserver.meters import meter_identity, meter_token
+from provisioning.authserver.protocol import Authenticated, ClientSession, Granted, Refused
+from provisioning.authserver.store import KeyStateStore
+from tests.authserver.conftest import NOW, SEED, Site, make_service, request, run, transfer
+
+
+def _audit(site: Site, op: str) -> list[dict[str, object]]:
+    with site.open() as desk:
+        return [e for e in desk.audit_log() if e["op"] == op]
+
+
+def test_full_flow_key_change_keyset_ticket_handshake_and_chat(
+    site: Site, store: KeyStateStore
+) -> None:
+    service = make_service(store)
+    alpha = site.token("alpha-1")
+    events = run(service, alpha, [request("gs-1")])
+    assert isinstance(events[0], Authenticated) and events[0].key_changed
+    assert events[0].generation == 2 == alpha.info().generation(Slot.AUTH)
+    assert store.load("alpha-1").generation == 2  # type: ignore[union-attr]
+    grant = next(e.grant for e in events if isinstance(e, Granted))
+    ck = open_copy(alpha, grant.own)
+    assert ck.ck_id == grant.ck_id and ck.not_before <= NOW < ck.not_after
+    # alpha-1 dials gs-1 with the ticket; gs-1 has no CK yet, only its token
+    gs = site.token("gs-1")
+    mission = ck.mission_id
+    dialler = Connection(
+        config=SessionConfig(identity="alpha-1", mission_id=mission),
+        keys=MemoryKeyStore([ck]),
+        role=Role.INITIATOR,
+    )
+    answerer = Connection(
+        config=SessionConfig(identity="gs-1", mission_id=mission),
+        keys=MemoryKeyStore(ticket_opener=lambda t: open_copy(gs, t)),
+        role=Role.RESPONDER,
+    )
+    dialler.connect(ck.ck_id, NOW, ticket=grant.ticket)
+    dialler.send_data(b"hello gs-1", NOW)
+    for _ in range(4):
+        answerer.receive_data(dialler.data_to_send(), NOW)
+        dialler.receive_data(answerer.data_to_send(), NOW)
+    received = []
+    while (event := answerer.next_event()) is not None:
+        if isinstance(event, DataReceived):
+            received.append(event.data)
+    assert received == [b"hello gs-1"]
+    # the audit log names the key change and the keyset, never a key
+    changes = _audit(site, "as-key-change")
+    assert [c["outcome"] for c in changes] == ["sent", "committed"]
+    issued = _audit(site, "as-keyset")
+    assert issued[0]["ck"] == grant.ck_id.hex() and issued[0]["epoch"] == 0
+    with site.open() as desk:
+        text = json.dumps(desk.audit_log())
+    assert grant.own not in text and ck.pair_key.hex() not in text
+
+
+def test_both_parties_get_the_same_keyset_and_the_desk_exports_it(
+    site: Site, store: KeyStateStore
+) -> None:
+    service = make_service(store, key_lifetime=1e9)
+    first = next(
+        e for e in run(service, site.token("alpha-1"), [request("gs-1")]) if isinstance(e, Granted)
+    )
+    second = next(
+        e for e in run(service, site.token("gs-1"), [request("alpha-1")]) if isinstance(e, Granted)
+    )
+    assert first.grant.ck_id == second.grant.ck_id
+    assert first.grant.own == second.grant.ticket
+
+
+def test_next_epochs_but_not_beyond_the_window(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store, key_lifetime=1e9)
+    events = run(
+        service, site.token("alpha-1"), [request("gs-1", epoch=1), request("gs-1", epoch=9)]
+    )
+    grant = next(e.grant for e in events if isinstance(e, Granted))
+    assert grant.not_before == NOW - 60 + 86400
+    assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
+
+
+def test_lost_answer_during_key_change_then_retry_converges(
+    site: Site, store: KeyStateStore
+) -> None:
+    service = make_service(store)
+    meter = meter_token(SEED, meter_identity("meter", 1))
+    ups: list[bytes] = []
+
+    def lose_answer(direction: str, data: bytes) -> bytes | None:
+        if direction == "up":
+            ups.append(data)
+            return None if len(ups) >= 4 else data  # HELLO, message 1, confirm; then ANSWER
+        return data
+
+    # the token applies the key change, then its answer (and the connection) are lost
+    client = ClientSession(meter, [request("gs-1")])
+    server = service.session("127.0.0.1", NOW)
+    transfer(client, server, hook=lose_answer)
+    server.connection_lost()
+    assert meter.info().generation(Slot.AUTH) == 2
+    record = store.load(meter.identity)
+    assert record is not None and record.generation == 1 and record.pending is not None
+    events = run(service, meter, [request("gs-1")])
+    assert isinstance(events[0], Authenticated) and events[0].generation == 2
+    assert any(isinstance(e, Granted) for e in events)
+    assert store.load(meter.identity).generation == 2  # type: ignore[union-attr]
+    assert service.counters["resumed_key_change"] == 1
+
+
+def test_lost_challenge_gets_the_identical_key_change_again(
+    site: Site, store: KeyStateStore
+) -> None:
+    service = make_service(store)
+    meter = meter_token(SEED, meter_identity("meter", 2))
+    downs: list[bytes] = []
+
+    def drop_challenge(direction: str, data: bytes) -> bytes | None:
+        if direction == "down":
+            downs.append(data)
+            return None if len(downs) >= 3 else data  # START, message 2; then CHALLENGE
+        return data
+
+    run(service, meter, [request("gs-1")], hook=drop_challenge)
+    assert meter.info().generation(Slot.AUTH) == 1
+    first_message = service.key_changes[(meter.token_id, 2)]
+    events = run(service, meter, [request("gs-1")])
+    assert isinstance(events[0], Authenticated) and events[0].generation == 2
+    assert service.key_changes[(meter.token_id, 2)] == first_message
+    assert store.load(meter.identity).generation == 2  # type: ignore[union-attr]
+
+
+def test_retransmitted_request_gets_the_identical_answer(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store, key_lifetime=1e9)
+    meter = meter_token(SEED, meter_identity("meter", 3))
+    rid = b"r" * 16
+    first = [e for e in run(service, meter, [request("gs-1", rid=rid)]) if isinstance(e, Granted)]
+    again = [e for e in run(service, meter, [request("gs-1", rid=rid)]) if isinstance(e, Granted)]
+    assert first == again and service.counters["retransmit"] == 1
+
+
+def test_cloned_token_detected_and_suspended(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store)
+    original = meter_token(SEED, meter_identity("meter", 4))
+    clone = original.clone()
+    assert isinstance(run(service, original, [request("gs-1")])[0], Authenticated)
+    events = run(service, clone, [request("gs-1")])
+    assert events == [Refused(Refusal.SUSPENDED, None)]
+    assert store.load(original.identity).suspended  # type: ignore[union-attr]
+    # the identity stays suspended, for the original too, until the desk acts
+    assert run(service, original, [request("gs-1")]) == [Refused(Refusal.SUSPENDED, None)]
+    alerts = _audit(site, "as-clone-alert")
+    assert alerts[0]["node"] == original.identity and alerts[0]["presented_generation"] == 1
+
+
+def test_a_claimed_old_generation_without_its_key_suspends_nothing(
+    site: Site, store: KeyStateStore
+) -> None:
+    service = make_service(store)
+    meter = meter_token(SEED, meter_identity("meter", 5))
+    run(service, meter, [])  # now at generation 2; generation 1 is "superseded"
+    impostor = meter_token(SEED, meter_identity("meter", 6))  # other keys, same claim
+    impostor.identity = meter.identity
+    events = run(service, impostor, [])
+    assert not any(isinstance(e, Authenticated) for e in events)
+    assert not store.load(meter.identity).suspended  # type: ignore[union-attr]
+
+
+def test_replayed_answer_and_replayed_link_are_refused(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store, key_lifetime=1e9)
+    meter = meter_token(SEED, meter_identity("meter", 7))
+    recorded: list[bytes] = []
+    answers: list[bytes] = []
+
+    real_mac = meter.mac
+
+    def spy_mac(slot: Slot, data: bytes) -> bytes:
+        answers.append(real_mac(slot, data))
+        return answers[-1]
+
+    meter.mac = spy_mac  # type: ignore[method-assign]
+    run(service, meter, [], hook=lambda d, b: (recorded.append(b) if d == "up" else None) or b)
+    # a second session whose token answers with the first session's MAC
+    meter.mac = lambda slot, data: answers[0]  # type: ignore[method-assign]
+    events = run(service, meter, [])
+    assert events[-1] == Refused(Refusal.AUTH_FAILED, None)
+    # replaying the first session's bytes to a new server session: the nonces differ
+    server = service.session("127.0.0.1", NOW)
+    for chunk in recorded:
+        server.receive_data(chunk, NOW)
+        server.data_to_send()
+    assert server.closed and service.counters.get("answer_authenticated") == 1
+    assert Answer(answers[0]) == decode(encode(Answer(answers[0])))
+
+
+def test_keyset_outside_policy_or_for_revoked_target_refused(
+    site: Site, store: KeyStateStore
+) -> None:
+    service = make_service(store, key_lifetime=1e9)
+    alpha = site.token("alpha-1")
+    events = run(service, alpha, [request("uav-1"), request("nobody"), request("alpha-1")])
+    assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY] * 3
+    with site.open() as desk:
+        desk.revoke("gs-1", now=NOW)
+    events = run(service, alpha, [request("gs-1")])
+    assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
+    with site.open() as desk:
+        desk.revoke("alpha-2", now=NOW)
+    assert run(service, site.token("alpha-2"), []) == [Refused(Refusal.SUSPENDED, None)]
+
+
+def test_unknown_identity_fails_like_a_wrong_key(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store)
+    stranger = meter_token(SEED, "meter-9999999")
+    events = run(service, stranger, [])
+    assert not any(isinstance(e, Authenticated) for e in events)
+    assert service.counters["link_failed"] == 1
+
+
+def test_flood_from_one_source_others_still_served(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store, key_lifetime=1e9, cookie_threshold=5, max_pending=50)
+    flood = []
+    for i in range(40):  # HELLOs that never finish their handshake
+        meter = meter_token(SEED, meter_identity("meter", 1 + i % 10))
+        client = ClientSession(meter, [])
+        server = service.session("10.0.0.66", NOW)
+        server.receive_data(client.data_to_send(), NOW)
+        flood.append(decode(server.data_to_send()[2:]))
+    kinds = [type(m).__name__ for m in flood]
+    assert kinds.count("Start") == 5 and kinds.count("CookieReply") == 35
+    assert service.admission.pending("10.0.0.66") == 5
+    events = run(
+        service,
+        meter_token(SEED, meter_identity("meter", 11)),
+        [request("gs-1")],
+        source="10.0.0.7",
+    )
+    assert any(isinstance(e, Granted) for e in events)
+    # a flooding client that echoes its cookie is admitted, within the global bound
+    echo = run(service, meter_token(SEED, meter_identity("meter", 12)), [], source="10.0.0.66")
+    assert isinstance(echo[0], Authenticated)

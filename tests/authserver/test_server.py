@@ -1,0 +1,199 @@
+"""The AS over real loopback sockets: the asyncio adapters, the command line, a small fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh.token import Slot
+from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.meters import simulate_fleet
+from provisioning.authserver.server import AuthServer
+from provisioning.authserver.store import KeyStateStore
+from tests.authserver.conftest import PASSPHRASE, PIN, SEED, Site, make_service, request
+
+
+def test_asyncio_server_and_client_with_key_change(site: Site, store: KeyStateStore) -> None:
+    async def main() -> None:
+        server = AuthServer(make_service(store))
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            token = site.token("uav-1")
+            outcome = await request_keysets(host, port, token, [request("gs-1")])
+            assert outcome.grants and outcome.authenticated is not None
+            assert token.info().generation(Slot.AUTH) == 2
+            report = await simulate_fleet(
+                host, port, seed=SEED, count=10, head_end="gs-1", storm=True, sources=2
+            )
+            assert report["served"] == 10 and report["key_changes"] == 10
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_client_backs_off_with_full_jitter_within_bounds() -> None:
+    import random
+
+    backoff = Backoff(base=0.5, cap=4.0)
+    rng = random.Random(1)
+    delays = [backoff.delay(n, rng) for n in range(8) for _ in range(50)]
+    assert all(0.0 <= d <= 4.0 for d in delays) and max(delays) > 3.0
+    assert all(backoff.delay(0, rng) <= 0.5 for _ in range(50))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE, "SNRMESH_PIN": PIN}
+
+
+def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "mesh.cli"]
+    seed_file = tmp_path / "fleet.seed"
+    done = subprocess.run(
+        [
+            *cli,
+            "desk",
+            "import-meters",
+            str(site.desk_dir),
+            "--count",
+            "30",
+            "--first",
+            "100",
+            "--factory-seed",
+            str(seed_file),
+            "--head-end",
+            "gs-1",
+            "--json",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["imported"] == 30 and seed_file.stat().st_size == 32
+    server = subprocess.Popen(
+        [
+            *cli,
+            "as",
+            "serve",
+            "--store",
+            str(site.desk_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--key-lifetime",
+            "0",
+            "--json",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on" in line, server.stderr.read() if server.stderr else ""
+        address = line.split()[4]
+        got = subprocess.run(
+            [
+                *cli,
+                "as",
+                "request",
+                "--as",
+                address,
+                "--token",
+                str(site.root / "alpha-1.token"),
+                "--target",
+                "gs-1",
+                "--json",
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert got.returncode == 0, got.stderr
+        answer = json.loads(got.stdout)
+        assert answer["peer"] == "gs-1" and answer["key_changed"] and answer["generation"] == 2
+        refused = subprocess.run(
+            [
+                *cli,
+                "as",
+                "request",
+                "--as",
+                address,
+                "--token",
+                str(site.root / "alpha-1.token"),
+                "--target",
+                "uav-1",
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1 and "policy" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        sim = subprocess.run(
+            [
+                *cli,
+                "meters",
+                "sim",
+                "--as",
+                address,
+                "--count",
+                "30",
+                "--first",
+                "100",
+                "--factory-seed",
+                str(seed_file),
+                "--head-end",
+                "gs-1",
+                "--spread",
+                "0.2",
+                "--json",
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sim.returncode == 0, sim.stderr
+        assert json.loads(sim.stdout)["served"] == 30
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["keysets"] == 31
+
+
+@pytest.mark.parametrize("bad", ["nowhere", "host:99999"])
+def test_cli_refuses_bad_address_in_one_line(bad: str, site: Site) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "as",
+            "request",
+            "--as",
+            bad,
+            "--token",
+            str(site.root / "alpha-1.token"),
+            "--target",
+            "gs-1",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1

@@ -19,6 +19,7 @@ from mesh.cli import demo as demo_cli
 from mesh.cli import sim as sim_cli
 from mesh.errors import MeshError
 from provisioning import cli as desk_cli
+from provisioning.authserver import cli as as_cli
 from tui import cli as tui_cli
 
 __all__ = ["build_parser", "main"]
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"snrmesh {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     desk_cli.register(commands)
+    as_cli.register(commands)
     bundle_cli.register(commands)
     agent_cli.register(commands)
     sim_cli.register(commands)

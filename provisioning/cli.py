@@ -14,6 +14,7 @@ from typing import Any
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.files import FileTooLarge, read_bounded
 from mesh.token.software import SoftwareToken
+from provisioning.authserver.cli import add_import_meters_arguments, cmd_import_meters
 from provisioning.desk import MAX_SEED_SIZE, Desk
 from provisioning.errors import DeskError, MissionError
 from provisioning.plan import ROLES, load_plan
@@ -429,6 +430,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("node", metavar="NODE")
     p.add_argument("--token", required=True, metavar="FILE", help="the node's token file")
+
+    p = add(
+        "import-meters",
+        cmd_import_meters,
+        "enrol a fleet of smart meters in bulk (factory keys, no token files)",
+        description="Enrol --count meters whose keys are diversified from --factory-seed "
+        "(created if missing), streamed in chunks. See docs/authentication-server.md.",
+    )
+    add_import_meters_arguments(p)
 
     p = add("revoke", cmd_revoke, "revoke a node: no further CKs; later exports exclude it")
     p.add_argument("node", metavar="NODE")

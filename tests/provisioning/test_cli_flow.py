@@ -41,7 +41,7 @@ DESK_COMMANDS = _desk_commands()
 def test_the_desk_commands_are_the_documented_ones() -> None:
     assert sorted(
         ["init", "enrol", "personalise", "group", "pair", "apply", "issue", "export", "show",
-         "audit", "rekey", "revoke"]
+         "audit", "rekey", "revoke", "import-meters"]
     ) == DESK_COMMANDS  # fmt: skip
 
 

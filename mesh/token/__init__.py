@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from mesh.token.errors import (
+    CardError,
     KeyChangeRefused,
+    ReaderUnavailable,
+    Refusal,
+    TokenAbsent,
     TokenCorrupt,
     TokenError,
     TokenLocked,
     TokenNotReady,
     UnwrapFailed,
+    WrongApplet,
     WrongPin,
 )
 from mesh.token.interface import (
@@ -28,16 +33,21 @@ __all__ = [
     "MAX_PIN_TRIES",
     "SLOT_COUNT",
     "TOKEN_ID_SIZE",
+    "CardError",
     "KeyChangeRefused",
+    "ReaderUnavailable",
+    "Refusal",
     "SecureElement",
     "Slot",
     "SlotInfo",
+    "TokenAbsent",
     "TokenCorrupt",
     "TokenError",
     "TokenInfo",
     "TokenLocked",
     "TokenNotReady",
     "UnwrapFailed",
+    "WrongApplet",
     "WrongPin",
     "slot_kid",
 ]

@@ -94,6 +94,15 @@ class SecureElement(ABC):
     def info(self) -> TokenInfo:
         """Identity and status; no PIN needed."""
 
+    def check_present(self) -> None:
+        """Confirm the element is still there and unlocked; a software token always is.
+
+        A card may be pulled out: this raises ``TokenAbsent`` while it is gone
+        and, once it is back, unlocks it again. The agent calls it periodically
+        (off its event loop) to refuse new handshakes while the card is away.
+        """
+        return None
+
     @abstractmethod
     def verify_pin(self, pin: str) -> None:
         """Unlock the token for this session.

@@ -96,6 +96,7 @@ class SoftwareToken(SecureElement):
 
     def verify_pin(self, pin: str) -> None:
         self._image = self._load()  # another process may have counted tries
+        self._sealer = self._keys = None  # a failed check ends the unlocked session, as on a card
         check = self._image.try_pin(pin)
         if check.changed:
             self._store(check.image)  # a wrong PIN is counted before it is reported

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.token.cards import CardRig, KnownCard, make_card
 from tests.token.tokens import KnownToken, make_token
 
 
@@ -21,3 +22,15 @@ def known_token(token_template: KnownToken, tmp_path: Path) -> KnownToken:
     path = tmp_path / "alpha-1.token"
     shutil.copy2(token_template.path, path)
     return replace(token_template, path=path)
+
+
+@pytest.fixture(scope="session")
+def card_template() -> KnownCard:
+    """One personalised, closed card state (one scrypt for the whole session)."""
+    return make_card()
+
+
+@pytest.fixture
+def card(card_template: KnownCard) -> CardRig:
+    """A fresh applet from the template state, behind a local channel, with a host token."""
+    return card_template.rig()

@@ -54,6 +54,7 @@ class Outcome:
 
     events: list[ClientEvent] = field(default_factory=list)
     attempts: int = 0
+    cookies: int = 0
     refusals: list[Refusal] = field(default_factory=list)
 
     @property
@@ -136,9 +137,9 @@ async def request_keysets(
     for n in range(backoff.attempts):
         outcome.attempts += 1
         # the same request ids on every attempt: a retransmit gets the identical answer
-        events = await attempt(
-            host, port, ClientSession(token, wanted), local_addr=local_addr, timeout=timeout
-        )
+        session = ClientSession(token, wanted)
+        events = await attempt(host, port, session, local_addr=local_addr, timeout=timeout)
+        outcome.cookies += session.cookie_used
         outcome.events.extend(e for e in events if not isinstance(e, LinkFailed | Refused))
         refusal = next((e for e in events if isinstance(e, Refused) and e.request_id is None), None)
         outcome.events.extend(e for e in events if isinstance(e, Refused) and e.request_id)

@@ -296,7 +296,7 @@ async def simulate_fleet(
     )
     latencies: list[float] = []
     failures: dict[str, int] = {}
-    totals = {"attempts": 0, "busy": 0, "rate_limited": 0, "key_changes": 0}
+    totals = {"attempts": 0, "cookies": 0, "busy": 0, "rate_limited": 0, "key_changes": 0}
     started = time.perf_counter()
 
     async def meter(index: int) -> None:
@@ -318,6 +318,7 @@ async def simulate_fleet(
             failures[key] = failures.get(key, 0) + 1
             return
         totals["attempts"] += outcome.attempts
+        totals["cookies"] += outcome.cookies
         totals["busy"] += sum(r.value == "busy" for r in outcome.refusals)
         totals["rate_limited"] += sum(r.value == "rate-limited" for r in outcome.refusals)
         auth = outcome.authenticated

@@ -582,6 +582,11 @@ class ClientSession:
     def finished(self) -> bool:
         return self.state in (ClientState.DONE, ClientState.FAILED)
 
+    @property
+    def cookie_used(self) -> bool:
+        """The AS asked for a cookie on this link (it was under load from our source)."""
+        return self._cookie_used
+
     def _go(self, trigger: _C) -> None:
         self.state = CLIENT_TRANSITIONS[(self.state, trigger)]
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from mesh import __version__
 from mesh.cli import agent as agent_cli
 from mesh.cli import bundle as bundle_cli
+from mesh.cli import card as card_cli
 from mesh.cli import demo as demo_cli
 from mesh.cli import sim as sim_cli
 from mesh.errors import MeshError
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     desk_cli.register(commands)
     as_cli.register(commands)
     bundle_cli.register(commands)
+    card_cli.register(commands)
     agent_cli.register(commands)
     sim_cli.register(commands)
     demo_cli.register(commands)

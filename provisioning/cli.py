@@ -13,7 +13,7 @@ from typing import Any
 
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.files import FileTooLarge, read_bounded
-from mesh.token.software import SoftwareToken
+from mesh.token.open import open_token
 from provisioning.authserver.cli import add_import_meters_arguments, cmd_import_meters
 from provisioning.desk import MAX_SEED_SIZE, Desk
 from provisioning.errors import DeskError, MissionError
@@ -41,6 +41,12 @@ A 3-node mission, end to end:
   snrmesh desk export desk alpha-1 --out alpha-1.bundle
   snrmesh bundle inspect alpha-1.bundle --token alpha-1.token
 """
+
+
+_NEW_TOKEN_HELP = (
+    "token file to create, or 'pcsc:READER': personalise the blank card in that reader "
+    "and close it (see 'snrmesh card --help')"
+)
 
 
 def _now() -> int:
@@ -286,7 +292,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_rekey(args: argparse.Namespace) -> int:
     with _desk(args) as desk:
-        token = SoftwareToken(args.token)
+        token = open_token(args.token)
         token.verify_pin(_pin(args.node))
         node = desk.rekey(args.node, token, now=_now(), seed=_seed(args.seed_file))
     return _emit(
@@ -369,15 +375,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "enrol a node and personalise its software token",
         seed,
         description="Enrol NODE with a role, generate its token keys and write its "
-        "software token (sealed under a PIN from SNRMESH_PIN or a prompt) to --token.",
+        "software token (sealed under a PIN from SNRMESH_PIN or a prompt) to --token, or "
+        "personalise the blank card in --token pcsc:READER with them.",
     )
     p.add_argument("node", metavar="NODE", help="node identity, e.g. alpha-1")
     p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--token", required=True, metavar="FILE", help="token file to create")
+    p.add_argument("--token", required=True, metavar="FILE|pcsc:READER", help=_NEW_TOKEN_HELP)
 
     p = add("personalise", cmd_personalise, "write the token of a node enrolled by 'apply'")
     p.add_argument("node", metavar="NODE")
-    p.add_argument("--token", required=True, metavar="FILE", help="token file to create")
+    p.add_argument("--token", required=True, metavar="FILE|pcsc:READER", help=_NEW_TOKEN_HELP)
 
     p = add("group", cmd_group, "add nodes to a group (every member pairs with every other)")
     p.add_argument("group", metavar="GROUP")
@@ -429,7 +436,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "its current key, and re-wrap its CKs. Its old bundle stops working.",
     )
     p.add_argument("node", metavar="NODE")
-    p.add_argument("--token", required=True, metavar="FILE", help="the node's token file")
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="FILE|pcsc:READER",
+        help="the node's token file, or its card in a PC/SC reader",
+    )
 
     p = add(
         "import-meters",

@@ -5,7 +5,9 @@ seed's SAS in its preparatory phase). Every operation takes ``now`` (POSIX
 seconds) from the caller, runs in one store transaction and appends to the
 audit log (never a secret). Operations that write a token file do so inside
 the transaction and undo it if the transaction fails, so a failed command
-leaves every file as it was.
+leaves every file as it was. A card (``--token pcsc:READER``) is personalised
+and closed as the transaction's last step: a failure before that leaves it
+open, to be personalised again.
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ from mesh.keyset.copies import DiscoveryKey, wrap_discovery_key
 from mesh.keyset.keyset import MISSION_ID_SIZE, CommunicationKeyset
 from mesh.keyset.mission import Epoch, Mission
 from mesh.timefmt import utc_iso as _ts
-from mesh.token import KEY_SIZE, SLOT_COUNT, TOKEN_ID_SIZE, Slot, TokenError, slot_kid
+from mesh.token import (
+    KEY_SIZE,
+    SLOT_COUNT,
+    TOKEN_ID_SIZE,
+    SecureElement,
+    Slot,
+    TokenError,
+    slot_kid,
+)
 from mesh.token.keychange import KeyChange, build_key_change
-from mesh.token.software import SoftwareToken, check_pin
+from mesh.token.open import is_card, personalise_token
+from mesh.token.software import check_pin
 from provisioning.errors import (
     DeskCorrupt,
     DeskError,
@@ -265,9 +276,10 @@ class Desk:
         written: list[str],
         now: int,
     ) -> None:
+        spec = os.fspath(token_path)
         try:
-            SoftwareToken.personalise(
-                token_path,
+            personalise_token(
+                spec,
                 pin=pin,
                 token_id=token_id,
                 identity=identity,
@@ -279,7 +291,8 @@ class Desk:
             raise DeskError(
                 f"cannot write token file {os.fspath(token_path)}: {exc.strerror}"
             ) from None
-        written.append(os.fspath(token_path))
+        if not is_card(spec):
+            written.append(spec)
         self._db.execute("UPDATE nodes SET personalised = 1 WHERE identity = ?", (identity,))
         self._audit(now, "personalise", node=identity, token=token_id.hex())
 
@@ -298,9 +311,9 @@ class Desk:
         now: int,
         seed: bytes | None = None,
     ) -> NodeRecord:
-        """Enrol a node and personalise its software token at ``token_path``."""
+        """Enrol a node and personalise its token: a new file, or a card (``pcsc:READER``)."""
         check_pin(pin)
-        if os.path.exists(token_path):
+        if not is_card(os.fspath(token_path)) and os.path.exists(token_path):
             raise DeskError(
                 f"token file {os.fspath(token_path)} already exists; refusing to overwrite"
             )
@@ -618,7 +631,7 @@ class Desk:
     # -- key change and revocation ------------------------------------------------------------
 
     def rekey(
-        self, identity: str, token: SoftwareToken, *, now: int, seed: bytes | None = None
+        self, identity: str, token: SecureElement, *, now: int, seed: bytes | None = None
     ) -> NodeRecord:
         """Refresh every key of ``identity``'s token (ESAC 1) and re-wrap its CK copies.
 

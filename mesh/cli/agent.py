@@ -169,7 +169,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", required=True, metavar="FILE", help="this node's bundle")
-    p.add_argument("--token", required=True, metavar="FILE", help="this node's token file")
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="FILE|pcsc:READER",
+        help="this node's token file, or its card in a PC/SC reader (snrmesh card --help)",
+    )
     p.add_argument(
         "--state",
         metavar="DIR",

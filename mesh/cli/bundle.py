@@ -77,6 +77,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "a bundle for another token, made before a rekey, or with one flipped byte is refused.",
     )
     p.add_argument("bundle", metavar="FILE")
-    p.add_argument("--token", required=True, metavar="FILE", help="the node's token file")
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="FILE|pcsc:READER",
+        help="the node's token file, or its card in a PC/SC reader",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_inspect)

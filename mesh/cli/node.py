@@ -6,18 +6,20 @@ from mesh.cli.secrets import PIN_ENV, read_secret
 from mesh.files import FileTooLarge, read_bounded
 from mesh.keyset.bundle import MAX_BUNDLE_SIZE, Bundle, open_bundle
 from mesh.keyset.errors import BundleError
-from mesh.token.software import SoftwareToken
+from mesh.token.interface import SecureElement
+from mesh.token.open import open_token
 
 __all__ = ["unlock_node"]
 
 
-def unlock_node(token_path: str, bundle_path: str) -> tuple[SoftwareToken, Bundle]:
+def unlock_node(token_spec: str, bundle_path: str) -> tuple[SecureElement, Bundle]:
     """Open the token, read the bundle (bounded), ask for the PIN, check the bundle with the token.
 
     The bundle is read before the PIN is asked for, so a missing or oversized
-    file is reported without spending a PIN try.
+    file is reported without spending a PIN try. ``token_spec`` is a token
+    file or ``pcsc:READER`` (:func:`mesh.token.open.open_token`).
     """
-    token = SoftwareToken(token_path)
+    token = open_token(token_spec)
     try:
         raw = read_bounded(bundle_path, MAX_BUNDLE_SIZE, what="bundle")
     except FileNotFoundError:

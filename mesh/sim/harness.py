@@ -67,6 +67,7 @@ class SimNode:
     extra: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"  # where it listens (and announces, with mDNS)
     wrapper: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", "ns1"]
+    token_spec: str | None = None  # e.g. "pcsc:READER" for a card; None: the token file below
 
     @property
     def token(self) -> Path:
@@ -174,7 +175,7 @@ class Simulation:
         args = [
             *node.wrapper,
             *(sys.executable, "-m", "mesh.cli", "agent"),
-            *("--bundle", str(node.bundle), "--token", str(node.token)),
+            *("--bundle", str(node.bundle), "--token", node.token_spec or str(node.token)),
             *("--state", str(node.state), "--listen", f"{node.host}:{node.port}"),
             *("--heartbeat", str(self.heartbeat)),
         ]

@@ -61,7 +61,7 @@ from mesh.protocol import (
     Transport,
 )
 from mesh.protocol.events import Termination
-from mesh.token import SecureElement
+from mesh.token import SecureElement, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
 from mesh.wire import (
     MAX_HOPS,
@@ -98,6 +98,7 @@ MAX_PENDING_RECEIPTS = 1000
 NO_TAG = "-" * 20
 ALERT_COALESCE = 60.0  # seconds during which the same alert is not raised again
 MAX_ALERT_KEYS = 4096
+TOKEN_CHECK_EVERY = 1.0  # seconds between checks that the token (a card) is still there
 
 
 def _host(address: object) -> str:
@@ -211,6 +212,11 @@ class Agent:
         self._dial_waiters: dict[Link, asyncio.Future[bool]] = {}
         self._flush_scheduled: set[str] = set()
         self._alerted: dict[tuple[object, ...], float] = {}
+        # Token presence: a card may be pulled out (see _check_token).
+        self._token_state = "ok"
+        self._token_message = f"{type(token).__name__} unlocked"
+        self._token_checking = False
+        self._last_token_check = -math.inf
         self._to_commit: list[tuple[Outgoing, asyncio.Future[None]]] = []
         self._stopping = asyncio.Event()
         self._routes_dirty = True
@@ -390,6 +396,8 @@ class Agent:
         return random.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 16)))
 
     def _dial_due(self, now: float) -> None:
+        if not self.token_ok:  # no new handshake while the card is out
+            return
         for info in self.peers.values():
             if (
                 info.address is None
@@ -486,6 +494,9 @@ class Agent:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         address = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if not self.token_ok:  # no new handshake while the card is out
+            writer.close()
+            return
         write_preamble(writer, self._tag(self.clock()))
         connection = self.listener.accept(address, self.clock())
         if connection is None:
@@ -605,7 +616,7 @@ class Agent:
         session = self.relayed.outgoing.get(peer)
         if session is not None and session.state not in (State.CLOSED, State.ERROR):
             return session
-        if not create or self.routing.route(peer) is None:
+        if not create or not self.token_ok or self.routing.route(peer) is None:
             return None
         now = self.clock()
         keyset = self.keys.keyset_for(peer, now)
@@ -669,8 +680,8 @@ class Agent:
         now = self.clock()
         if relay.src_initiated:
             listener = self.relayed.listener
-            if listener is None:
-                return
+            if listener is None or (not self.token_ok and listener.connection(peer) is None):
+                return  # (no new relayed session while the card is out)
             session = listener.datagram_received(relay.frame, peer, now)
             self._drain_listener_events()
             if session is not None:
@@ -861,6 +872,10 @@ class Agent:
             await asyncio.sleep(TICK)
 
     def _tick(self, now: float) -> None:
+        if not self._token_checking and now - self._last_token_check >= TOKEN_CHECK_EVERY:
+            self._last_token_check = now
+            self._token_checking = True
+            self._spawn(self._check_token())
         self._check_epoch(now)
         self._dial_due(now)
         self._roll_links(now)
@@ -939,6 +954,8 @@ class Agent:
         meanwhile: an established session does not expire with its CK). If that
         side is gone, the other side rolls after :data:`ROLL_GRACE` seconds.
         """
+        if not self.token_ok:  # a roll is a new handshake: not while the card is out
+            return
         for peer, link in list(self.links.items()):
             ck = link.connection.ck
             info = self.peers[peer]
@@ -975,6 +992,39 @@ class Agent:
                     f"the last keyset with {peer} expires in {int(expires - now) // 60} min",
                 )
 
+    # -- token presence ------------------------------------------------------------------------
+
+    @property
+    def token_ok(self) -> bool:
+        """False while the token is away: established sessions go on, new handshakes do not."""
+        return self._token_state == "ok"
+
+    async def _check_token(self) -> None:
+        """Ask the token whether it is still there, off the loop (a card answers over PC/SC).
+
+        CKs were unwrapped at start, so sessions never need the card; but a node
+        whose card is pulled out must stop admitting new peers until it is back
+        (the card re-verifies its PIN by itself when it returns).
+        """
+        try:
+            await asyncio.to_thread(self.token.check_present)
+        except TokenAbsent as exc:
+            self._set_token_state("absent", f"{exc}: new handshakes refused until it is back")
+        except TokenError as exc:
+            self._set_token_state("error", f"token unusable ({exc}): new handshakes refused")
+        else:
+            self._set_token_state("ok", f"{type(self.token).__name__} unlocked")
+        finally:
+            self._token_checking = False
+
+    def _set_token_state(self, state: str, message: str) -> None:
+        if state == self._token_state:
+            return
+        self._token_state, self._token_message = state, message
+        if state == "ok":
+            message = "the token is back: new handshakes accepted again"
+        self._alert("token", None, message)
+
     # -- control API -------------------------------------------------------------------------------
 
     async def _control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -1002,7 +1052,7 @@ class Agent:
             "epoch": None
             if epoch is None
             else {"index": epoch.index, "start": epoch.start, "end": epoch.end},
-            "token": {"state": "ok", "message": f"{type(self.token).__name__} unlocked"},
+            "token": {"state": self._token_state, "message": self._token_message},
             "listen": f"{self.listen_address[0]}:{self.listen_address[1]}",
             "links": len(self.links),
             "version": __version__,

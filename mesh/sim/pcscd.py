@@ -6,10 +6,12 @@ where ``/run`` is a fresh tmpfs and ``/run/pcscd`` is a folder of ours: the
 socket is then reachable outside as ``<folder>/pcscd.comm``, which clients
 name in ``PCSCLITE_CSOCK_NAME``. A system pcscd, if any, is never touched.
 
-Its reader configuration (``pcscd -c``) has one vsmartcard ``vpcd`` entry per
-pair of readers: the driver listens on the entry's port (slot ``00``) and the
-next one (slot ``01``) on every interface, so the ports are picked free and a
-virtual card (:class:`mesh.token.emulator.Emulator`) connects to 127.0.0.1.
+Its reader configuration (``pcscd -c``) has one vsmartcard ``vpcd`` entry,
+which makes two readers: the driver listens on the entry's port (slot ``00``)
+and the next one (slot ``01``) on every interface, so the ports are picked
+free and a virtual card (:class:`mesh.token.emulator.Emulator`) connects to
+127.0.0.1. (The driver keeps its state per loaded library, so a second entry
+in the same pcscd would not work: two readers per private pcscd.)
 
 libpcsclite reads ``PCSCLITE_CSOCK_NAME`` once per process: set it (see
 :meth:`PrivatePcscd.env`) before the first PC/SC call of a process, and use
@@ -33,7 +35,8 @@ from mesh.errors import MeshError
 __all__ = ["VPCD_DRIVER", "PcscdUnavailable", "PrivatePcscd", "VirtualReader"]
 
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
-SLOTS_PER_ENTRY = 2  # vpcd serves two readers per configuration entry: port and port + 1
+SLOTS = 2  # vpcd serves two readers per configuration entry: port and port + 1
+READER_NAME = "snrmesh vcard"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 PORT_RANGE = (20_000, 60_000)
@@ -63,13 +66,11 @@ def _port_pair_free(port: int) -> bool:
     return True
 
 
-def _free_port_pairs(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
+def _free_port_pair() -> int:
+    while True:
         port = random.randrange(*PORT_RANGE, 2)
-        if port not in ports and port + 1 not in ports and _port_pair_free(port):
-            ports.append(port)
-    return ports
+        if _port_pair_free(port):
+            return port
 
 
 def _namespace_command() -> list[str]:
@@ -93,11 +94,10 @@ def _namespace_command() -> list[str]:
 
 
 class PrivatePcscd:
-    """pcscd with ``2 * entries`` virtual readers, in ``folder``; stop it with :meth:`stop`."""
+    """pcscd with two virtual readers, its files in ``folder``; stop it with :meth:`stop`."""
 
-    def __init__(self, folder: str | os.PathLike[str], *, entries: int = 2) -> None:
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        self.entries = entries
         self.readers: list[VirtualReader] = []
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -123,14 +123,13 @@ class PrivatePcscd:
         conf, run = self.folder / "reader.conf.d", self.folder / "run"
         conf.mkdir(parents=True, exist_ok=True)
         run.mkdir(parents=True, exist_ok=True)
-        ports = _free_port_pairs(self.entries)
-        for index, port in enumerate(ports):
-            (conf / f"snrmesh-{index}").write_text(
-                f'FRIENDLYNAME "snrmesh vcard {chr(ord("A") + index)}"\n'
-                f"DEVICENAME /dev/null:{port}\n"
-                f"LIBPATH {VPCD_DRIVER}\n"
-                f"CHANNELID {port}\n"
-            )
+        port = _free_port_pair()
+        (conf / "snrmesh-vpcd").write_text(
+            f'FRIENDLYNAME "{READER_NAME}"\n'
+            f"DEVICENAME /dev/null:{port}\n"
+            f"LIBPATH {VPCD_DRIVER}\n"
+            f"CHANNELID {port}\n"
+        )
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--", "sh", "-c", _NAMESPACE_SCRIPT, "sh", str(run), pcscd, str(conf)],
@@ -147,9 +146,7 @@ class PrivatePcscd:
                 raise PcscdUnavailable(f"the private pcscd did not start: {tail.strip()}")
             time.sleep(0.05)
         self.readers = [
-            VirtualReader(f"snrmesh vcard {chr(ord('A') + index)} 00 {slot:02d}", port + slot)
-            for index, port in enumerate(ports)
-            for slot in range(SLOTS_PER_ENTRY)
+            VirtualReader(f"{READER_NAME} 00 {slot:02d}", port + slot) for slot in range(SLOTS)
         ]
         return self
 

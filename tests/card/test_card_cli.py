@@ -1,0 +1,93 @@
+"""``snrmesh card``: the emulator as its own process, ``readers``, help, and PC/SC failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh.sim.pcscd import PrivatePcscd
+from mesh.token.pcsc import PcscToken
+from tests.card.conftest import card_present, wait_for
+from tests.token.tokens import PIN
+
+
+def snrmesh(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", *args],
+        env={**os.environ, "SNRMESH_PIN": PIN, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_emulate_help_explains_how_to_run_a_node_on_a_virtual_card() -> None:
+    out = snrmesh("card", "emulate", "--help").stdout
+    for needle in ("vsmartcard-vpcd", "pcscd", "--token 'pcsc:Virtual PCD 00 00'", "snrmesh agent"):
+        assert needle in out
+
+
+def test_without_pcscd_a_card_command_fails_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("smartcard.scard", reason="pyscard is not installed")
+    env = {"PCSCLITE_CSOCK_NAME": str(tmp_path / "no-pcscd.comm")}
+    for args in (("card", "readers"), ("bundle", "inspect", "x.bundle", "--token", "pcsc:")):
+        result = snrmesh(*args, env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.splitlines() == [
+            "snrmesh: error: the PC/SC service is not running (start pcscd): Service not available"
+        ]
+
+
+def test_the_emulator_process_keeps_its_card_across_restarts(
+    pcscd: PrivatePcscd, tmp_path: Path
+) -> None:
+    reader = pcscd.readers[0]
+    state = tmp_path / "alpha-1.card"
+
+    def emulate() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mesh.cli",
+                "card",
+                "emulate",
+                "--state",
+                str(state),
+                "--vpcd",
+                f"127.0.0.1:{reader.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    process = emulate()
+    try:
+        wait_for(lambda: card_present(reader), 15, "the emulated card")
+        assert f"{reader.name}: snrmesh card, blank" in snrmesh("card", "readers").stdout
+        token = PcscToken(reader.name)
+        token.personalise(
+            pin=PIN,
+            token_id=os.urandom(16),
+            identity="alpha-1",
+            role="soldier",
+            keys=[os.urandom(32)] * 4,
+            generations=[1] * 4,
+        )
+        token.close()
+        process.send_signal(signal.SIGTERM)  # pull the card out
+        assert process.wait(10) == 0
+        wait_for(lambda: not card_present(reader), 10, "the card to go")
+        process = emulate()  # and put it back
+        wait_for(lambda: card_present(reader), 15, "the card to return")
+        listed = snrmesh("card", "readers", "--json").stdout
+        assert '"identity": "alpha-1"' in listed and '"life_cycle": "closed"' in listed
+    finally:
+        process.kill()
+        process.wait(10)

@@ -20,6 +20,7 @@ one private pcscd per process.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import shutil
@@ -40,6 +41,7 @@ READER_NAME = "snrmesh vcard"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 PORT_RANGE = (20_000, 60_000)
+PR_SET_PDEATHSIG = 1
 _NAMESPACE_SCRIPT = (
     "mount -t tmpfs -o mode=0755 tmpfs /run && mkdir /run/pcscd && "
     'mount --bind "$1" /run/pcscd && exec "$2" --foreground --config "$3"'
@@ -71,6 +73,11 @@ def _free_port_pair() -> int:
         port = random.randrange(*PORT_RANGE, 2)
         if _port_pair_free(port):
             return port
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when its parent dies (no pcscd left behind)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _namespace_command() -> list[str]:
@@ -137,6 +144,7 @@ class PrivatePcscd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while not self.socket_path.exists():

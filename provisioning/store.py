@@ -23,7 +23,7 @@ from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError
 from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassphrase
 
-__all__ = ["STORE_NAME", "Store"]
+__all__ = ["STORE_NAME", "Store", "open_node_keys", "open_sealer", "seal_node_keys"]
 
 STORE_NAME = "desk.sqlite"
 SCHEMA_VERSION = 1
@@ -147,12 +147,7 @@ class Store:
             )
             if meta.get("schema") != SCHEMA_VERSION:
                 raise DeskCorrupt(f"desk store {path} has an unknown schema version")
-            salt, n, r, p = cbor2.loads(meta["kdf"])
-            sealer = Sealer(passphrase, SealingParams(salt=salt, n=n, r=r, p=p))
-            try:
-                sealer.open(meta["canary"], b"canary")
-            except InvalidTag:
-                raise WrongPassphrase("wrong desk passphrase") from None
+            sealer = open_sealer(passphrase, meta["kdf"], meta["canary"])
         except sqlite3.DatabaseError as exc:
             db.close()
             raise DeskCorrupt(f"desk store {path} is corrupt: {exc}") from None
@@ -201,18 +196,50 @@ class Store:
     def seal_keys(
         self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]
     ) -> bytes:
-        return self.sealer.seal(cbor2.dumps(list(keys)), _keys_aad(identity, token_id, generation))
+        return seal_node_keys(self.sealer, identity, token_id, generation, keys)
 
     def open_keys(
         self, identity: str, token_id: bytes, generation: int, blob: bytes
     ) -> tuple[bytes, ...]:
-        try:
-            keys = cbor2.loads(self.sealer.open(blob, _keys_aad(identity, token_id, generation)))
-        except (InvalidTag, cbor2.CBORDecodeError):
-            raise DeskCorrupt(f"sealed keys of {identity} do not open (store tampered?)") from None
-        if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):
-            raise DeskCorrupt(f"sealed keys of {identity} are malformed")
-        return tuple(keys)
+        return open_node_keys(self.sealer, identity, token_id, generation, blob)
+
+
+def open_sealer(passphrase: str, kdf: object, canary: object) -> Sealer:
+    """The desk's sealer from its stored scrypt parameters, checked against the canary.
+
+    Apart from :class:`Store` so that a store holding the desk's rows elsewhere
+    (the Authentication Server's PostgreSQL copy) opens them with the same key.
+    Raises :class:`WrongPassphrase`, or ``KeyError``/``ValueError``/``TypeError``/
+    ``CryptoError``/``CBORDecodeError`` on malformed metadata.
+    """
+    if not isinstance(kdf, bytes) or not isinstance(canary, bytes):
+        raise TypeError("desk kdf and canary must be bytes")
+    salt, n, r, p = cbor2.loads(kdf)
+    sealer = Sealer(passphrase, SealingParams(salt=salt, n=n, r=r, p=p))
+    try:
+        sealer.open(canary, b"canary")
+    except InvalidTag:
+        raise WrongPassphrase("wrong desk passphrase") from None
+    return sealer
+
+
+def seal_node_keys(
+    sealer: Sealer, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]
+) -> bytes:
+    """A node's slot keys sealed under the desk key, bound to its row and generation."""
+    return sealer.seal(cbor2.dumps(list(keys)), _keys_aad(identity, token_id, generation))
+
+
+def open_node_keys(
+    sealer: Sealer, identity: str, token_id: bytes, generation: int, blob: bytes
+) -> tuple[bytes, ...]:
+    try:
+        keys = cbor2.loads(sealer.open(bytes(blob), _keys_aad(identity, token_id, generation)))
+    except (InvalidTag, cbor2.CBORDecodeError):
+        raise DeskCorrupt(f"sealed keys of {identity} do not open (store tampered?)") from None
+    if not isinstance(keys, list) or not all(isinstance(k, bytes) for k in keys):
+        raise DeskCorrupt(f"sealed keys of {identity} are malformed")
+    return tuple(keys)
 
 
 def _keys_aad(identity: str, token_id: bytes, generation: int) -> bytes:

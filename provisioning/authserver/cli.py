@@ -28,9 +28,10 @@ from provisioning.authserver.meters import (
     import_meters,
     simulate_fleet,
 )
+from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import AuthService
 from provisioning.authserver.server import serve_forever
-from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore
+from provisioning.authserver.store import SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.store import Store
 
 __all__ = ["add_import_meters_arguments", "cmd_import_meters", "register"]
@@ -44,6 +45,8 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
 
   export SNRMESH_DESK_PASSPHRASE=... SNRMESH_PIN=...
   snrmesh as serve --store desk --listen 127.0.0.1:7450 &
+  snrmesh as import-desk desk --postgres "host=/run/postgresql dbname=as"   # once
+  snrmesh as serve --postgres "host=/run/postgresql dbname=as" --workers 4 &
   snrmesh as request --as 127.0.0.1:7450 --token alpha-1.token --target gs-1
 """
 
@@ -77,9 +80,14 @@ def _factory_seed(path: str, *, create: bool) -> bytes:
 # -- handlers ---------------------------------------------------------------------------------
 
 
-def _open_store(args: argparse.Namespace, passphrase: str) -> KeyStateStore:
+def _open_store(args: argparse.Namespace, passphrase: str) -> SqlKeyStateStore:
+    if bool(args.store) == bool(args.postgres):
+        raise LocalAuthError(
+            "give either --store DIR (the desk's SQLite file) or --postgres DSN "
+            "(a database made by 'snrmesh as import-desk'), not both"
+        )
     if args.postgres:
-        raise LocalAuthError("--postgres: the PostgreSQL store is not built yet")
+        return PostgresKeyStateStore.open(args.postgres, passphrase)
     return SqliteKeyStateStore.open(args.store, passphrase)
 
 
@@ -112,6 +120,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(counters, sort_keys=True), flush=True)
     return 0
+
+
+def cmd_import_desk(args: argparse.Namespace) -> int:
+    """``snrmesh as import-desk DIR --postgres DSN``: the desk's mission into PostgreSQL, once."""
+    store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
+    with contextlib.closing(store):
+        counts = import_desk(store, args.postgres, now=int(time.time()), source=str(args.dir))
+    return _emit(
+        args,
+        counts,
+        f"imported {counts['nodes']} nodes, {counts['keysets']} keysets and "
+        f"{counts['audit']} audit rows into PostgreSQL; serve it with "
+        "'snrmesh as serve --postgres DSN' (the desk's file no longer tracks token keys)",
+    )
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """``snrmesh as revoke NODE (--store DIR | --postgres DSN)``."""
+    with contextlib.closing(
+        _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
+    ) as store:
+        store.revoke(args.node, int(time.time()))
+    return _emit(args, {"revoked": args.node}, f"{args.node} revoked: no further keysets")
 
 
 def cmd_request(args: argparse.Namespace) -> int:
@@ -248,7 +279,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(func=cmd_serve)
     p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
     p.add_argument("--listen", default="127.0.0.1:7450", metavar="HOST:PORT")
-    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store (see 'as migrate')")
+    p.add_argument(
+        "--postgres", metavar="DSN", help="PostgreSQL store instead (see 'as import-desk')"
+    )
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
     p.add_argument(
         "--key-lifetime",
@@ -279,6 +312,25 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="keyset requests per second per identity (bursts of 10)",
     )
     p.add_argument("--json", action="store_true", help="print counters as JSON on exit")
+
+    p = sub.add_parser(
+        "import-desk",
+        help="copy a desk's mission into an empty PostgreSQL database (once)",
+        description="Copy the desk in DIR (nodes, sealed keys, groups, pairs, keysets, "
+        "audit log) into the empty PostgreSQL database DSN, for 'as serve --postgres'. "
+        "From then on token keys change in PostgreSQL only.",
+    )
+    p.set_defaults(func=cmd_import_desk)
+    p.add_argument("dir", metavar="DIR", help="desk directory (holds desk.sqlite)")
+    p.add_argument("--postgres", required=True, metavar="DSN", help="e.g. 'host=/run/pg dbname=as'")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("revoke", help="revoke a node in the AS store (PostgreSQL or desk)")
+    p.set_defaults(func=cmd_revoke)
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--store", metavar="DIR", help="desk directory")
+    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("request", help="authenticate with a token and fetch a keyset")
     p.set_defaults(func=cmd_request)

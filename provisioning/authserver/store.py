@@ -30,7 +30,7 @@ from typing import Any
 from jwcrypto import jwk
 from jwcrypto.common import base64url_encode
 
-from mesh.crypto import random_bytes
+from mesh.crypto import Sealer, random_bytes
 from mesh.keyset import CommunicationKeyset, read_copy_header, wrap_copy
 from mesh.keyset.keyset import CK_ID_SIZE, PAIR_KEY_SIZE
 from mesh.keyset.mission import Epoch, Mission
@@ -40,7 +40,7 @@ from provisioning.authserver.keystate import TokenKeys
 from provisioning.desk import _rewrap as rewrap_copy
 from provisioning.desk import derive_slot_keys
 from provisioning.errors import DeskCorrupt
-from provisioning.store import Store
+from provisioning.store import Store, open_node_keys, seal_node_keys
 
 __all__ = [
     "AS_SCHEMA_VERSION",
@@ -87,20 +87,26 @@ class IssuedKeyset:
 
 
 class Sealing:
-    """Opening and sealing slot keys the way the desk does (``Store.seal_keys``)."""
+    """Opening and sealing slot keys the way the desk does, with the desk's sealer.
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    Takes the :class:`Sealer` rather than a desk :class:`Store` so that the
+    PostgreSQL store, which holds the desk's rows but no SQLite file, seals alike.
+    """
+
+    __slots__ = ("_sealer",)
+
+    def __init__(self, sealer: Sealer) -> None:
+        self._sealer = sealer
 
     def open(
         self, identity: str, token_id: bytes, generation: int, blob: bytes
     ) -> tuple[bytes, ...]:
-        return self._store.open_keys(identity, token_id, generation, bytes(blob))
+        return open_node_keys(self._sealer, identity, token_id, generation, blob)
 
     def seal(
         self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]
     ) -> bytes:
-        return self._store.seal_keys(identity, token_id, generation, keys)
+        return seal_node_keys(self._sealer, identity, token_id, generation, keys)
 
 
 class KeyStateStore(ABC):
@@ -297,6 +303,30 @@ class SqlKeyStateStore(KeyStateStore):
                 outcome="suspended",
             )
 
+    def revoke(self, identity: str, now: int) -> None:
+        """No further keysets for ``identity`` (what ``desk revoke`` does to the desk's file).
+
+        For a store the desk cannot reach (PostgreSQL after ``as import-desk``).
+        """
+        with self.transaction() as cur:
+            record = self._locked(cur, identity)
+            self._exec(
+                cur,
+                "UPDATE nodes SET revoked_at = COALESCE(revoked_at, ?) WHERE identity = ?",
+                (now, identity),
+            )
+            self._audit(cur, now, "revoke", node=identity, token=record.token_id.hex())
+
+    def audit_log(self, op: str | None = None) -> list[dict[str, Any]]:
+        """Audit rows in order (optionally one ``op``), as the desk's ``audit_log`` shows them."""
+        where = "" if op is None else " WHERE op = ?"
+        with self.transaction() as cur:
+            self._exec(cur, f"SELECT seq, at, op, detail FROM audit{where} ORDER BY seq", (
+                () if op is None else (op,)
+            ))
+            rows = cur.fetchall()
+        return [{"seq": q, "at": at, "op": o, **json.loads(d)} for q, at, o, d in rows]
+
     def _epoch(self, epoch: int | None, now: int) -> Epoch:
         current = self.mission.epoch_at(now)
         if current is None:
@@ -421,7 +451,7 @@ class SqliteKeyStateStore(SqlKeyStateStore):
     """The desk's SQLite file as the AS store (one connection per worker process)."""
 
     def __init__(self, store: Store, mission: Mission) -> None:
-        super().__init__(Sealing(store), mission)
+        super().__init__(Sealing(store.sealer), mission)
         self.store = store
         store.db.execute("PRAGMA busy_timeout = 10000")
         migrate_sqlite(store.db)

@@ -6,12 +6,19 @@ Desk ``grid`` (30 days, 1-day epochs). Nodes with software tokens: gs-1
 uav-1 are *not* mates). 20 meters (``meter-0000001``...) from a fixed factory
 seed, each paired with gs-1.
 
+The ``store`` fixture runs each test twice: on the desk's SQLite file and on a
+PostgreSQL database imported from it (``as import-desk``), cloned per test from
+a template on a private server (``pgserver.py``); the PostgreSQL run skips, with
+the reason, where no PostgreSQL can run.
+
 ``pair`` drives a :class:`ClientSession` against a :class:`ServerSession` in
 memory (``transfer``), with an optional hook to drop or alter bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +34,12 @@ from provisioning.authserver.cookies import AdmissionConfig
 from provisioning.authserver.keystate import KeyPolicy
 from provisioning.authserver.messages import KeysetRequest
 from provisioning.authserver.meters import import_meters
+from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import AuthService, ClientEvent, ClientSession, ServerSession
-from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore
+from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.desk import Desk
+from provisioning.store import Store
+from tests.authserver.pgserver import PostgresServer, unavailable_reason
 
 PASSPHRASE = "correct horse battery"
 PIN = "1357"
@@ -85,9 +95,44 @@ def site(site_template: Path, tmp_path: Path) -> Site:
     return Site(root)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the session (skips with the reason if none can run)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres: PostgresServer, site_template: Path) -> str:
+    """A database holding ``site_template``'s desk, cloned per test (CREATE ... TEMPLATE)."""
+    dsn = postgres.create_database("as_site")
+    with contextlib.closing(Store.open(site_template / "desk", PASSPHRASE)) as desk_store:
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    return "as_site"
+
+
+_databases = itertools.count()
+
+
 @pytest.fixture
-def store(site: Site) -> Iterator[KeyStateStore]:
-    opened = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+def postgres_dsn(request: pytest.FixtureRequest) -> str:
+    """A fresh copy of the site's database; the ``site`` fixture's files match it."""
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    template: str = request.getfixturevalue("postgres_template")
+    return postgres.create_database(f"as_test_{next(_databases)}", template=template)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, site: Site) -> Iterator[SqlKeyStateStore]:
+    opened: SqlKeyStateStore
+    if request.param == "sqlite":
+        opened = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    else:
+        opened = PostgresKeyStateStore.open(request.getfixturevalue("postgres_dsn"), PASSPHRASE)
     yield opened
     opened.close()
 

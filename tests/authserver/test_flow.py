@@ -11,13 +11,23 @@ from provisioning.authserver.errors import Refusal
 from provisioning.authserver.messages import Answer, decode, encode
 from provisioning.authserver.meters import meter_identity, meter_token
 from provisioning.authserver.protocol import Authenticated, ClientSession, Granted, Refused
-from provisioning.authserver.store import KeyStateStore
+from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
 from tests.authserver.conftest import NOW, SEED, Site, make_service, request, run, transfer
 
 
-def _audit(site: Site, op: str) -> list[dict[str, object]]:
-    with site.open() as desk:
-        return [e for e in desk.audit_log() if e["op"] == op]
+def _audit(store: KeyStateStore, op: str | None) -> list[dict[str, object]]:
+    assert isinstance(store, SqlKeyStateStore)
+    return store.audit_log(op)
+
+
+def _revoke(site: Site, store: KeyStateStore, node: str) -> None:
+    """The desk revokes on its own file; a PostgreSQL store is revoked in place."""
+    if isinstance(store, SqliteKeyStateStore):
+        with site.open() as desk:
+            desk.revoke(node, now=NOW)
+    else:
+        assert isinstance(store, SqlKeyStateStore)
+        store.revoke(node, NOW)
 
 
 def test_full_flow_key_change_keyset_ticket_handshake_and_chat(
@@ -56,12 +66,11 @@ def test_full_flow_key_change_keyset_ticket_handshake_and_chat(
             received.append(event.data)
     assert received == [b"hello gs-1"]
     # the audit log names the key change and the keyset, never a key
-    changes = _audit(site, "as-key-change")
+    changes = _audit(store, "as-key-change")
     assert [c["outcome"] for c in changes] == ["sent", "committed"]
-    issued = _audit(site, "as-keyset")
+    issued = _audit(store, "as-keyset")
     assert issued[0]["ck"] == grant.ck_id.hex() and issued[0]["epoch"] == 0
-    with site.open() as desk:
-        text = json.dumps(desk.audit_log())
+    text = json.dumps(_audit(store, None))
     assert grant.own not in text and ck.pair_key.hex() not in text
 
 
@@ -158,7 +167,7 @@ def test_cloned_token_detected_and_suspended(site: Site, store: KeyStateStore) -
     assert store.load(original.identity).suspended  # type: ignore[union-attr]
     # the identity stays suspended, for the original too, until the desk acts
     assert run(service, original, [request("gs-1")]) == [Refused(Refusal.SUSPENDED, None)]
-    alerts = _audit(site, "as-clone-alert")
+    alerts = _audit(store, "as-clone-alert")
     assert alerts[0]["node"] == original.identity and alerts[0]["presented_generation"] == 1
 
 
@@ -209,12 +218,10 @@ def test_keyset_outside_policy_or_for_revoked_target_refused(
     alpha = site.token("alpha-1")
     events = run(service, alpha, [request("uav-1"), request("nobody"), request("alpha-1")])
     assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY] * 3
-    with site.open() as desk:
-        desk.revoke("gs-1", now=NOW)
+    _revoke(site, store, "gs-1")
     events = run(service, alpha, [request("gs-1")])
     assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
-    with site.open() as desk:
-        desk.revoke("alpha-2", now=NOW)
+    _revoke(site, store, "alpha-2")
     assert run(service, site.token("alpha-2"), []) == [Refused(Refusal.SUSPENDED, None)]
 
 

@@ -1,0 +1,264 @@
+"""PostgreSQL as the Authentication Server's store: several workers (or hosts) on one database.
+
+The desk stays a SQLite file on an offline machine; ``snrmesh as import-desk``
+copies its mission, nodes, groups, pairs, keysets and audit log into an empty
+PostgreSQL database once (:func:`import_desk`). From then on the database is
+the mission's key state: the AS changes token keys there, so the desk's file
+no longer knows the current generations (revocation: ``snrmesh as revoke``).
+
+Sealed slot keys are copied as they are: they stay sealed under the desk
+passphrase's scrypt key (the parameters and canary travel in ``mission``), so
+a database dump alone opens nothing. The store logic is
+:class:`SqlKeyStateStore`'s; this module only connects, spells placeholders
+``%s`` and locks a token's row with ``SELECT ... FOR UPDATE`` inside each
+transaction, which serialises every change of one token across workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import cbor2
+import psycopg
+
+from mesh.crypto.primitives import CryptoError
+from mesh.keyset import KeysetError
+from mesh.keyset.mission import Mission
+from provisioning.authserver.errors import LocalAuthError, StoreUnavailable
+from provisioning.authserver.store import AS_SCHEMA_VERSION, Sealing, SqlKeyStateStore
+from provisioning.errors import DeskCorrupt
+from provisioning.store import Store, open_sealer
+
+__all__ = ["MAX_DSN_LENGTH", "SCHEMA", "PostgresKeyStateStore", "import_desk"]
+
+MAX_DSN_LENGTH = 1024
+CONNECT_TIMEOUT = 10  # seconds; a database that does not answer is "unavailable", not a hang
+SCHEMA = """
+CREATE TABLE mission (
+    singleton      BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+    as_schema      INTEGER NOT NULL,
+    mission_id     BYTEA NOT NULL,
+    name           TEXT NOT NULL,
+    start_at       BIGINT NOT NULL,
+    end_at         BIGINT NOT NULL,
+    epoch_seconds  BIGINT NOT NULL,
+    kdf            BYTEA NOT NULL,
+    canary         BYTEA NOT NULL
+);
+CREATE TABLE nodes (
+    identity            TEXT PRIMARY KEY,
+    role                TEXT NOT NULL,
+    token_id            BYTEA NOT NULL UNIQUE,
+    generation          BIGINT NOT NULL,
+    sealed_keys         BYTEA NOT NULL,
+    pending_keys        BYTEA,
+    personalised        BIGINT NOT NULL DEFAULT 0,
+    enrolled_at         BIGINT NOT NULL,
+    revoked_at          BIGINT,
+    previous_keys       BYTEA,
+    previous_generation BIGINT,
+    keys_since          BIGINT,
+    last_auth           BIGINT,
+    suspended_at        BIGINT
+);
+CREATE TABLE groups (
+    name   TEXT NOT NULL,
+    member TEXT NOT NULL REFERENCES nodes(identity),
+    PRIMARY KEY (name, member)
+);
+CREATE INDEX groups_by_member ON groups (member, name);
+CREATE TABLE pairs (
+    a TEXT NOT NULL REFERENCES nodes(identity),
+    b TEXT NOT NULL REFERENCES nodes(identity),
+    PRIMARY KEY (a, b),
+    CHECK (a < b)
+);
+CREATE TABLE keysets (
+    ck_id      BYTEA PRIMARY KEY,
+    a          TEXT NOT NULL,
+    b          TEXT NOT NULL,
+    epoch      BIGINT NOT NULL,
+    not_before BIGINT NOT NULL,
+    not_after  BIGINT NOT NULL,
+    copy_a     TEXT NOT NULL,
+    copy_b     TEXT NOT NULL,
+    UNIQUE (a, b, epoch)
+);
+CREATE INDEX keysets_by_b ON keysets (b, epoch);
+CREATE TABLE audit (
+    seq    BIGSERIAL PRIMARY KEY,
+    at     BIGINT NOT NULL,
+    op     TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
+"""
+# the desk's tables in copy order (foreign keys), with the PostgreSQL columns of each
+TABLES = (
+    (
+        "nodes",
+        (
+            "identity",
+            "role",
+            "token_id",
+            "generation",
+            "sealed_keys",
+            "pending_keys",
+            "personalised",
+            "enrolled_at",
+            "revoked_at",
+            "previous_keys",
+            "previous_generation",
+            "keys_since",
+            "last_auth",
+            "suspended_at",
+        ),
+    ),
+    ("groups", ("name", "member")),
+    ("pairs", ("a", "b")),
+    ("keysets", ("ck_id", "a", "b", "epoch", "not_before", "not_after", "copy_a", "copy_b")),
+    ("audit", ("seq", "at", "op", "detail")),
+)
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    if len(dsn) > MAX_DSN_LENGTH:
+        raise LocalAuthError(f"the PostgreSQL DSN is longer than {MAX_DSN_LENGTH} characters")
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, int]:
+    """Copy a desk's mission into an empty PostgreSQL database, in one transaction.
+
+    Refuses a database that already holds a mission: importing twice would fork
+    the key state (the AS changes keys in PostgreSQL, not in the desk's file).
+    Rows are streamed (``COPY``), so a million meters need no more memory than a
+    few. Returns the rows copied per table.
+    """
+    desk_db = store.db
+    mission = [store.meta(k) for k in ("mission_id", "name", "start", "end", "epoch_seconds")]
+    kdf, canary = store.meta("kdf"), store.meta("canary")
+    counts: dict[str, int] = {}
+    with contextlib.closing(_connect(dsn)) as conn:
+        try:
+            with conn.transaction():
+                present = conn.execute("SELECT to_regclass('mission')").fetchone()
+                if present is not None and present[0] is not None:
+                    raise LocalAuthError(
+                        "this PostgreSQL database already holds a mission; "
+                        "import a desk into an empty database"
+                    )
+                conn.execute(SCHEMA)
+                conn.execute(
+                    "INSERT INTO mission (as_schema, mission_id, name, start_at, end_at, "
+                    "epoch_seconds, kdf, canary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (AS_SCHEMA_VERSION, *mission, kdf, canary),
+                )
+                cur = conn.cursor()
+                for table, columns in TABLES:
+                    have = {r[1] for r in desk_db.execute(f"PRAGMA table_info({table})")}
+                    select = ", ".join(c if c in have else "NULL" for c in columns)
+                    n = 0
+                    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                        for row in desk_db.execute(f"SELECT {select} FROM {table}"):
+                            copy.write_row(row)
+                            n += 1
+                    counts[table] = n
+                conn.execute(
+                    "SELECT setval(pg_get_serial_sequence('audit', 'seq'), MAX(seq)) "
+                    "FROM audit HAVING MAX(seq) IS NOT NULL"
+                )
+                conn.execute(
+                    "INSERT INTO audit (at, op, detail) VALUES (%s, %s, %s)",
+                    (now, "as-import", json.dumps({"source": source, **counts}, sort_keys=True)),
+                )
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
+        except sqlite3.Error as exc:
+            raise DeskCorrupt(f"cannot read the desk store: {exc}") from None
+    return counts
+
+
+class PostgresKeyStateStore(SqlKeyStateStore):
+    """A PostgreSQL database (made by :func:`import_desk`) as the AS store, one connection each.
+
+    A broken connection (database restarted) is replaced at the next
+    transaction; the request that saw it fails as ``unavailable`` and the client
+    retries.
+    """
+
+    placeholder = "%s"
+    lock = " FOR UPDATE"
+
+    def __init__(
+        self, dsn: str, conn: psycopg.Connection[Any], sealing: Sealing, mission: Mission
+    ) -> None:
+        super().__init__(sealing, mission)
+        self._dsn = dsn
+        self._conn = conn
+
+    @classmethod
+    def open(cls, dsn: str, passphrase: str) -> PostgresKeyStateStore:
+        conn = _connect(dsn)
+        try:
+            row = conn.execute(
+                "SELECT as_schema, mission_id, name, start_at, end_at, epoch_seconds, kdf, "
+                "canary FROM mission"
+            ).fetchone()
+        except psycopg.errors.UndefinedTable:
+            conn.close()
+            raise LocalAuthError(
+                "this PostgreSQL database holds no mission (run 'snrmesh as import-desk')"
+            ) from None
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from None
+        try:
+            if row is None or row[0] != AS_SCHEMA_VERSION:
+                raise DeskCorrupt("the PostgreSQL store's mission record is missing or unknown")
+            sealer = open_sealer(passphrase, bytes(row[6]), bytes(row[7]))
+            mission = Mission(bytes(row[1]), row[2], row[3], row[4], row[5])
+        except (
+            KeysetError,
+            KeyError,
+            ValueError,
+            TypeError,
+            CryptoError,
+            cbor2.CBORDecodeError,
+        ) as exc:
+            conn.close()
+            raise DeskCorrupt(f"the PostgreSQL store's mission record is corrupt: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(dsn, conn, Sealing(sealer), mission)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Cursor[Any]]:
+        if self._conn.closed or self._conn.broken:
+            self._conn = _connect(self._dsn)
+        try:
+            with self._conn.transaction():
+                yield self._conn.cursor()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,210 @@
+"""PostgreSQL specifics: the import, the row lock across workers, ``as serve --postgres``.
+
+The flow tests run on PostgreSQL too (the ``store`` fixture); these test what
+only a shared database can get wrong: two workers changing one token's keys at
+once must never leave two different "next" generations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psycopg
+import pytest
+
+from mesh.token import Slot
+from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.errors import AuthRefused, LocalAuthError, RemoteAuthError
+from provisioning.authserver.meters import MemoryToken, meter_identity, meter_token
+from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
+from provisioning.authserver.protocol import Authenticated
+from provisioning.errors import WrongPassphrase
+from provisioning.store import Store
+from tests.authserver.conftest import NOW, PASSPHRASE, PIN, SEED, Site, request
+from tests.authserver.pgserver import PostgresServer
+
+T = TypeVar("T")
+WORKERS = 2
+CALLERS = 16
+
+
+def _race(
+    stores: list[PostgresKeyStateStore], call: Callable[[PostgresKeyStateStore], T]
+) -> list[T]:
+    """Run ``call`` CALLERS times at once, spread over the workers' stores (one thread each)."""
+    barrier = threading.Barrier(CALLERS)
+    results: list[T | BaseException] = [RuntimeError("not run")] * CALLERS
+    locks = [threading.Lock() for _ in stores]  # a worker's connection serves one call at a time
+
+    def one(i: int) -> None:
+        barrier.wait()
+        with locks[i % len(stores)]:
+            try:
+                results[i] = call(stores[i % len(stores)])
+            except BaseException as exc:  # reported by the assertion below
+                results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(CALLERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    return results  # type: ignore[return-value]
+
+
+def test_two_workers_racing_one_token_never_fork_its_generations(postgres_dsn: str) -> None:
+    # one connection per worker plus a second pair: four connections race on one row
+    stores = [PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE) for _ in range(2 * WORKERS)]
+    try:
+        meter = meter_identity("meter", 1)
+        prepared = _race(stores, lambda s: s.prepare_key_change(meter, 1, NOW))
+        assert len({p.pending for p in prepared}) == 1  # one pending generation 2, not several
+        _race(stores, lambda s: s.commit_key_change(meter, 2, NOW + 1))
+        record = stores[0].load(meter)
+        assert record is not None and record.generation == 2 and record.keys == prepared[0].pending
+        assert record.previous == prepared[0].keys
+        changes = stores[0].audit_log("as-key-change")
+        assert [(c["generation"], c["outcome"]) for c in changes] == [
+            (2, "sent"),
+            (2, "committed"),
+        ]
+        # the same pair's keyset asked from both sides at once: one CK
+        issued = _race(
+            stores,
+            lambda s: s.issue(
+                *(("gs-1", "alpha-1") if id(s) % 2 else ("alpha-1", "gs-1")), "test", None, NOW
+            ),
+        )
+        assert len({k.ck_id for k in issued}) == 1
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_import_refuses_a_second_import_and_a_wrong_passphrase(
+    site: Site, postgres_dsn: str
+) -> None:
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(LocalAuthError, match="already holds a mission"),
+    ):
+        import_desk(desk_store, postgres_dsn, now=NOW, source="again")
+    with pytest.raises(WrongPassphrase):
+        PostgresKeyStateStore.open(postgres_dsn, "not the passphrase")
+    store = PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE)
+    try:
+        # sealed keys were copied as sealed: they open with the desk's key, bound to their row
+        assert store.load("alpha-1") is not None and store.load("nobody") is None
+        assert [e["op"] for e in store.audit_log()][:1] == ["init"]
+        with pytest.raises(RemoteAuthError):
+            store.revoke("nobody", NOW)
+        # the audit log is append-only in PostgreSQL too
+        with pytest.raises(psycopg.errors.RaiseException), psycopg.connect(postgres_dsn) as conn:
+            conn.execute("DELETE FROM audit")
+    finally:
+        store.close()
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE, "SNRMESH_PIN": PIN}
+
+
+def test_cli_import_then_two_workers_serve_one_token_racing(
+    site: Site, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    cli = [sys.executable, "-m", "mesh.cli", "as"]
+    dsn = postgres.create_database("as_cli")
+    done = subprocess.run(
+        [*cli, "import-desk", str(site.desk_dir), "--postgres", dsn, "--json"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["nodes"] == 24
+    both = subprocess.run(
+        [*cli, "serve", "--store", str(site.desk_dir), "--postgres", dsn],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert both.returncode == 1 and "not both" in both.stderr
+    server = subprocess.Popen(
+        [
+            *cli,
+            "serve",
+            "--postgres",
+            dsn,
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            str(WORKERS),
+            "--key-lifetime",
+            "0",
+            "--identity-rate",
+            "100",
+            "--json",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on" in line, server.stderr.read() if server.stderr else ""
+        host, port = line.split()[4].rsplit(":", 1)
+        # copies of one meter's token all racing through both workers: key change at every link
+        tokens = [meter_token(SEED, meter_identity("meter", 9)) for _ in range(CALLERS)]
+
+        async def one(token: MemoryToken) -> Authenticated | None:
+            try:
+                outcome = await request_keysets(
+                    host,
+                    int(port),
+                    token,
+                    [request("gs-1")],
+                    backoff=Backoff(attempts=4, base=0.05),
+                )
+            except AuthRefused:  # a copy still at generation 1 after the commit: a "clone"
+                return None
+            return outcome.authenticated
+
+        async def race() -> list[Authenticated | None]:
+            return list(await asyncio.gather(*(one(t) for t in tokens)))
+
+        authenticated = asyncio.run(race())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    won = [t for t, a in zip(tokens, authenticated, strict=True) if a is not None]
+    assert won and all(a.generation == 2 for a in authenticated if a is not None)
+    # every copy that got in holds the same generation-2 keys: one generation, not a fork
+    assert len({t.derive(Slot.AUTH, b"probe") for t in won}) == 1
+    assert {t.info().generation(Slot.AUTH) for t in won} == {2}
+    with contextlib.closing(PostgresKeyStateStore.open(dsn, PASSPHRASE)) as store:
+        record = store.load(meter_identity("meter", 9))
+        changes = [
+            (c["generation"], c["outcome"])
+            for c in store.audit_log("as-key-change")
+            if c["node"] == meter_identity("meter", 9)
+        ]
+    assert record is not None and record.generation == 2
+    assert record.keys[Slot.AUTH] and changes[:2] == [(2, "sent"), (2, "committed")]
+    assert changes.count((2, "committed")) == 1

@@ -14,30 +14,41 @@
 3. **Reconnect storm**: ``--storm`` meters power up at once through 8
    concentrator addresses; time until all are served, and the share of
    HELLOs answered with a cookie or a busy refusal.
+4. Steps 2 and 3 again on **PostgreSQL** (unless ``--no-postgres``): a private
+   server (``tests/authserver/pgserver.py``, Unix socket, fsync and
+   synchronous commit *on*) holding the same desk, imported right after
+   enrolment (``as import-desk``, timed), served by ``as serve --postgres``.
 
-Client and server share this machine's cores, so the figures are the
-server's rate *while* the simulated fleet also burns CPU.
+The simulated meters run in ``--client-procs`` processes of their own (so one
+client process's event loop does not cap the figure), but client and server
+share this machine's cores: the figures are the server's rate *while* the
+fleet also burns CPU, which the output states.
 
     python bench/auth_server.py                                   # the full run
     python bench/auth_server.py --meters 20000 --seconds 5 --storm 2000 --json   # smoke run
 """
 
+# ruff: noqa: E402 - the path fix below must precede the imports
 from __future__ import annotations
+
+import sys
+
+# bench/ also holds token.py, which would shadow the standard library's ``token``
+# (asyncio -> traceback -> tokenize): import from the repository root instead
+sys.path[0] = __file__.rsplit("/", 2)[0] or "."
 
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import resource
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -51,7 +62,10 @@ from provisioning.authserver.meters import (
     meter_token,
     simulate_fleet,
 )
+from provisioning.authserver.postgres import import_desk
 from provisioning.desk import Desk
+from provisioning.store import Store
+from tests.authserver.pgserver import PostgresServer, unavailable_reason
 
 PASSPHRASE = "bench passphrase"
 HEAD_END = "head-end"
@@ -85,11 +99,11 @@ def crypto_floor(seconds: float = 1.0) -> float:
     return n / (time.perf_counter() - started)
 
 
-def start_server(store: Path, workers: int, key_lifetime: float) -> tuple[subprocess.Popen[str],
-                                                                          str, int]:
+def start_server(store: list[str], workers: int, key_lifetime: float) -> tuple[
+        subprocess.Popen[str], str, int]:
     env = {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "as", "serve", "--store", str(store),
+        [sys.executable, "-m", "mesh.cli", "as", "serve", *store,
          "--listen", "127.0.0.1:0", "--workers", str(workers), "--key-lifetime",
          str(key_lifetime), "--identity-rate", "100", "--json"],
         env=env, stdout=subprocess.PIPE, text=True,
@@ -107,12 +121,13 @@ def stop_server(server: subprocess.Popen[str]) -> None:
     server.communicate(timeout=60)
 
 
-async def sustained(host: str, port: int, seed: bytes, meters: int, clients: int,
-                    seconds: float) -> dict[str, float]:
+async def sustained_loops(host: str, port: int, seed: bytes, meters: int, clients: int,
+                          mine: list[int], seconds: float) -> tuple[list[float], int]:
+    """Client loops ``mine`` (of ``clients``) in this process; latencies and failures."""
     latencies: list[float] = []
     failures = 0
     deadline = time.perf_counter() + seconds
-    rng = random.Random(7)
+    rng = random.Random(7 + mine[0])
 
     async def loop(worker: int) -> None:
         nonlocal failures
@@ -134,15 +149,56 @@ async def sustained(host: str, port: int, seed: bytes, meters: int, clients: int
             else:
                 failures += 1
 
+    await asyncio.gather(*(loop(w) for w in mine))
+    return latencies, failures
+
+
+def _client_process(args: tuple[str, int, bytes, int, int, list[int], float]
+                    ) -> tuple[list[float], int]:
+    return asyncio.run(sustained_loops(*args))
+
+
+def sustained(host: str, port: int, seed: bytes, meters: int, clients: int, seconds: float,
+              procs: int) -> dict[str, float]:
     started = time.perf_counter()
-    await asyncio.gather(*(loop(w) for w in range(clients)))
+    jobs = [(host, port, seed, meters, clients, list(range(p, clients, procs)), seconds)
+            for p in range(procs)]
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        results = pool.map(_client_process, jobs)
     elapsed = time.perf_counter() - started
-    latencies.sort()
+    latencies = sorted(x for r in results for x in r[0])
+    failures = sum(r[1] for r in results)
     n = len(latencies)
-    return {"keysets": n, "seconds": round(elapsed, 2), "keysets_per_s": round(n / elapsed),
+    return {"keysets": n, "seconds": round(elapsed, 2), "keysets_per_s": round(n / seconds),
             "p50_ms": round(latencies[n // 2] * 1000, 1) if n else -1,
             "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 1) if n else -1,
             "failures": failures}
+
+
+def serve_and_measure(store: list[str], args: argparse.Namespace, seed: bytes
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+    server, host, port = start_server(store, args.workers, args.key_lifetime)
+    try:
+        steady = sustained(host, port, seed, args.meters, args.clients, args.seconds,
+                           args.client_procs)
+        storm = asyncio.run(simulate_fleet(
+            host, port, seed=seed, count=args.storm, head_end=HEAD_END,
+            first=args.meters - args.storm + 1, storm=True, sources=8))
+        storm["cookie_share"] = round(storm["cookies"] / max(1, storm["attempts"]), 3)
+    finally:
+        stop_server(server)
+    return steady, storm
+
+
+def print_run(name: str, args: argparse.Namespace, s: dict[str, float],
+              st: dict[str, float]) -> None:
+    print(f"sustained ({name}, {args.workers} server workers, {args.clients} clients in "
+          f"{args.client_procs} processes, all on the same {os.cpu_count()} cores): "
+          f"{s['keysets_per_s']:,} keysets/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
+          f"{s['failures']} failures")
+    print(f"storm ({name}): {st['served']:,}/{st['meters']:,} meters served in {st['seconds']} s "
+          f"(p99 {st['p99_s']} s), {st['attempts']:,} attempts, cookie share "
+          f"{st['cookie_share']:.1%}, busy {st['busy']}, rate-limited {st['rate_limited']}")
 
 
 def main() -> None:
@@ -150,47 +206,64 @@ def main() -> None:
     parser.add_argument("--meters", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--client-procs", type=int, default=2,
+                        help="processes the simulated meters run in")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--storm", type=int, default=10_000)
     parser.add_argument("--key-lifetime", type=float, default=30 * 86400.0,
                         help="AS key-change policy during the sustained run (0: every link)")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     seed = random_bytes(32)
-    figures: dict[str, object] = {"cores": os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="snrmesh-as-bench-") as tmp:
-        desk_dir = Path(tmp) / "desk"
-        figures["enrolment"] = enrol(desk_dir, args.meters, seed)
-        figures["crypto_floor_links_per_s_one_core"] = round(crypto_floor())
-        server, host, port = start_server(desk_dir, args.workers, args.key_lifetime)
-        try:
-            figures["sustained_sqlite"] = asyncio.run(
-                sustained(host, port, seed, args.meters, args.clients, args.seconds))
-            storm = asyncio.run(simulate_fleet(
-                host, port, seed=seed, count=args.storm, head_end=HEAD_END,
-                first=args.meters - args.storm + 1, storm=True, sources=8))
-            storm["cookie_share"] = round(storm["cookies"] / max(1, storm["attempts"]), 3)
-            figures["storm_sqlite"] = storm
-        finally:
-            stop_server(server)
+    figures: dict[str, object] = {"cores": os.cpu_count(), "workers": args.workers,
+                                  "clients": args.clients, "client_procs": args.client_procs}
+    reason = None if not args.no_postgres else "--no-postgres"
+    reason = reason or unavailable_reason()
+    pg: PostgresServer | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="snrmesh-as-bench-") as tmp:
+            desk_dir = Path(tmp) / "desk"
+            figures["enrolment"] = enrol(desk_dir, args.meters, seed)
+            figures["crypto_floor_links_per_s_one_core"] = round(crypto_floor())
+            if reason is None:
+                pg = PostgresServer(durable=True).start()
+                dsn = pg.create_database("as_bench")
+                started = time.perf_counter()
+                store = Store.open(desk_dir, PASSPHRASE)
+                try:
+                    import_desk(store, dsn, now=int(time.time()), source=str(desk_dir))
+                finally:
+                    store.close()
+                figures["postgres_import_s"] = round(time.perf_counter() - started, 1)
+            steady, storm = serve_and_measure(["--store", str(desk_dir)], args, seed)
+            figures["sustained_sqlite"], figures["storm_sqlite"] = steady, storm
+            if pg is not None:
+                steady, storm = serve_and_measure(["--postgres", dsn], args, seed)
+                figures["sustained_postgres"], figures["storm_postgres"] = steady, storm
+            else:
+                figures["postgres"] = f"skipped: {reason}"
+    finally:
+        if pg is not None:
+            pg.stop()
     if args.json:
         print(json.dumps(figures, indent=2))
         return
     e = figures["enrolment"]
-    s = figures["sustained_sqlite"]
-    st = figures["storm_sqlite"]
-    assert isinstance(e, dict) and isinstance(s, dict) and isinstance(st, dict)
+    assert isinstance(e, dict)
     print(f"enrolment: {e['meters']:,} meters in {e['seconds']} s "
           f"({e['meters_per_s']:,}/s), peak RSS {e['peak_rss_MiB']} MiB, "
           f"store {e['store_MiB']} MiB")
     print(f"crypto floor (X25519 only, one core): "
           f"{figures['crypto_floor_links_per_s_one_core']:,} links/s")
-    print(f"sustained (SQLite, {args.workers} workers, {args.clients} clients): "
-          f"{s['keysets_per_s']:,} keysets/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
-          f"{s['failures']} failures")
-    print(f"storm: {st['served']:,}/{st['meters']:,} meters served in {st['seconds']} s "
-          f"(p99 {st['p99_s']} s), {st['attempts']:,} attempts, cookie share "
-          f"{st['cookie_share']:.1%}, busy {st['busy']}, rate-limited {st['rate_limited']}")
+    for name in ("sqlite", "postgres"):
+        s, st = figures.get(f"sustained_{name}"), figures.get(f"storm_{name}")
+        if isinstance(s, dict) and isinstance(st, dict):
+            print_run("SQLite" if name == "sqlite" else "PostgreSQL", args, s, st)
+    if "postgres_import_s" in figures:
+        print(f"PostgreSQL import of the desk: {figures['postgres_import_s']} s")
+    else:
+        print(f"PostgreSQL: {figures['postgres']}")
 
 
 if __name__ == "__main__":

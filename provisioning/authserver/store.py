@@ -154,6 +154,10 @@ class SqlKeyStateStore(KeyStateStore):
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """A context whose value has ``execute(sql, params)``; commits on success."""
 
+    def reading(self) -> contextlib.AbstractContextManager[Any]:
+        """A transaction that only reads; a store may take no write lock for it."""
+        return self.transaction()
+
     def _q(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
@@ -199,7 +203,7 @@ class SqlKeyStateStore(KeyStateStore):
     # -- KeyStateStore -----------------------------------------------------------------------
 
     def load(self, identity: str) -> TokenKeys | None:
-        with self.transaction() as cur:
+        with self.reading() as cur:
             row = self._row(cur, _NODE, (identity,))
         return None if row is None else self._record(identity, row)
 
@@ -320,7 +324,7 @@ class SqlKeyStateStore(KeyStateStore):
     def audit_log(self, op: str | None = None) -> list[dict[str, Any]]:
         """Audit rows in order (optionally one ``op``), as the desk's ``audit_log`` shows them."""
         where = "" if op is None else " WHERE op = ?"
-        with self.transaction() as cur:
+        with self.reading() as cur:
             self._exec(cur, f"SELECT seq, at, op, detail FROM audit{where} ORDER BY seq", (
                 () if op is None else (op,)
             ))
@@ -463,11 +467,15 @@ class SqliteKeyStateStore(SqlKeyStateStore):
         desk = Desk(Store.open(directory, passphrase))
         return cls(desk.store, desk.mission)
 
+    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Cursor]:
+        """A deferred transaction: a HELLO's key lookup never waits for another worker's write."""
+        return self.transaction(begin="BEGIN")
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
+    def transaction(self, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Cursor]:
         db = self.store.db
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute(begin)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"store busy: {exc}") from None
         cur = db.cursor()

@@ -260,3 +260,29 @@ def test_derive_is_hkdf_of_the_auth_key_and_refuses_other_slots(tmp_path: Path) 
             token.derive(slot, b"ctx")
     with pytest.raises(TokenError, match="context"):
         token.derive(Slot.AUTH, b"x" * 257)
+
+
+def test_a_token_on_read_only_media_fails_with_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong PIN must be counted; if the file cannot be written, say so (no traceback)."""
+    import errno
+
+    import mesh.token.software as software
+
+    token = SoftwareToken.personalise(
+        tmp_path / "t.token",
+        pin="1234",
+        token_id=b"\x02" * 16,
+        identity="alpha-1",
+        role="soldier",
+        keys=[bytes([i]) * 32 for i in range(4)],
+        generations=[1, 1, 1, 1],
+    )
+
+    def read_only(path: object, data: bytes, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(software, "write_atomic", read_only)
+    with pytest.raises(TokenError, match="cannot write token file .*Read-only file system"):
+        token.verify_pin("9999")

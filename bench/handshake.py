@@ -28,7 +28,14 @@ does in ``mesh/crypto``: the raw bound must bypass our code, and TLS needs
 certificates.
 """
 
+# ruff: noqa: E402 - the path fix below must precede the imports
 from __future__ import annotations
+
+import sys
+
+# bench/ also holds token.py, which would shadow the standard library's ``token``
+# (inspect -> tokenize): import from the repository root instead
+sys.path[0] = __file__.rsplit("/", 2)[0] or "."
 
 import argparse
 import datetime
@@ -38,7 +45,6 @@ import json
 import os
 import ssl
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable

@@ -16,14 +16,20 @@ Figures (issue 4), each next to a baseline measured in the same run:
     python bench/mesh.py --sizes 10 --messages 2000 --json   # a quick run
 """
 
+# ruff: noqa: E402 - the path fix below must precede the imports
 from __future__ import annotations
+
+import sys
+
+# bench/ also holds token.py, which would shadow the standard library's ``token``
+# (inspect -> tokenize): import from the repository root instead
+sys.path[0] = __file__.rsplit("/", 2)[0] or "."
 
 import argparse
 import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time

@@ -12,13 +12,19 @@ a ratio of those. Peak memory (RSS) shows that issuance streams.
     python bench/provisioning.py --squads 2 --squad-size 5 --epochs 2 --json   # smoke run
 """
 
+# ruff: noqa: E402 - the path fix below must precede the imports
 from __future__ import annotations
+
+import sys
+
+# bench/ also holds token.py, which would shadow the standard library's ``token``
+# (inspect -> tokenize): import from the repository root instead
+sys.path[0] = __file__.rsplit("/", 2)[0] or "."
 
 import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -174,7 +174,12 @@ def test_strangers_revoked_and_expired_are_refused_with_an_alert(make_sim: MakeS
     # old's CK is past its window. (Refusals of one reason from one host are one alert a
     # minute, so the stranger and r -- both on 127.0.0.1 -- share one; the log has both.)
     sim.wait_for(lambda: {"ticket-invalid", "ck-expired"} <= set(refusals()), 30, "refusals at a")
-    sim.wait_for(lambda: "ticket names r" in sim.nodes["a"].log.read_text(), 30, "r's refusal")
+    for line, who in (("ticket names r", "r"), ("wrapped for another token", "the stranger")):
+        sim.wait_for(
+            lambda line=line: line in sim.nodes["a"].log.read_text(),
+            30,
+            f"{who}'s refusal in a's log",
+        )
     log = sim.nodes["a"].log.read_text()
     assert "wrapped for another token" in log  # the stranger
     assert "ticket names r, who is not a dialogue mate (or is revoked)" in log

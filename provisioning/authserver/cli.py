@@ -28,7 +28,6 @@ from provisioning.authserver.meters import (
     import_meters,
     simulate_fleet,
 )
-from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import AuthService
 from provisioning.authserver.server import serve_forever
 from provisioning.authserver.store import SqliteKeyStateStore, SqlKeyStateStore
@@ -87,6 +86,10 @@ def _open_store(args: argparse.Namespace, passphrase: str) -> SqlKeyStateStore:
             "(a database made by 'snrmesh as import-desk'), not both"
         )
     if args.postgres:
+        # psycopg (and libpq) load only when PostgreSQL is asked for: every snrmesh command,
+        # the agent above all, imports this module to build its parser.
+        from provisioning.authserver.postgres import PostgresKeyStateStore
+
         return PostgresKeyStateStore.open(args.postgres, passphrase)
     return SqliteKeyStateStore.open(args.store, passphrase)
 
@@ -126,6 +129,8 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
     """``snrmesh as import-desk DIR --postgres DSN``: the desk's mission into PostgreSQL, once."""
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     with contextlib.closing(store):
+        from provisioning.authserver.postgres import import_desk
+
         counts = import_desk(store, args.postgres, now=int(time.time()), source=str(args.dir))
     return _emit(
         args,

@@ -17,7 +17,7 @@ from typing import Any
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
 from mesh.files import FileTooLarge, read_bounded, write_atomic
-from mesh.token.software import SoftwareToken
+from mesh.token.open import open_token
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
 from provisioning.authserver.errors import LocalAuthError
@@ -154,7 +154,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     if len(args.purpose) > MAX_PURPOSE_LENGTH:
         raise LocalAuthError(f"--purpose is at most {MAX_PURPOSE_LENGTH} characters")
-    token = SoftwareToken(args.token)
+    token = open_token(args.token)
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     request = KeysetRequest(random_bytes(16), args.target, args.purpose, args.epoch)
     outcome = asyncio.run(
@@ -340,7 +340,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser("request", help="authenticate with a token and fetch a keyset")
     p.set_defaults(func=cmd_request)
     p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
-    p.add_argument("--token", required=True, metavar="FILE", help="the node's token file")
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="TOKEN",
+        help="the node's token: a token file, or pcsc:READER for a smartcard",
+    )
     p.add_argument("--target", required=True, metavar="NODE", help="the dialogue mate")
     p.add_argument("--purpose", default="session", help="recorded in the audit log")
     p.add_argument("--epoch", type=int, metavar="E", help="a later epoch (default: current)")

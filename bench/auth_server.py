@@ -22,7 +22,11 @@
 The simulated meters run in ``--client-procs`` processes of their own (so one
 client process's event loop does not cap the figure), but client and server
 share this machine's cores: the figures are the server's rate *while* the
-fleet also burns CPU, which the output states.
+fleet also burns CPU, which the output states. So that the server's own cost
+is visible apart from the fleet's, the run also reports the CPU time the
+server processes (all workers) and the meter processes spent per keyset
+(``/proc``), and what the server's CPU per keyset alone would allow on these
+cores -- a derived ceiling, labelled as such, not a measured rate.
 
     python bench/auth_server.py                                   # the full run
     python bench/auth_server.py --meters 20000 --seconds 5 --storm 2000 --json   # smoke run
@@ -116,14 +120,37 @@ def start_server(store: list[str], workers: int, key_lifetime: float) -> tuple[
     return server, host, int(port)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one live process (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(server: subprocess.Popen[str]) -> float:
+    """CPU seconds of the server's process and its forked workers so far."""
+    total = _cpu_seconds(server.pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid == server.pid:
+                    total += _cpu_seconds(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue  # a process that ended meanwhile
+    return total
+
+
 def stop_server(server: subprocess.Popen[str]) -> None:
     server.send_signal(signal.SIGTERM)
     server.communicate(timeout=60)
 
 
 async def sustained_loops(host: str, port: int, seed: bytes, meters: int, clients: int,
-                          mine: list[int], seconds: float) -> tuple[list[float], int]:
-    """Client loops ``mine`` (of ``clients``) in this process; latencies and failures."""
+                          mine: list[int], seconds: float) -> tuple[list[float], int, float]:
+    """Client loops ``mine`` (of ``clients``) in this process; latencies, failures, CPU s."""
+    cpu0 = time.process_time()
     latencies: list[float] = []
     failures = 0
     deadline = time.perf_counter() + seconds
@@ -150,36 +177,44 @@ async def sustained_loops(host: str, port: int, seed: bytes, meters: int, client
                 failures += 1
 
     await asyncio.gather(*(loop(w) for w in mine))
-    return latencies, failures
+    return latencies, failures, time.process_time() - cpu0
 
 
 def _client_process(args: tuple[str, int, bytes, int, int, list[int], float]
-                    ) -> tuple[list[float], int]:
+                    ) -> tuple[list[float], int, float]:
     return asyncio.run(sustained_loops(*args))
 
 
-def sustained(host: str, port: int, seed: bytes, meters: int, clients: int, seconds: float,
-              procs: int) -> dict[str, float]:
+def sustained(server: subprocess.Popen[str], host: str, port: int, seed: bytes, meters: int,
+              clients: int, seconds: float, procs: int) -> dict[str, float]:
+    cpu0 = server_cpu(server)
     started = time.perf_counter()
     jobs = [(host, port, seed, meters, clients, list(range(p, clients, procs)), seconds)
             for p in range(procs)]
     with multiprocessing.get_context("fork").Pool(procs) as pool:
         results = pool.map(_client_process, jobs)
     elapsed = time.perf_counter() - started
+    server_s = server_cpu(server) - cpu0
+    meters_s = sum(r[2] for r in results)
     latencies = sorted(x for r in results for x in r[0])
     failures = sum(r[1] for r in results)
     n = len(latencies)
     return {"keysets": n, "seconds": round(elapsed, 2), "keysets_per_s": round(n / seconds),
             "p50_ms": round(latencies[n // 2] * 1000, 1) if n else -1,
             "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 1) if n else -1,
-            "failures": failures}
+            "failures": failures,
+            "server_cpu_ms_per_keyset": round(server_s * 1000 / max(1, n), 3),
+            "meter_cpu_ms_per_keyset": round(meters_s * 1000 / max(1, n), 3),
+            "cpu_busy_share": round((server_s + meters_s) / (elapsed * (os.cpu_count() or 1)), 2),
+            "server_only_ceiling_per_s": round((os.cpu_count() or 1) * n / server_s)
+            if server_s else -1}
 
 
 def serve_and_measure(store: list[str], args: argparse.Namespace, seed: bytes
                       ) -> tuple[dict[str, float], dict[str, float]]:
     server, host, port = start_server(store, args.workers, args.key_lifetime)
     try:
-        steady = sustained(host, port, seed, args.meters, args.clients, args.seconds,
+        steady = sustained(server, host, port, seed, args.meters, args.clients, args.seconds,
                            args.client_procs)
         storm = asyncio.run(simulate_fleet(
             host, port, seed=seed, count=args.storm, head_end=HEAD_END,
@@ -196,6 +231,10 @@ def print_run(name: str, args: argparse.Namespace, s: dict[str, float],
           f"{args.client_procs} processes, all on the same {os.cpu_count()} cores): "
           f"{s['keysets_per_s']:,} keysets/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
           f"{s['failures']} failures")
+    print(f"  CPU per keyset: server {s['server_cpu_ms_per_keyset']} ms (all workers), meters "
+          f"{s['meter_cpu_ms_per_keyset']} ms; cores busy {s['cpu_busy_share']:.0%} (ours only); "
+          f"derived ceiling with the cores to the server alone: "
+          f"{s['server_only_ceiling_per_s']:,}/s (not measured)")
     print(f"storm ({name}): {st['served']:,}/{st['meters']:,} meters served in {st['seconds']} s "
           f"(p99 {st['p99_s']} s), {st['attempts']:,} attempts, cookie share "
           f"{st['cookie_share']:.1%}, busy {st['busy']}, rate-limited {st['rate_limited']}")

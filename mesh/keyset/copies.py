@@ -16,6 +16,7 @@ from typing import Any
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException, base64url_decode, base64url_encode
 
+from mesh.crypto import CryptoError, encrypt_compact_a256kw
 from mesh.keyset.errors import KeysetError
 from mesh.keyset.keyset import CK_ID_SIZE, MISSION_ID_SIZE, CommunicationKeyset, check_identity
 from mesh.token.interface import SecureElement
@@ -72,8 +73,35 @@ class CopyHeader:
         }
 
 
-def wrap_copy(ck: CommunicationKeyset, *, holder: str, kid: str, wrap_key: jwk.JWK) -> str:
-    """Wrap ``ck``'s pair key for ``holder`` under the JWK of its token's ``WRAP`` slot."""
+def _kek(wrap_key: jwk.JWK | bytes) -> bytes:
+    """The raw ``WRAP`` slot key, whether given as bytes or as its symmetric JWK."""
+    if isinstance(wrap_key, bytes):
+        return wrap_key
+    if wrap_key.get("kty") != "oct" or not isinstance(wrap_key.get("k"), str):
+        raise KeysetError("a WRAP key must be a symmetric (oct) JWK")
+    try:
+        raw: bytes = base64url_decode(wrap_key["k"])
+    except ValueError:
+        raise KeysetError("the WRAP key's JWK is not base64url") from None
+    return raw
+
+
+def _encrypt(wrap_key: jwk.JWK | bytes, header: dict[str, Any], secret: bytes) -> str:
+    """One JWE under a token's ``WRAP`` key, by the project's own encoder (``mesh.crypto.jose``).
+
+    jwcrypto deep-copies its header registry in every object it builds, which
+    made it the main cost of issuing a copy; it still decodes every copy.
+    """
+    try:
+        return encrypt_compact_a256kw(_kek(wrap_key), header, secret)
+    except CryptoError as exc:
+        raise KeysetError(f"cannot wrap for this key: {exc}") from None
+
+
+def wrap_copy(
+    ck: CommunicationKeyset, *, holder: str, kid: str, wrap_key: jwk.JWK | bytes
+) -> str:
+    """Wrap ``ck``'s pair key for ``holder`` under its token's ``WRAP`` slot key (raw or JWK)."""
     if not ck.involves(holder):
         raise KeysetError(f"{holder} is not a party of {ck!r}")
     header = CopyHeader(
@@ -86,9 +114,7 @@ def wrap_copy(ck: CommunicationKeyset, *, holder: str, kid: str, wrap_key: jwk.J
         not_before=ck.not_before,
         not_after=ck.not_after,
     )
-    token = jwe.JWE(ck.pair_key, protected=json.dumps(header.to_json(), separators=(",", ":")))
-    token.add_recipient(wrap_key)
-    return str(token.serialize(compact=True))
+    return _encrypt(wrap_key, header.to_json(), ck.pair_key)
 
 
 def _field(header: dict[str, Any], name: str, kind: type) -> Any:
@@ -186,7 +212,9 @@ class DiscoveryKey:
         return f"DiscoveryKey(epoch={self.epoch}, [{self.not_before}, {self.not_after}))"
 
 
-def wrap_discovery_key(key: DiscoveryKey, *, holder: str, kid: str, wrap_key: jwk.JWK) -> str:
+def wrap_discovery_key(
+    key: DiscoveryKey, *, holder: str, kid: str, wrap_key: jwk.JWK | bytes
+) -> str:
     """Wrap an epoch's discovery key for ``holder`` (same JWE shape as a CK copy)."""
     header = {
         "alg": "A256KW",
@@ -199,9 +227,7 @@ def wrap_discovery_key(key: DiscoveryKey, *, holder: str, kid: str, wrap_key: jw
         "nbf": key.not_before,
         "exp": key.not_after,
     }
-    token = jwe.JWE(key.key, protected=json.dumps(header, separators=(",", ":")))
-    token.add_recipient(wrap_key)
-    return str(token.serialize(compact=True))
+    return _encrypt(wrap_key, header, key.key)
 
 
 def open_discovery_key(token: SecureElement, copy: str) -> DiscoveryKey:

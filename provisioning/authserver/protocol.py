@@ -53,6 +53,7 @@ from provisioning.authserver.keystate import (
     KeyPolicy,
     LinkKey,
     Outcome,
+    TokenKeys,
     answer_transcript,
     choose_link_key,
     judge_answer,
@@ -186,6 +187,15 @@ class AuthService:
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
+    def forget_unsynced(self) -> None:
+        """Drop the caches after a failed store sync: they may hold what was not made durable.
+
+        A cached key change whose pending keys were lost would move a token to
+        keys the store never holds; a cached reply, a CK the store never kept.
+        """
+        self.replies.clear()
+        self.key_changes.clear()
+
     def session(self, source: str, now: float) -> ServerSession:
         return ServerSession(self, source=source, now=now)
 
@@ -210,6 +220,7 @@ class ServerSession:
         "_key",
         "_link",
         "_output",
+        "_record",
         "_requests",
         "_service",
         "identity",
@@ -230,6 +241,7 @@ class ServerSession:
         self._link: _Link | None = None
         self._context = b""
         self._key: LinkKey | None = None
+        self._record: TokenKeys | None = None
         self._challenge = b""
         self._changing = False
         self._requests = 0
@@ -315,7 +327,9 @@ class ServerSession:
         self._admitted = True
         service.count("admitted")
         self.identity = message.identity
-        record = service.store.load(message.identity)
+        # read once per link: the challenge and the answer use this record, and every
+        # change (key change, commit, issuance) re-reads the row under its lock
+        record = self._record = service.store.load(message.identity)
         self._key = choose_link_key(record, message.generation, random_bytes(32))
         server_nonce = random_bytes(NONCE_SIZE)
         self._context = link_context(
@@ -350,7 +364,7 @@ class ServerSession:
         generation = key.generation
         key_change = None
         if key.choice is KeyChoice.CURRENT:
-            record = service.store.load(self.identity)
+            record = self._record
             if (
                 record is not None
                 and not record.suspended
@@ -394,10 +408,9 @@ class ServerSession:
             raise RemoteAuthError(Refusal.SUSPENDED, "cloned token")
         if outcome is Outcome.COMMIT:
             service.store.commit_key_change(identity, key.generation, int(now))
-        else:
-            record = service.store.load(identity)
-            if record is None or record.suspended:
-                raise RemoteAuthError(Refusal.SUSPENDED)
+        elif self._record is None or self._record.suspended:
+            # as read at HELLO; a suspension since then is caught by ``issue`` under its lock
+            raise RemoteAuthError(Refusal.SUSPENDED)
         self._release()  # authenticated: no longer a pending challenge
         self._go(_S.ANSWERED)
         self._link.send(Ready(key.generation), now)

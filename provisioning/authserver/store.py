@@ -23,6 +23,7 @@ import json
 import os
 import sqlite3
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from jwcrypto import jwk
 from jwcrypto.common import base64url_encode
 
 from mesh.crypto import Sealer, random_bytes
-from mesh.keyset import CommunicationKeyset, read_copy_header, wrap_copy
+from mesh.keyset import CommunicationKeyset, wrap_copy
 from mesh.keyset.keyset import CK_ID_SIZE, PAIR_KEY_SIZE
 from mesh.keyset.mission import Epoch, Mission
 from mesh.token import Slot, slot_kid
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 AS_SCHEMA_VERSION = 1
+OPENED_KEYS_CACHE = 4096  # opened slot-key sets per worker (a few hundred bytes each)
 MAX_EPOCHS_AHEAD = 4  # a node may fetch the CKs of the next few epochs, not the whole mission
 MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN previous_keys BLOB",
@@ -65,6 +67,10 @@ MIGRATION = (
 _NODE = (
     "SELECT token_id, generation, sealed_keys, pending_keys, previous_keys, previous_generation, "
     "COALESCE(keys_since, enrolled_at), suspended_at, revoked_at FROM nodes WHERE identity = ?"
+)
+_KEYSET = (
+    "SELECT ck_id, copy_a, copy_b, not_before, not_after FROM keysets "
+    "WHERE a = ? AND b = ? AND epoch = ?"
 )
 _MATES = (
     "SELECT 1 FROM pairs WHERE a = ? AND b = ? UNION ALL "
@@ -91,17 +97,33 @@ class Sealing:
 
     Takes the :class:`Sealer` rather than a desk :class:`Store` so that the
     PostgreSQL store, which holds the desk's rows but no SQLite file, seals alike.
+    Opened keys are remembered (bounded LRU, keyed by the sealed blob *and* its
+    associated data), since a link reads its token's row at HELLO and again when
+    it is issued a keyset, and every issuance reads its target's row (a
+    head-end's, over and over): the same blob always opens to the same keys.
     """
 
-    __slots__ = ("_sealer",)
+    __slots__ = ("_opened", "_sealer")
 
     def __init__(self, sealer: Sealer) -> None:
         self._sealer = sealer
+        self._opened: OrderedDict[tuple[str, bytes, int, bytes], tuple[bytes, ...]] = (
+            OrderedDict()
+        )
 
     def open(
         self, identity: str, token_id: bytes, generation: int, blob: bytes
     ) -> tuple[bytes, ...]:
-        return open_node_keys(self._sealer, identity, token_id, generation, blob)
+        cache_key = (identity, token_id, generation, bytes(blob))
+        keys = self._opened.get(cache_key)
+        if keys is not None:
+            self._opened.move_to_end(cache_key)
+            return keys
+        keys = open_node_keys(self._sealer, identity, token_id, generation, blob)
+        self._opened[cache_key] = keys
+        if len(self._opened) > OPENED_KEYS_CACHE:
+            self._opened.popitem(last=False)
+        return keys
 
     def seal(
         self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]
@@ -110,9 +132,35 @@ class Sealing:
 
 
 class KeyStateStore(ABC):
-    """What the server protocol asks of its store; each call is one short transaction."""
+    """What the server protocol asks of its store; each call is one short transaction.
+
+    Every call's transaction is durable when it returns, unless the caller chose
+    :meth:`group_commits`: then a commit is visible at once but durable only
+    after a :meth:`sync` covering it (``commits`` counts the commits made,
+    ``synced`` how many of them a sync covered). A server that sends nothing
+    before that sync keeps "durable before answered" while one sync (one
+    ``fsync``) serves every request that committed meanwhile. A store that
+    cannot group keeps both counters at 0: it is always synced.
+    """
 
     mission: Mission
+    commits: int = 0
+    synced: int = 0
+
+    def group_commits(self) -> bool:
+        """Defer durability to :meth:`sync`, if this store can; says whether it does."""
+        return False
+
+    def sync(self, upto: int) -> None:
+        """Make the first ``upto`` commits durable (all of them, in fact); may block on I/O.
+
+        Called from a thread other than the one making transactions when
+        :attr:`sync_in_thread` is true, so it must not touch the connection.
+        A store that does not group commits has nothing to do: each was durable.
+        """
+        self.synced = max(self.synced, upto)
+
+    sync_in_thread = False
 
     @abstractmethod
     def load(self, identity: str) -> TokenKeys | None:
@@ -361,16 +409,13 @@ class SqlKeyStateStore(KeyStateStore):
                 raise RemoteAuthError(Refusal.POLICY, f"{target} is unknown, revoked or suspended")
             if self._row(cur, _MATES, (a, b, a, b)) is None:
                 raise RemoteAuthError(Refusal.POLICY, f"{target} is not a dialogue mate")
-            found = self._row(
-                cur,
-                "SELECT ck_id, copy_a, copy_b FROM keysets WHERE a = ? AND b = ? AND epoch = ?",
-                (a, b, window.index),
-            )
+            found = self._row(cur, _KEYSET, (a, b, window.index))
             minted = found is None
             if minted:
                 other = self._record(target, row)
                 found = self._mint(cur, me, other, window, a, b)
-            ck_id, copy_a, copy_b = bytes(found[0]), found[1], found[2]
+            ck_id, copy_a, copy_b, not_before, not_after = found
+            ck_id = bytes(ck_id)
             self._exec(cur, "UPDATE nodes SET last_auth = ? WHERE identity = ?", (now, requestor))
             self._audit(
                 cur,
@@ -385,20 +430,19 @@ class SqlKeyStateStore(KeyStateStore):
                 outcome="minted" if minted else "existing",
             )
         mine = requestor == a
-        header = read_copy_header(copy_a)
         return IssuedKeyset(
             ck_id=ck_id,
             peer=target,
             epoch=window.index,
-            not_before=header.not_before,
-            not_after=header.not_after,
+            not_before=not_before,
+            not_after=not_after,
             own=copy_a if mine else copy_b,
             ticket=copy_b if mine else copy_a,
         )
 
     def _mint(
         self, cur: Any, me: TokenKeys, other: TokenKeys, window: Epoch, a: str, b: str
-    ) -> tuple[bytes, str, str]:
+    ) -> tuple[bytes, str, str, int, int]:
         ck = CommunicationKeyset(
             ck_id=random_bytes(CK_ID_SIZE),
             pair_key=random_bytes(PAIR_KEY_SIZE),
@@ -414,7 +458,7 @@ class SqlKeyStateStore(KeyStateStore):
                 ck,
                 holder=party.identity,
                 kid=slot_kid(party.token_id, Slot.WRAP, party.generation),
-                wrap_key=jwk.JWK(kty="oct", k=base64url_encode(party.keys[Slot.WRAP])),
+                wrap_key=party.keys[Slot.WRAP],
             )
         self._exec(
             cur,
@@ -422,12 +466,8 @@ class SqlKeyStateStore(KeyStateStore):
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (a, b, epoch) DO NOTHING",
             (ck.ck_id, a, b, window.index, window.start, window.end, copies[a], copies[b]),
         )
-        row = self._row(
-            cur,
-            "SELECT ck_id, copy_a, copy_b FROM keysets WHERE a = ? AND b = ? AND epoch = ?",
-            (a, b, window.index),
-        )
-        return (bytes(row[0]), row[1], row[2])
+        found: tuple[bytes, str, str, int, int] = self._row(cur, _KEYSET, (a, b, window.index))
+        return found
 
 
 def migrate_sqlite(db: sqlite3.Connection) -> None:
@@ -452,13 +492,44 @@ def migrate_sqlite(db: sqlite3.Connection) -> None:
 
 
 class SqliteKeyStateStore(SqlKeyStateStore):
-    """The desk's SQLite file as the AS store (one connection per worker process)."""
+    """The desk's SQLite file as the AS store (one connection per worker process).
+
+    Group commits: with ``synchronous = NORMAL`` a WAL-mode commit writes its
+    frames to the ``-wal`` file without an ``fsync`` (a checkpoint still syncs
+    the WAL before copying it, and the database after), so :meth:`sync` is one
+    ``fsync`` of the WAL file, through a descriptor of its own -- which also
+    lets it run in another thread. It covers every frame written before it,
+    this worker's and any other's.
+    """
+
+    sync_in_thread = True
 
     def __init__(self, store: Store, mission: Mission) -> None:
         super().__init__(Sealing(store.sealer), mission)
         self.store = store
+        self._wal = f"{store.path}-wal"
         store.db.execute("PRAGMA busy_timeout = 10000")
         migrate_sqlite(store.db)
+
+    def group_commits(self) -> bool:
+        self.store.db.execute("PRAGMA synchronous = NORMAL")
+        return True
+
+    def sync(self, upto: int) -> None:
+        if self.synced >= upto:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1  # no WAL: every commit so far was checkpointed (and synced) already
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise StoreUnavailable(f"store sync failed: {exc}") from None
+            finally:
+                os.close(fd)
+        self.synced = max(self.synced, upto)
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], passphrase: str) -> SqliteKeyStateStore:
@@ -482,6 +553,10 @@ class SqliteKeyStateStore(SqlKeyStateStore):
         try:
             yield cur
             db.execute("COMMIT")
+            if begin != "BEGIN":
+                # even one that changed nothing: what it read (another worker's commit,
+                # maybe not yet synced) may be acted on, so it waits for a sync too
+                self.commits += 1
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")

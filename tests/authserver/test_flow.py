@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mesh.keyset import open_copy
 from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig
 from mesh.token import Slot
@@ -12,6 +14,7 @@ from provisioning.authserver.messages import Answer, decode, encode
 from provisioning.authserver.meters import meter_identity, meter_token
 from provisioning.authserver.protocol import Authenticated, ClientSession, Granted, Refused
 from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
+from provisioning.errors import DeskCorrupt
 from tests.authserver.conftest import NOW, SEED, Site, make_service, request, run, transfer
 
 
@@ -255,3 +258,35 @@ def test_flood_from_one_source_others_still_served(site: Site, store: KeyStateSt
     # a flooding client that echoes its cookie is admitted, within the global bound
     echo = run(service, meter_token(SEED, meter_identity("meter", 12)), [], source="10.0.0.66")
     assert isinstance(echo[0], Authenticated)
+
+
+def test_a_link_reads_its_token_row_once_outside_its_changes(
+    site: Site, store: SqlKeyStateStore
+) -> None:
+    """HELLO's record serves the challenge and the answer; changes re-read under the lock."""
+    loads: list[str] = []
+    real_load = store.load
+
+    def load(identity: str) -> object:
+        loads.append(identity)
+        return real_load(identity)
+
+    store.load = load  # type: ignore[method-assign]
+    service = make_service(store, key_lifetime=1e9)
+    meter = meter_token(SEED, meter_identity("meter", 8))
+    events = run(service, meter, [request("gs-1"), request("gs-1")])
+    assert sum(isinstance(e, Granted) for e in events) == 2
+    assert loads == [meter.identity]
+
+
+def test_cached_key_opens_never_pass_a_tampered_blob(site: Site, store: SqlKeyStateStore) -> None:
+    identity = meter_identity("meter", 9)
+    record = store.load(identity)
+    assert record is not None
+    sealed = store.sealing.seal(identity, record.token_id, record.generation, record.keys)
+    assert store.sealing.open(identity, record.token_id, record.generation, sealed) == record.keys
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(DeskCorrupt):
+        store.sealing.open(identity, record.token_id, record.generation, tampered)
+    with pytest.raises(DeskCorrupt):  # the same blob, bound to another generation
+        store.sealing.open(identity, record.token_id, record.generation + 1, sealed)

@@ -14,9 +14,10 @@ import pytest
 
 from mesh.token import Slot
 from provisioning.authserver.client import Backoff, request_keysets
-from provisioning.authserver.meters import simulate_fleet
+from provisioning.authserver.errors import AuthServerError, StoreUnavailable
+from provisioning.authserver.meters import meter_identity, meter_token, simulate_fleet
 from provisioning.authserver.server import AuthServer
-from provisioning.authserver.store import KeyStateStore
+from provisioning.authserver.store import IssuedKeyset, KeyStateStore, SqliteKeyStateStore
 from tests.authserver.conftest import PASSPHRASE, PIN, SEED, Site, make_service, request
 
 
@@ -37,6 +38,72 @@ def test_asyncio_server_and_client_with_key_change(site: Site, store: KeyStateSt
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_no_answer_before_a_sync_covers_its_commit(site: Site) -> None:
+    """Group commit: many requests share one fsync, none is answered before it."""
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    issued_at: dict[bytes, int] = {}
+    real_issue = store.issue
+
+    def issue(*args: object) -> IssuedKeyset:
+        keyset = real_issue(*args)  # type: ignore[arg-type]
+        issued_at[keyset.ck_id] = store.commits  # this commit's number
+        return keyset
+
+    store.issue = issue  # type: ignore[method-assign]
+
+    async def one(n: int) -> None:
+        token = meter_token(SEED, meter_identity("meter", n))
+        outcome = await request_keysets(host, port, token, [request("gs-1")])
+        (granted,) = outcome.grants
+        assert store.synced >= issued_at[granted.grant.ck_id]  # durable before it arrived
+
+    async def main() -> None:
+        nonlocal host, port
+        server = AuthServer(make_service(store, key_lifetime=1e9))
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            await asyncio.gather(*(one(n) for n in range(1, 17)))
+        finally:
+            await server.stop()
+        assert len(issued_at) == 16 and 0 < server.group.syncs < store.commits
+
+    host, port = "", 0
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+
+
+def test_a_failed_sync_answers_nothing_and_forgets_the_caches(site: Site) -> None:
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+
+    def sync(upto: int) -> None:
+        raise StoreUnavailable("disk gone")
+
+    store.sync = sync  # type: ignore[method-assign]
+    service = make_service(store, key_lifetime=0.0)  # a key change: a cached message
+
+    async def main() -> None:
+        server = AuthServer(service)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            token = meter_token(SEED, meter_identity("meter", 1))
+            with pytest.raises(AuthServerError):
+                await request_keysets(
+                    host, port, token, [request("gs-1")], backoff=Backoff(attempts=1)
+                )
+            assert token.info().generation(Slot.AUTH) == 1  # never saw the key change
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert service.counters["sync_failed"] >= 1
+    assert not service.key_changes and not service.replies
 
 
 def test_client_backs_off_with_full_jitter_within_bounds() -> None:

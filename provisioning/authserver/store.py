@@ -466,6 +466,8 @@ class SqlKeyStateStore(KeyStateStore):
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (a, b, epoch) DO NOTHING",
             (ck.ck_id, a, b, window.index, window.start, window.end, copies[a], copies[b]),
         )
+        if cur.rowcount == 1:  # ours; else another worker's CK for the pair won: read it
+            return (ck.ck_id, copies[a], copies[b], window.start, window.end)
         found: tuple[bytes, str, str, int, int] = self._row(cur, _KEYSET, (a, b, window.index))
         return found
 
@@ -538,25 +540,33 @@ class SqliteKeyStateStore(SqlKeyStateStore):
         desk = Desk(Store.open(directory, passphrase))
         return cls(desk.store, desk.mission)
 
-    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Cursor]:
-        """A deferred transaction: a HELLO's key lookup never waits for another worker's write."""
-        return self.transaction(begin="BEGIN")
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Cursor]:
+        """A cursor in autocommit mode: each statement is its own read transaction.
+
+        The callers run one statement (a HELLO's key lookup), so this is the
+        deferred transaction they need -- no write lock, never waiting for
+        another worker's write -- without a BEGIN and COMMIT of its own.
+        """
+        try:
+            yield self.store.db.cursor()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store failed: {exc}") from None
 
     @contextlib.contextmanager
-    def transaction(self, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Cursor]:
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
         db = self.store.db
         try:
-            db.execute(begin)
+            db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"store busy: {exc}") from None
         cur = db.cursor()
         try:
             yield cur
             db.execute("COMMIT")
-            if begin != "BEGIN":
-                # even one that changed nothing: what it read (another worker's commit,
-                # maybe not yet synced) may be acted on, so it waits for a sync too
-                self.commits += 1
+            # even one that changed nothing: what it read (another worker's commit,
+            # maybe not yet synced) may be acted on, so it waits for a sync too
+            self.commits += 1
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")

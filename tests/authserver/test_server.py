@@ -17,7 +17,7 @@ from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.errors import AuthServerError, StoreUnavailable
 from provisioning.authserver.meters import meter_identity, meter_token, simulate_fleet
 from provisioning.authserver.server import AuthServer
-from provisioning.authserver.store import IssuedKeyset, KeyStateStore, SqliteKeyStateStore
+from provisioning.authserver.store import IssuedKeyset, KeyStateStore
 from tests.authserver.conftest import PASSPHRASE, PIN, SEED, Site, make_service, request
 
 
@@ -40,9 +40,8 @@ def test_asyncio_server_and_client_with_key_change(site: Site, store: KeyStateSt
     asyncio.run(main())
 
 
-def test_no_answer_before_a_sync_covers_its_commit(site: Site) -> None:
-    """Group commit: many requests share one fsync, none is answered before it."""
-    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+def test_no_answer_before_a_sync_covers_its_commit(site: Site, store: KeyStateStore) -> None:
+    """Group commit: many requests share one sync (fsync, WAL flush), none is answered before it."""
     issued_at: dict[bytes, int] = {}
     real_issue = store.issue
 
@@ -70,15 +69,12 @@ def test_no_answer_before_a_sync_covers_its_commit(site: Site) -> None:
         assert len(issued_at) == 16 and 0 < server.group.syncs < store.commits
 
     host, port = "", 0
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    asyncio.run(main())
 
 
-def test_a_failed_sync_answers_nothing_and_forgets_the_caches(site: Site) -> None:
-    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
-
+def test_a_failed_sync_answers_nothing_and_forgets_the_caches(
+    site: Site, store: KeyStateStore
+) -> None:
     def sync(upto: int) -> None:
         raise StoreUnavailable("disk gone")
 
@@ -98,10 +94,7 @@ def test_a_failed_sync_answers_nothing_and_forgets_the_caches(site: Site) -> Non
         finally:
             await server.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        store.close()
+    asyncio.run(main())
     assert service.counters["sync_failed"] >= 1
     assert not service.key_changes and not service.replies
 

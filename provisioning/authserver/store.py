@@ -524,6 +524,8 @@ class SqliteKeyStateStore(SqlKeyStateStore):
             fd = os.open(self._wal, os.O_RDONLY)
         except FileNotFoundError:
             fd = -1  # no WAL: every commit so far was checkpointed (and synced) already
+        except OSError as exc:
+            raise StoreUnavailable(f"store sync failed: {exc}") from None
         if fd >= 0:
             try:
                 os.fsync(fd)

@@ -18,7 +18,7 @@ from provisioning.authserver.errors import AuthServerError, StoreUnavailable
 from provisioning.authserver.meters import meter_identity, meter_token, simulate_fleet
 from provisioning.authserver.server import AuthServer
 from provisioning.authserver.store import IssuedKeyset, KeyStateStore
-from tests.authserver.conftest import PASSPHRASE, PIN, SEED, Site, make_service, request
+from tests.authserver.conftest import NOW, PASSPHRASE, PIN, SEED, Site, make_service, request
 
 
 def test_asyncio_server_and_client_with_key_change(site: Site, store: KeyStateStore) -> None:
@@ -97,6 +97,35 @@ def test_a_failed_sync_answers_nothing_and_forgets_the_caches(
     asyncio.run(main())
     assert service.counters["sync_failed"] >= 1
     assert not service.key_changes and not service.replies
+
+
+def test_a_silent_connection_is_closed_at_its_deadline(
+    site: Site, store: KeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provisioning.authserver import server as server_module
+
+    monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.05)  # re-check often
+    offset = 0.0
+
+    def clock() -> float:
+        return NOW + offset
+
+    async def main() -> None:
+        nonlocal offset
+        server = AuthServer(make_service(store), clock=clock)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            await asyncio.sleep(0.2)
+            assert not reader.at_eof()  # still within the session's deadline
+            offset = 3600.0  # past it: the next check closes the link
+            assert await asyncio.wait_for(reader.read(), 2.0) == b""
+            writer.close()
+        finally:
+            await server.stop()
+        assert server.service.counters["timeout"] == 1
+
+    asyncio.run(main())
 
 
 def test_client_backs_off_with_full_jitter_within_bounds() -> None:

@@ -38,14 +38,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.agent.agent import Agent, AgentConfig  # noqa: E402
-from mesh.agent.client import ControlClient  # noqa: E402
-from mesh.keyset.bundle import open_bundle  # noqa: E402
-from mesh.keyset.keyset import CommunicationKeyset  # noqa: E402
-from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig  # noqa: E402
-from mesh.sim import Simulation  # noqa: E402
-from mesh.sim.harness import PIN  # noqa: E402
-from mesh.token.software import SoftwareToken  # noqa: E402
+from mesh.agent.agent import Agent, AgentConfig
+from mesh.agent.client import ControlClient
+from mesh.keyset.bundle import open_bundle
+from mesh.keyset.keyset import CommunicationKeyset
+from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig
+from mesh.sim import Simulation
+from mesh.sim.harness import PIN
+from mesh.token.software import SoftwareToken
 
 TEXT = "x" * 100
 
@@ -53,13 +53,16 @@ TEXT = "x" * 100
 def raw_records_per_second(count: int, size: int = 100) -> float:
     """The protocol core alone: seal, frame, parse, open, both ends in memory, one core."""
     now = time.time()
-    ck = CommunicationKeyset(os.urandom(16), os.urandom(32), b"m" * 16, "a", "b", int(now) - 10,
-                             int(now) + 3600)
+    ck = CommunicationKeyset(
+        os.urandom(16), os.urandom(32), b"m" * 16, "a", "b", int(now) - 10, int(now) + 3600
+    )
     keys = MemoryKeyStore([ck])
-    a = Connection(config=SessionConfig(identity="a", mission_id=b"m" * 16), keys=keys,
-                   role=Role.INITIATOR)
-    b = Connection(config=SessionConfig(identity="b", mission_id=b"m" * 16), keys=keys,
-                   role=Role.RESPONDER)
+    a = Connection(
+        config=SessionConfig(identity="a", mission_id=b"m" * 16), keys=keys, role=Role.INITIATOR
+    )
+    b = Connection(
+        config=SessionConfig(identity="b", mission_id=b"m" * 16), keys=keys, role=Role.RESPONDER
+    )
     a.connect(ck.ck_id, now)
     b.receive_data(a.data_to_send(), now)
     a.receive_data(b.data_to_send(), now)
@@ -105,8 +108,12 @@ def link_throughput(count: int) -> dict[str, Any]:
         token = SoftwareToken(node.token)
         token.verify_pin(PIN)
         bundle = open_bundle(node.bundle.read_bytes(), token)
-        config = AgentConfig(state_dir=node.state, listen=("127.0.0.1", node.port),
-                             peers=(f"b@127.0.0.1:{sim.nodes['b'].port}",), mdns=False)
+        config = AgentConfig(
+            state_dir=node.state,
+            listen=("127.0.0.1", node.port),
+            peers=(f"b@127.0.0.1:{sim.nodes['b'].port}",),
+            mdns=False,
+        )
 
         async def run() -> tuple[float, int]:
             agent = Agent(config, bundle, token)
@@ -126,8 +133,12 @@ def link_throughput(count: int) -> dict[str, Any]:
 
         elapsed, sent = asyncio.run(run())
         received = len(sim.history("b", peer="a", limit=10_000))
-    return {"messages": sent, "seconds": round(elapsed, 3),
-            "messages_per_s": round(sent / elapsed), "received_at_b_last_10k": received}
+    return {
+        "messages": sent,
+        "seconds": round(elapsed, 3),
+        "messages_per_s": round(sent / elapsed),
+        "received_at_b_last_10k": received,
+    }
 
 
 def latency(samples: int) -> dict[str, Any]:
@@ -158,8 +169,9 @@ def latency(samples: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--samples", type=int, default=20)
@@ -173,7 +185,8 @@ def main() -> int:
     log("chat over one link ...")
     figures["link"] = link_throughput(args.messages)
     figures["link"]["ratio_vs_raw_records"] = round(
-        figures["link"]["messages_per_s"] / figures["raw_records_per_s_100B"], 3)
+        figures["link"]["messages_per_s"] / figures["raw_records_per_s_100B"], 3
+    )
     log("latency, direct and through one relay ...")
     figures["latency"] = latency(args.samples)
     figures["pairing"] = []
@@ -184,17 +197,23 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
         return 0
     link = figures["link"]
-    print(f"one link: {link['messages_per_s']} chat msgs/s (100-byte texts, {link['messages']} "
-          f"messages with receipts) vs raw session records {figures['raw_records_per_s_100B']}/s "
-          f"in memory -> ratio {link['ratio_vs_raw_records']}  (goal: >= 20000 msgs/s)")
+    print(
+        f"one link: {link['messages_per_s']} chat msgs/s (100-byte texts, {link['messages']} "
+        f"messages with receipts) vs raw session records {figures['raw_records_per_s_100B']}/s "
+        f"in memory -> ratio {link['ratio_vs_raw_records']}  (goal: >= 20000 msgs/s)"
+    )
     lat = figures["latency"]
-    print(f"latency: direct {lat['direct_ms']['median']} ms, through one relay "
-          f"{lat['one_relay_ms']['median']} ms (medians of {args.samples})")
+    print(
+        f"latency: direct {lat['direct_ms']['median']} ms, through one relay "
+        f"{lat['one_relay_ms']['median']} ms (medians of {args.samples})"
+    )
     for p in figures["pairing"]:
-        print(f"{p['agents']:>3} agents: {p['pairs']:>5} pairs secured in "
-              f"{p['all_pairs_secured_s']:6.2f} s (processes up after {p['processes_started_s']} s); "
-              f"RSS per agent median {p['rss_mib_median']} MiB, max {p['rss_mib_max']} MiB  "
-              f"(goals: 50 agents < 30 s, < 60 MB)")
+        print(
+            f"{p['agents']:>3} agents: {p['pairs']:>5} pairs secured in "
+            f"{p['all_pairs_secured_s']:6.2f} s (processes up after {p['processes_started_s']} s); "
+            f"RSS per agent median {p['rss_mib_median']} MiB, max {p['rss_mib_max']} MiB  "
+            f"(goals: 50 agents < 30 s, < 60 MB)"
+        )
     return 0
 
 

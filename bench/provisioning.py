@@ -71,11 +71,15 @@ def raw_copies_per_second(n: int) -> float:
 def jwcrypto_copies_per_second(n: int) -> float:
     """The same copy made by jwcrypto itself (what ``wrap_copy`` used before mesh.crypto.jose)."""
     key = jwk.JWK(kty="oct", k=base64url_encode(random_bytes(32)))
-    ck = CommunicationKeyset(random_bytes(16), random_bytes(32), random_bytes(16), "a-1", "b-1",
-                             0, EPOCH_SECONDS)
-    header = json.dumps(read_copy_header(
-        wrap_copy(ck, holder="a-1", kid="00" * 16 + ".0.1", wrap_key=key)).to_json(),
-        separators=(",", ":"))
+    ck = CommunicationKeyset(
+        random_bytes(16), random_bytes(32), random_bytes(16), "a-1", "b-1", 0, EPOCH_SECONDS
+    )
+    header = json.dumps(
+        read_copy_header(
+            wrap_copy(ck, holder="a-1", kid="00" * 16 + ".0.1", wrap_key=key)
+        ).to_json(),
+        separators=(",", ":"),
+    )
     start = time.perf_counter()
     for _ in range(n):
         token = jwe.JWE(ck.pair_key, protected=header)
@@ -87,8 +91,9 @@ def jwcrypto_copies_per_second(n: int) -> float:
 def encoder_copies_per_second(n: int) -> float:
     """``wrap_copy`` as the desk calls it (mesh.crypto.jose under the hood)."""
     key = jwk.JWK(kty="oct", k=base64url_encode(random_bytes(32)))
-    ck = CommunicationKeyset(random_bytes(16), random_bytes(32), random_bytes(16), "a-1", "b-1",
-                             0, EPOCH_SECONDS)
+    ck = CommunicationKeyset(
+        random_bytes(16), random_bytes(32), random_bytes(16), "a-1", "b-1", 0, EPOCH_SECONDS
+    )
     start = time.perf_counter()
     for _ in range(n):
         wrap_copy(ck, holder="a-1", kid="00" * 16 + ".0.1", wrap_key=key)
@@ -100,8 +105,9 @@ def peak_rss_mib(who: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--squads", type=int, default=20)
     parser.add_argument("--squad-size", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=12)
@@ -122,9 +128,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="snrmesh-bench-") as tmp:
         now = int(time.time())
         t0 = time.perf_counter()
-        desk = Desk.init(Path(tmp) / "desk", passphrase="bench passphrase", name="bench",
-                         start=now, end=now + args.epochs * EPOCH_SECONDS,
-                         epoch_seconds=EPOCH_SECONDS, now=now)
+        desk = Desk.init(
+            Path(tmp) / "desk",
+            passphrase="bench passphrase",
+            name="bench",
+            start=now,
+            end=now + args.epochs * EPOCH_SECONDS,
+            epoch_seconds=EPOCH_SECONDS,
+            now=now,
+        )
         t1 = time.perf_counter()
         desk.apply(the_plan, now=now)
         t2 = time.perf_counter()
@@ -142,39 +154,49 @@ def main() -> int:
         copies = 2 * report.issued
         log(f"issued {report.issued} keysets in {issue_s:.1f} s; exporting ...")
         exports = []
-        kinds = [("authority", ["authority"]),
-                 ("leader", [f"sq{s:02d}-000" for s in range(min(args.exports, args.squads))]),
-                 ("member", [f"sq{s:02d}-001" for s in range(min(args.exports, args.squads))])]
+        kinds = [
+            ("authority", ["authority"]),
+            ("leader", [f"sq{s:02d}-000" for s in range(min(args.exports, args.squads))]),
+            ("member", [f"sq{s:02d}-001" for s in range(min(args.exports, args.squads))]),
+        ]
         for kind, names in kinds:
             for name in names:
                 out = Path(tmp) / f"{name}.bundle"
                 e0 = time.perf_counter()
                 bundle = desk.export(name, out, now=now)
                 seconds = time.perf_counter() - e0
-                exports.append({"kind": kind, "node": name, "mates": len(bundle.mates),
-                                "keysets": len(bundle.keysets), "seconds": round(seconds, 4),
-                                "us_per_keyset":
-                                    round(seconds / max(1, len(bundle.keysets)) * 1e6, 1),
-                                "bytes": out.stat().st_size})
+                exports.append(
+                    {
+                        "kind": kind,
+                        "node": name,
+                        "mates": len(bundle.mates),
+                        "keysets": len(bundle.keysets),
+                        "seconds": round(seconds, 4),
+                        "us_per_keyset": round(seconds / max(1, len(bundle.keysets)) * 1e6, 1),
+                        "bytes": out.stat().st_size,
+                    }
+                )
         desk.close()
         store_bytes = (Path(tmp) / "desk" / "desk.sqlite").stat().st_size
 
-    figures.update({
-        "nodes": len(the_plan.nodes),
-        "pairs": report.pairs,
-        "epochs": report.epochs,
-        "keysets": report.issued,
-        "wrapped_copies": copies,
-        "init_s": round(t1 - t0, 2),
-        "enrol_s": round(t2 - t1, 2),
-        "issue_s": round(issue_s, 2),
-        "total_s": round(t3 - t0, 2),
-        "copies_per_s": round(copies / issue_s) if issue_s else None,
-        "store_mib": round(store_bytes / 2**20, 1),
-        "peak_rss_mib_desk": round(peak_rss_mib(resource.RUSAGE_SELF), 1),
-        "peak_rss_mib_workers": round(peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
-        "exports": exports,
-    })
+    figures.update(
+        {
+            "nodes": len(the_plan.nodes),
+            "pairs": report.pairs,
+            "epochs": report.epochs,
+            "keysets": report.issued,
+            "wrapped_copies": copies,
+            "init_s": round(t1 - t0, 2),
+            "enrol_s": round(t2 - t1, 2),
+            "issue_s": round(issue_s, 2),
+            "total_s": round(t3 - t0, 2),
+            "copies_per_s": round(copies / issue_s) if issue_s else None,
+            "store_mib": round(store_bytes / 2**20, 1),
+            "peak_rss_mib_desk": round(peak_rss_mib(resource.RUSAGE_SELF), 1),
+            "peak_rss_mib_workers": round(peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
+            "exports": exports,
+        }
+    )
     raw = figures["raw_copies_per_s_1core"]
     jose = figures["jwcrypto_copies_per_s_1core"]
     rate = figures["copies_per_s"]
@@ -185,20 +207,30 @@ def main() -> int:
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
-    print(f"mission: {figures['nodes']} nodes, {report.pairs} pairs x {report.epochs} epochs = "
-          f"{report.issued} keysets ({copies} wrapped copies)")
-    print(f"time: init {figures['init_s']} s, enrol {figures['enrol_s']} s, "
-          f"issue {figures['issue_s']} s, total {figures['total_s']} s  (goal: < 60 s)")
-    print(f"issue rate: {rate} copies/s on {figures['cores']} cores; baseline one core: raw "
-          f"AES-KW+AES-GCM {raw}/s, jwcrypto {jose}/s, wrap_copy "
-          f"{figures['wrap_copy_per_s_1core']}/s -> ratio {figures.get('ratio_vs_raw_1core')} "
-          f"of raw, {figures.get('ratio_vs_jwcrypto_1core')} of jwcrypto")
-    print(f"memory: desk peak RSS {figures['peak_rss_mib_desk']} MiB, largest worker "
-          f"{figures['peak_rss_mib_workers']} MiB; store {figures['store_mib']} MiB on disk")
+    print(
+        f"mission: {figures['nodes']} nodes, {report.pairs} pairs x {report.epochs} epochs = "
+        f"{report.issued} keysets ({copies} wrapped copies)"
+    )
+    print(
+        f"time: init {figures['init_s']} s, enrol {figures['enrol_s']} s, "
+        f"issue {figures['issue_s']} s, total {figures['total_s']} s  (goal: < 60 s)"
+    )
+    print(
+        f"issue rate: {rate} copies/s on {figures['cores']} cores; baseline one core: raw "
+        f"AES-KW+AES-GCM {raw}/s, jwcrypto {jose}/s, wrap_copy "
+        f"{figures['wrap_copy_per_s_1core']}/s -> ratio {figures.get('ratio_vs_raw_1core')} "
+        f"of raw, {figures.get('ratio_vs_jwcrypto_1core')} of jwcrypto"
+    )
+    print(
+        f"memory: desk peak RSS {figures['peak_rss_mib_desk']} MiB, largest worker "
+        f"{figures['peak_rss_mib_workers']} MiB; store {figures['store_mib']} MiB on disk"
+    )
     for e in exports:
-        print(f"export {e['kind']:<9} {e['node']:<10} {e['mates']:>3} mates {e['keysets']:>5} "
-              f"keysets  {e['seconds'] * 1000:7.1f} ms  {e['us_per_keyset']:6.1f} us/keyset  "
-              f"{e['bytes'] / 1024:7.0f} KiB")
+        print(
+            f"export {e['kind']:<9} {e['node']:<10} {e['mates']:>3} mates {e['keysets']:>5} "
+            f"keysets  {e['seconds'] * 1000:7.1f} ms  {e['us_per_keyset']:6.1f} us/keyset  "
+            f"{e['bytes'] / 1024:7.0f} KiB"
+        )
     return 0
 
 

@@ -284,5 +284,5 @@ def test_a_token_on_read_only_media_fails_with_a_typed_error(
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(software, "write_atomic", read_only)
-    with pytest.raises(TokenError, match="cannot write token file .*Read-only file system"):
+    with pytest.raises(TokenError, match=r"cannot write token file .*Read-only file system"):
         token.verify_pin("9999")

@@ -320,18 +320,6 @@ class AgentStore:
             StoredMessage(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7]) for r in rows
         ]
 
-    def message(self, message_id: bytes, direction: str) -> StoredMessage | None:
-        row = self.db.execute(
-            f"SELECT m.id, m.direction, m.peer, m.grp, m.text, m.at, m.read, {_BEST_STATE} "
-            "FROM messages m WHERE m.id = ? AND m.direction = ?",
-            (message_id, direction),
-        ).fetchone()
-        if row is None:
-            return None
-        return StoredMessage(
-            bytes(row[0]), row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7]
-        )
-
     # -- replay protection ------------------------------------------------------------------------
 
     def high_water_marks(self) -> list[tuple[bytes, str, int]]:

@@ -51,6 +51,18 @@ class SessionConfig:
     reached when a rekey cannot complete. ``previous_key_lifetime`` bounds how
     long the receive key of the previous epoch survives a rekey on datagrams,
     for records still in flight.
+
+    ``early_data`` lets a responder on a stream send records right after
+    message 2 of the first handshake, before the initiator's key confirmation
+    (Noise lets a responder send transport messages once it has written its
+    last handshake message; TLS 1.3 calls this 0.5-RTT data). It saves the
+    round trip a request-answer protocol would wait for the confirmation. What
+    the responder then sends can only be read by whoever completes the
+    handshake, but it may answer a *replayed* message 1 (to nobody who can read
+    it), so it suits protocols whose message 1 cannot be replayed into a new
+    session -- the Authentication Server's link, whose PSK is fresh per
+    connection -- and stays off by default. On datagrams message 2 may be lost
+    or overtaken, so it is refused there.
     """
 
     identity: str
@@ -65,6 +77,7 @@ class SessionConfig:
     retransmit_interval: float = 1.0
     previous_key_lifetime: float = 30.0
     max_pending_records: int = 64
+    early_data: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -73,6 +86,8 @@ class SessionConfig:
             raise LocalProtocolError(str(exc)) from None
         if len(self.mission_id) != MISSION_ID_SIZE:
             raise LocalProtocolError(f"mission id must be {MISSION_ID_SIZE} bytes")
+        if self.early_data and self.transport is not Transport.STREAM:
+            raise LocalProtocolError("early_data needs a stream transport")
         if not 0 <= self.capabilities <= MAX_CAPABILITIES:
             raise LocalProtocolError("capabilities must fit 16 bits")
         if not 0 < self.record_limit <= MAX_RECORDS_PER_KEY:

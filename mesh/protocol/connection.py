@@ -178,13 +178,21 @@ class Connection:
         self._send_init(Trigger.CONNECT, now)
 
     def send_data(self, data: bytes, now: float) -> None:
-        """Send one record of 1 to 16 KiB; queued (bounded) until the keys are ready."""
+        """Send one record of 1 to 16 KiB; queued (bounded) until the keys are ready.
+
+        Ready means confirmed, except for a responder with ``early_data``: it
+        sends under the keys of message 2 as soon as it has written it.
+        """
         if not 0 < len(data) <= MAX_RECORD_PLAINTEXT:
             raise LocalProtocolError(f"a record carries 1 to {MAX_RECORD_PLAINTEXT} bytes")
         if self._state.allows(Trigger.SEND_RECORD):
             assert self._sender is not None
             self._output.append(self._sender.seal(RecordKind.DATA, data))
             self._maybe_rekey(now)
+        elif self._config.early_data and self._state.allows(Trigger.SEND_EARLY):
+            # the keys of message 2, which become the sending keys on confirmation
+            assert self._pending_sender is not None
+            self._output.append(self._pending_sender.seal(RecordKind.DATA, data))
         elif self._state.terminal:
             raise LocalProtocolError(f"the connection is {self._state.state.value}")
         elif len(self._queued) >= self._config.max_pending_records:

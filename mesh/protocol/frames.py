@@ -123,6 +123,7 @@ class RecordKind(IntEnum):
     KEY_CONFIRM = 3  # initiator -> responder: first record under new keys
 
 
+_RECORD_KINDS = tuple(RecordKind)  # by value: a tuple index, not an Enum call per record
 _VERSION_BITS = VERSION << 4
 REFUSE_FRAME = bytes([_VERSION_BITS | FrameType.REFUSE])
 _INIT_TYPE = bytes([_VERSION_BITS | FrameType.INIT])
@@ -229,7 +230,7 @@ def unpack_record_header(frame: bytes) -> tuple[RecordKind, int, int]:
     """(kind, phase, counter) of a record whose length :func:`frame_size` already checked."""
     (word,) = _U64.unpack_from(frame)
     first = word >> _TYPE_SHIFT
-    return RecordKind((first >> 1) & 0x3), first & 0x1, word & _COUNTER_MASK
+    return _RECORD_KINDS[(first >> 1) & 0x3], first & 0x1, word & _COUNTER_MASK
 
 
 def pack_init_payload(timestamp: int, capabilities: int) -> bytes:

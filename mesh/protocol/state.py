@@ -7,6 +7,9 @@ Rules:
 * The initiator is ESTABLISHED when message 2 authenticates; the responder
   when the initiator's first record under the new keys decrypts (key
   confirmation). Before that, the responder has keys but no proof of a live peer.
+* A responder configured with ``early_data`` (streams only) may send records
+  in AWAIT_CONFIRM, under the keys of message 2 (SEND_EARLY); it still
+  counts the initiator as authenticated only on confirmation.
 * During REKEYING the old keys keep working in both directions; the new ones
   take over as ESTABLISHED is re-entered, so no record in flight is lost.
 * CLOSE (either side's orderly close) and TIMEOUT (a handshake that did not
@@ -57,6 +60,7 @@ class Trigger(_Member):
     RECV_CONFIRM = "recv-confirm"  # responder: first record under not-yet-confirmed keys
     RECV_RECORD = "recv-record"
     SEND_RECORD = "send-record"
+    SEND_EARLY = "send-early"  # responder seals a record before key confirmation (early_data)
     CLOSE = "close"
     TIMEOUT = "timeout"
     FAIL = "fail"
@@ -90,6 +94,7 @@ TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
     (RESPONDER, S.START, T.RECV_INIT): S.AWAIT_CONFIRM,
     (RESPONDER, S.AWAIT_CONFIRM, T.RECV_INIT): S.AWAIT_CONFIRM,  # the initiator retried
     (RESPONDER, S.AWAIT_CONFIRM, T.RECV_CONFIRM): S.ESTABLISHED,
+    (RESPONDER, S.AWAIT_CONFIRM, T.SEND_EARLY): S.AWAIT_CONFIRM,  # only with early_data
     (RESPONDER, S.ESTABLISHED, T.RECV_INIT): S.REKEYING,
     (RESPONDER, S.REKEYING, T.RECV_INIT): S.REKEYING,  # the initiator retried its rekey
     (RESPONDER, S.REKEYING, T.RECV_CONFIRM): S.ESTABLISHED,

@@ -98,6 +98,46 @@ def test_responder_authenticates_the_peer_only_on_key_confirmation(transport: Tr
     assert isinstance(drain(wire.responder)[0], HandshakeCompleted)
 
 
+def test_early_data_leaves_with_message_2_and_is_read_before_confirmation() -> None:
+    """``early_data``: the responder's record rides with message 2 (0.5-RTT data)."""
+    wire = make_pair(Transport.STREAM).wire(early_data=True)
+    [init] = wire.take("i")
+    wire.to("r", init)
+    wire.responder.send_data(b"challenge", NOW)
+    assert wire.responder.state is State.AWAIT_CONFIRM  # still unconfirmed
+    response, early = wire.take("r")
+    assert unpack_record_header(early)[2] == 0  # the first record under message 2's keys
+    for frame in (response, early):
+        wire.to("i", frame)
+    assert received_data(drain(wire.initiator)) == [b"challenge"]
+    # the initiator answers behind its key confirmation; the responder confirms, then reads
+    wire.initiator.send_data(b"answer", NOW)
+    for frame in wire.take("i"):
+        wire.to("r", frame)
+    events = drain(wire.responder)
+    assert isinstance(events[0], HandshakeCompleted) and received_data(events) == [b"answer"]
+    wire.responder.send_data(b"after", NOW)  # same key, next counter: no gap, no reuse
+    [after] = wire.take("r")
+    assert unpack_record_header(after)[2] == 1
+    wire.to("i", after)
+    assert received_data(drain(wire.initiator)) == [b"after"]
+
+
+def test_without_early_data_the_responder_waits_for_confirmation() -> None:
+    wire = make_pair(Transport.STREAM).wire()
+    wire.to("r", wire.take("i")[0])
+    wire.responder.send_data(b"held", NOW)
+    [response] = wire.take("r")  # message 2 alone: the record is queued
+    wire.to("i", response)
+    wire.pump()
+    assert received_data(drain(wire.initiator)) == [b"held"]
+
+
+def test_early_data_is_for_streams_only() -> None:
+    with pytest.raises(LocalProtocolError):
+        config("bravo", Transport.DATAGRAM, early_data=True)
+
+
 @BOTH
 def test_orderly_close(transport: Transport) -> None:
     wire = make_pair(transport).established()

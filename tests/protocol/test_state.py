@@ -60,6 +60,8 @@ def test_responder_needs_confirmation() -> None:
     machine = ConnectionState(Role.RESPONDER)
     machine.process(Trigger.RECV_INIT)
     assert not machine.allows(Trigger.SEND_RECORD)
+    assert machine.allows(Trigger.SEND_EARLY)  # only what early_data sends; nothing changes
+    assert machine.process(Trigger.SEND_EARLY) is State.AWAIT_CONFIRM
     assert machine.allows(Trigger.RECV_CONFIRM) and not machine.allows(Trigger.RECV_RECORD)
     assert machine.process(Trigger.RECV_CONFIRM) is State.ESTABLISHED
     assert machine.process(Trigger.FAIL) is State.ERROR

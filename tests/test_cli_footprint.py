@@ -1,8 +1,8 @@
 """Every snrmesh command builds the whole parser; the heavy libraries load only where used.
 
 The agent must stay small (issue 4: < 60 MB per agent): loading Textual (the TUI),
-psycopg/libpq (the AS on PostgreSQL) or pyscard (cards) in every process would cost
-10-20 MiB each for nothing.
+psycopg/libpq (the AS on PostgreSQL), pyscard (cards) or uvloop (the AS's event loop)
+in every process would cost memory for nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("textual", "psycopg", "smartcard", "rich")
+HEAVY = ("textual", "psycopg", "smartcard", "rich", "uvloop")
 
 
 def test_building_the_cli_loads_no_heavy_library() -> None:

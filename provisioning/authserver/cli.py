@@ -7,7 +7,6 @@ and calls :func:`cmd_import_meters` here.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +17,7 @@ from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
 from mesh.files import FileTooLarge, read_bounded, write_atomic
 from mesh.token.open import open_token
+from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
 from provisioning.authserver.errors import LocalAuthError
@@ -157,7 +157,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     token = open_token(args.token)
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     request = KeysetRequest(random_bytes(16), args.target, args.purpose, args.epoch)
-    outcome = asyncio.run(
+    outcome = eventloop.run(
         request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
     )
     auth = outcome.authenticated
@@ -194,7 +194,7 @@ def cmd_request(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     seed = _factory_seed(args.factory_seed, create=False)
-    report = asyncio.run(
+    report = eventloop.run(
         simulate_fleet(
             host,
             port,

@@ -11,11 +11,11 @@ powered up first waits a random ``startup_delay`` for the same reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from mesh.token import SecureElement
 from provisioning.authserver.errors import AuthRefused, AuthServerError, Refusal
@@ -31,7 +31,6 @@ from provisioning.authserver.protocol import (
 
 __all__ = ["Backoff", "Outcome", "attempt", "request_keysets"]
 
-READ_SIZE = 16 * 1024
 TEMPORARY = frozenset({Refusal.BUSY, Refusal.RATE_LIMITED, Refusal.UNAVAILABLE})
 
 
@@ -66,6 +65,54 @@ class Outcome:
         return next((e for e in self.events if isinstance(e, Authenticated)), None)
 
 
+class _ClientProtocol(asyncio.Protocol):
+    """The pump of one attempt: the session's bytes out, the socket's bytes in.
+
+    An ``asyncio.Protocol``, like the server's: no stream reader or writer and
+    no task per read. ``done`` resolves when the session finished or the
+    connection ended, whichever comes first.
+    """
+
+    def __init__(
+        self, session: ClientSession, clock: Callable[[], float], done: asyncio.Future[None]
+    ) -> None:
+        self._session = session
+        self._clock = clock
+        self._done = done
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's are not asyncio.Transport subclasses)
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self._session.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        session, transport = self._session, self._transport
+        if transport is None or session.finished:
+            return
+        session.receive_data(data, self._clock())
+        out = session.data_to_send()
+        if out:
+            transport.write(out)
+        if session.finished:
+            transport.close()  # after the bytes just written (the CLOSE record among them)
+            self._end()
+
+    def eof_received(self) -> bool:
+        self._session.connection_lost()  # LinkFailed unless the session had finished
+        self._end()
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._session.connection_lost()
+        self._end()
+
+    def _end(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+
 async def attempt(
     host: str,
     port: int,
@@ -76,32 +123,20 @@ async def attempt(
     clock: Callable[[], float] = time.time,
 ) -> list[ClientEvent]:
     """Run one session over one TCP connection; returns its events."""
-
-    async def run() -> None:
-        reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
-        try:
-            writer.write(session.data_to_send())
-            while not session.finished:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    session.connection_lost()
-                    break
-                session.receive_data(data, clock())
-                out = session.data_to_send()
-                if out:
-                    writer.write(out)
-            out = session.data_to_send()
-            if out:
-                writer.write(out)
-            await writer.drain()
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    transport: asyncio.BaseTransport | None = None
     try:
-        await asyncio.wait_for(run(), timeout)
-    except (TimeoutError, ConnectionError, OSError):
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(
+                lambda: _ClientProtocol(session, clock, done), host, port, local_addr=local_addr
+            )
+            await done
+    except (TimeoutError, OSError):
         session.connection_lost()  # records LinkFailed unless the session had finished
+    finally:
+        if transport is not None:
+            transport.close()
     return _events(session)
 
 

@@ -93,7 +93,7 @@ def factory_keys(seed: bytes, identity: str) -> tuple[bytes, tuple[bytes, ...]]:
 class MemoryToken(SecureElement):
     """A secure element held in memory (simulated meters, tests). PIN-less: always unlocked."""
 
-    __slots__ = ("_generations", "_keys", "identity", "role", "token_id")
+    __slots__ = ("_generations", "_info", "_keys", "identity", "role", "token_id")
 
     def __init__(
         self,
@@ -109,6 +109,7 @@ class MemoryToken(SecureElement):
         self.token_id, self.identity, self.role = token_id, identity, role
         self._keys = tuple(keys)
         self._generations = (generation,) * SLOT_COUNT
+        self._info: TokenInfo | None = None  # made on first use, again after a key change
 
     def clone(self) -> MemoryToken:
         """A bit-for-bit copy: what an attacker who copied the token holds."""
@@ -119,13 +120,16 @@ class MemoryToken(SecureElement):
         return twin
 
     def info(self) -> TokenInfo:
-        return TokenInfo(
-            token_id=self.token_id,
-            identity=self.identity,
-            role=self.role,
-            slots=tuple(SlotInfo(Slot(i), g) for i, g in enumerate(self._generations)),
-            pin_tries_left=MAX_PIN_TRIES,
-        )
+        info = self._info
+        if info is None:
+            info = self._info = TokenInfo(
+                token_id=self.token_id,
+                identity=self.identity,
+                role=self.role,
+                slots=tuple(SlotInfo(Slot(i), g) for i, g in enumerate(self._generations)),
+                pin_tries_left=MAX_PIN_TRIES,
+            )
+        return info
 
     def verify_pin(self, pin: str) -> None:
         return None
@@ -171,6 +175,7 @@ class MemoryToken(SecureElement):
             raise KeyChangeRefused("key change is for another token")
         check_newer(self._generations, change.generations)
         self._keys, self._generations = change.keys, change.generations
+        self._info = None
 
 
 def meter_token(seed: bytes, identity: str) -> MemoryToken:

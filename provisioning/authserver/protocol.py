@@ -11,6 +11,11 @@ Rules (``docs/authentication-server.md`` draws them):
 * Secure phase, one CBOR message per record: ``CHALLENGE`` (maybe carrying a
   key change) -> ``ANSWER`` (the token's AUTH MAC) -> ``READY``; then any
   number (up to :data:`MAX_REQUESTS`) of ``REQUEST`` -> ``KEYSET`` | ``REFUSE``.
+* Three round trips: the AS sends the CHALLENGE with message 2 (the link's
+  ``early_data``: message 1 already proved the PSK, and a fresh server nonce
+  makes it unreplayable), and the client sends its REQUESTs right behind its
+  ANSWER (pipelined: the AS reads them only once the ANSWER made it SERVING,
+  and answers READY first, so a refused ANSWER leaves every request unread).
 * The server never raises for what a client sends: any fault moves the session
   to CLOSED with one ``REFUSE`` (or, if the link itself fails, the handshake's
   generic refusal). A client session records the server's refusal as an event.
@@ -31,11 +36,11 @@ from mesh.crypto import random_bytes
 from mesh.protocol import (
     Connection,
     DataReceived,
-    HandshakeCompleted,
     MemoryKeyStore,
     ProtocolError,
     Role,
     SessionConfig,
+    State,
 )
 from mesh.protocol.events import ConnectionTerminated
 from mesh.token import SecureElement, Slot, TokenError
@@ -106,8 +111,12 @@ LINK_CLOCK_SKEW = 1e12  # the link's freshness comes from the nonces, not from c
 
 
 def _link_config(identity: str, context_ck_mission: bytes) -> SessionConfig:
+    # early_data: the AS's CHALLENGE rides with message 2 (see the module doc)
     return SessionConfig(
-        identity=identity, mission_id=context_ck_mission, clock_skew=LINK_CLOCK_SKEW
+        identity=identity,
+        mission_id=context_ck_mission,
+        clock_skew=LINK_CLOCK_SKEW,
+        early_data=True,
     )
 
 
@@ -148,7 +157,7 @@ class _S(Enum):  # server triggers
 SERVER_TRANSITIONS: dict[tuple[ServerState, _S], ServerState] = {
     (ServerState.AWAIT_HELLO, _S.COOKIE): ServerState.AWAIT_HELLO,
     (ServerState.AWAIT_HELLO, _S.ADMIT): ServerState.HANDSHAKE,
-    (ServerState.HANDSHAKE, _S.LINK_UP): ServerState.AWAIT_ANSWER,
+    (ServerState.HANDSHAKE, _S.LINK_UP): ServerState.AWAIT_ANSWER,  # message 1 authenticated
     (ServerState.AWAIT_ANSWER, _S.ANSWERED): ServerState.SERVING,
     (ServerState.SERVING, _S.REQUEST): ServerState.SERVING,
     **{(state, _S.END): ServerState.CLOSED for state in ServerState},
@@ -349,16 +358,23 @@ class ServerSession:
             self._service.count("link_failed")
             self._finish()  # the connection queued its generic REFUSE
             return
+        if self.state is ServerState.HANDSHAKE and link.connection.state is State.AWAIT_CONFIRM:
+            self._on_link_up(now)  # message 2 is queued: the challenge goes with it
         while (event := link.connection.next_event()) is not None and not self.closed:
-            if isinstance(event, HandshakeCompleted):
-                self._on_link_up(now)
-            elif isinstance(event, DataReceived):
+            if isinstance(event, DataReceived):
                 self._on_message(decode(event.data), now)
             elif isinstance(event, ConnectionTerminated):
                 self._finish()
+            # HandshakeCompleted (the key confirmation) needs nothing: the ANSWER follows
 
     def _on_link_up(self, now: float) -> None:
-        """The client proved the AUTH key of the generation it named: challenge it."""
+        """Message 1 proved the AUTH key of the generation the HELLO named: challenge.
+
+        Message 1 is keyed by the link PSK, which no one but the token could
+        derive and which is new with this link's server nonce, so it is as good
+        a proof as the key confirmation that follows; the challenge can leave
+        with message 2 instead of a round trip later.
+        """
         key, service = self._key, self._service
         assert key is not None and self.identity is not None and self._link is not None
         generation = key.generation
@@ -694,7 +710,7 @@ class ClientSession:
                 rid = next(r.request_id for r in self._requests if r.request_id in self._pending)
                 self._pending.discard(rid)
                 self._events.append(Refused(message.refusal, message.retry_after, rid))
-                self._maybe_done(now)
+                self._maybe_done()
             else:
                 self._events.append(Refused(message.refusal, message.retry_after))
                 self._go(_C.FAIL)
@@ -703,15 +719,13 @@ class ClientSession:
         elif self.state is ClientState.AWAIT_READY and isinstance(message, Ready):
             self._go(_C.READY)
             self._events.append(Authenticated(message.generation, self._key_changed))
-            for request in self._requests:
-                link.send(request, now)
-            self._maybe_done(now)
+            self._maybe_done()
         elif self.state is ClientState.REQUESTING and isinstance(message, KeysetGrant):
             if message.request_id not in self._pending:
                 raise MessageError("a keyset we did not ask for")
             self._pending.discard(message.request_id)
             self._events.append(Granted(message))
-            self._maybe_done(now)
+            self._maybe_done()
         else:
             raise MessageError(f"unexpected {type(message).__name__} in {self.state.value}")
 
@@ -726,12 +740,18 @@ class ClientSession:
         assert self._link is not None
         self._go(_C.CHALLENGED)
         self._link.send(Answer(token.mac(Slot.AUTH, transcript)), now)
+        for request in self._requests:  # pipelined: read by the AS once the answer holds
+            self._link.send(request, now)
 
-    def _maybe_done(self, now: float) -> None:
+    def _maybe_done(self) -> None:
+        """Done once every request is answered; the caller then closes the connection.
+
+        No CLOSE record: the AS acts on nothing after the last answer (a
+        truncated link only costs *us* answers), so it would be a write on
+        each side for nothing.
+        """
         if not self._pending and self.state is ClientState.REQUESTING:
             self._go(_C.ALL_ANSWERED)
-            assert self._link is not None
-            self._link.connection.close(now)
 
     def _fail(self, reason: str) -> None:
         if not self.finished:

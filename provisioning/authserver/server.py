@@ -24,7 +24,9 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
 
+from provisioning.authserver import eventloop
 from provisioning.authserver.errors import AuthServerError
 from provisioning.authserver.protocol import AuthService, ServerSession
 from provisioning.authserver.store import KeyStateStore
@@ -46,8 +48,9 @@ class GroupCommit:
     iteration's links join it; commits made while it runs wait for the next.
     """
 
-    def __init__(self, store: KeyStateStore) -> None:
+    def __init__(self, store: KeyStateStore, count: Callable[[str], None]) -> None:
         self._store = store
+        self._count = count  # the worker's counters ("syncs")
         self._waiting: list[tuple[int, Callable[[bool], None]]] = []
         self._running = False
         self._task: asyncio.Task[None] | None = None
@@ -80,6 +83,7 @@ class GroupCommit:
             else:
                 store.sync(upto)
             self.syncs += 1
+            self._count("syncs")
         except AuthServerError as exc:
             log.warning("AS store sync failed: %s", exc)
             ok = False
@@ -102,7 +106,7 @@ class AuthServer:
         self._clock = clock
         self._server: asyncio.Server | None = None
         service.store.group_commits()  # every answer waits for self.group (see the module doc)
-        self.group = GroupCommit(service.store)
+        self.group = GroupCommit(service.store, service.count)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
         self._server = await asyncio.get_running_loop().create_server(
@@ -149,8 +153,8 @@ class _LinkProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses)
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         source = str(peer[0]) if peer else "?"
         now = self._last = self._clock()
@@ -321,4 +325,4 @@ def _worker_main(make_service: Callable[[], AuthService], sock: socket.socket) -
         service = await _run_worker(make_service, sock, stop)
         return dict(service.counters)
 
-    return asyncio.run(main())
+    return eventloop.run(main())

@@ -8,10 +8,16 @@ import pytest
 
 from mesh.keyset import open_copy
 from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig
+from mesh.protocol.frames import VERSION, FrameType, frame_size
 from mesh.token import Slot
 from provisioning.authserver.errors import Refusal
 from provisioning.authserver.messages import Answer, decode, encode
-from provisioning.authserver.meters import meter_identity, meter_token
+from provisioning.authserver.meters import (
+    MemoryToken,
+    factory_keys,
+    meter_identity,
+    meter_token,
+)
 from provisioning.authserver.protocol import Authenticated, ClientSession, Granted, Refused
 from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.errors import DeskCorrupt
@@ -77,6 +83,59 @@ def test_full_flow_key_change_keyset_ticket_handshake_and_chat(
     assert grant.own not in text and ck.pair_key.hex() not in text
 
 
+def test_a_link_is_three_round_trips_and_ends_without_a_close_record(
+    site: Site, store: KeyStateStore
+) -> None:
+    """CHALLENGE rides with message 2; the REQUEST rides behind the ANSWER; the client hangs up."""
+    service = make_service(store, key_lifetime=1e9)
+    flights: list[tuple[str, list[str]]] = []
+
+    def spy(direction: str, data: bytes) -> bytes:
+        flights.append((direction, _frames(data)))
+        return data
+
+    client = ClientSession(meter_token(SEED, meter_identity("meter", 10)), [request("gs-1")])
+    events = transfer(client, service.session("127.0.0.1", NOW), hook=spy)
+    assert any(isinstance(e, Granted) for e in events) and client.finished
+    assert flights == [
+        ("up", ["clear"]),  # HELLO
+        ("down", ["clear"]),  # START
+        ("up", ["init"]),  # message 1
+        ("down", ["response", "record"]),  # message 2 + CHALLENGE
+        ("up", ["record", "record", "record"]),  # KEY_CONFIRM + ANSWER + REQUEST
+        ("down", ["record", "record"]),  # READY + KEYSET
+    ]
+
+
+def _frames(data: bytes) -> list[str]:
+    """The kinds of frames in one flight: clear messages, then the Noise stream's frames."""
+    if data[0] >> 4 != VERSION:  # a clear message starts with its 16-bit length
+        return ["clear"]
+    kinds, offset = [], 0
+    while offset < len(data):
+        size = frame_size(data, offset)
+        assert size is not None
+        kind = data[offset] & 0x0F
+        kinds.append(
+            "record"
+            if kind & FrameType.RECORD
+            else "init"
+            if kind == FrameType.INIT
+            else "response"
+        )
+        offset += size
+    return kinds
+
+
+def test_requests_behind_a_refused_answer_are_never_read(site: Site, store: KeyStateStore) -> None:
+    service = make_service(store, key_lifetime=1e9)
+    meter = meter_token(SEED, meter_identity("meter", 11))
+    meter.mac = lambda slot, data: b"\x00" * 32  # type: ignore[method-assign]
+    events = run(service, meter, [request("gs-1"), request("gs-1", epoch=1)])
+    assert events == [Refused(Refusal.AUTH_FAILED, None)]
+    assert "keysets" not in service.counters and not _audit(store, "as-keyset")
+
+
 def test_both_parties_get_the_same_keyset_and_the_desk_exports_it(
     site: Site, store: KeyStateStore
 ) -> None:
@@ -111,7 +170,7 @@ def test_lost_answer_during_key_change_then_retry_converges(
     def lose_answer(direction: str, data: bytes) -> bytes | None:
         if direction == "up":
             ups.append(data)
-            return None if len(ups) >= 4 else data  # HELLO, message 1, confirm; then ANSWER
+            return None if len(ups) >= 3 else data  # HELLO, message 1; then confirm + ANSWER
         return data
 
     # the token applies the key change, then its answer (and the connection) are lost
@@ -139,7 +198,7 @@ def test_lost_challenge_gets_the_identical_key_change_again(
     def drop_challenge(direction: str, data: bytes) -> bytes | None:
         if direction == "down":
             downs.append(data)
-            return None if len(downs) >= 3 else data  # START, message 2; then CHALLENGE
+            return None if len(downs) >= 2 else data  # START; then message 2 + CHALLENGE
         return data
 
     run(service, meter, [request("gs-1")], hook=drop_challenge)
@@ -180,8 +239,10 @@ def test_a_claimed_old_generation_without_its_key_suspends_nothing(
     service = make_service(store)
     meter = meter_token(SEED, meter_identity("meter", 5))
     run(service, meter, [])  # now at generation 2; generation 1 is "superseded"
-    impostor = meter_token(SEED, meter_identity("meter", 6))  # other keys, same claim
-    impostor.identity = meter.identity
+    _, other_keys = factory_keys(SEED, meter_identity("meter", 6))
+    impostor = MemoryToken(  # other keys, same claim
+        token_id=meter.token_id, identity=meter.identity, role="meter", keys=other_keys
+    )
     events = run(service, impostor, [])
     assert not any(isinstance(e, Authenticated) for e in events)
     assert not store.load(meter.identity).suspended  # type: ignore[union-attr]

@@ -5,23 +5,54 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mesh.token import Slot
+from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.errors import AuthServerError, StoreUnavailable
 from provisioning.authserver.meters import meter_identity, meter_token, simulate_fleet
 from provisioning.authserver.server import AuthServer
-from provisioning.authserver.store import IssuedKeyset, KeyStateStore
+from provisioning.authserver.store import IssuedKeyset, KeyStateStore, SqliteKeyStateStore
 from tests.authserver.conftest import NOW, PASSPHRASE, PIN, SEED, Site, make_service, request
 
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
-def test_asyncio_server_and_client_with_key_change(site: Site, store: KeyStateStore) -> None:
+
+def run_on(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on asyncio's own loop or on uvloop (the one ``as serve`` picks)."""
+    if loop == "asyncio":
+        asyncio.run(main)
+        return
+    factory = eventloop.loop_factory()
+    if factory is None:
+        main.close()
+        pytest.skip("uvloop is not installed")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+def test_the_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("uvloop")
+    monkeypatch.delenv(eventloop.ENV_VARIABLE, raising=False)
+    assert eventloop.loop_name() == "uvloop"
+    monkeypatch.setenv(eventloop.ENV_VARIABLE, "asyncio")
+    assert eventloop.loop_name() == "asyncio"
+    assert eventloop.run(asyncio.sleep(0, "done")) == "done"
+
+
+@LOOPS
+def test_asyncio_server_and_client_with_key_change(
+    site: Site, store: KeyStateStore, loop: str
+) -> None:
     async def main() -> None:
         server = AuthServer(make_service(store))
         host, port = await server.start("127.0.0.1", 0)
@@ -37,10 +68,13 @@ def test_asyncio_server_and_client_with_key_change(site: Site, store: KeyStateSt
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    run_on(loop, main())
 
 
-def test_no_answer_before_a_sync_covers_its_commit(site: Site, store: KeyStateStore) -> None:
+@LOOPS
+def test_no_answer_before_a_sync_covers_its_commit(
+    site: Site, store: KeyStateStore, loop: str
+) -> None:
     """Group commit: many requests share one sync (fsync, WAL flush), none is answered before it."""
     issued_at: dict[bytes, int] = {}
     real_issue = store.issue
@@ -69,7 +103,7 @@ def test_no_answer_before_a_sync_covers_its_commit(site: Site, store: KeyStateSt
         assert len(issued_at) == 16 and 0 < server.group.syncs < store.commits
 
     host, port = "", 0
-    asyncio.run(main())
+    run_on(loop, main())
 
 
 def test_a_failed_sync_answers_nothing_and_forgets_the_caches(

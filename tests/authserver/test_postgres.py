@@ -17,14 +17,15 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
-from mesh.token import Slot
+from mesh.keyset.copies import read_wrapped_kid
+from mesh.token import Slot, slot_kid
 from provisioning.authserver.client import Backoff, request_keysets
-from provisioning.authserver.errors import AuthRefused, LocalAuthError, RemoteAuthError
+from provisioning.authserver.errors import AuthRefused, LocalAuthError, Refusal, RemoteAuthError
 from provisioning.authserver.meters import MemoryToken, meter_identity, meter_token
 from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import Authenticated
@@ -208,3 +209,53 @@ def test_cli_import_then_two_workers_serve_one_token_racing(
     assert record is not None and record.generation == 2
     assert record.keys[Slot.AUTH] and changes[:2] == [(2, "sent"), (2, "committed")]
     assert changes.count((2, "committed")) == 1
+
+
+def _between_read_and_write(store: PostgresKeyStateStore, meanwhile: Callable[[], None]) -> None:
+    """Run ``meanwhile`` (another worker's change) once, after issuance read, before it writes."""
+    mint = store._new_keyset
+    done: list[bool] = []
+
+    def minting(*args: Any) -> Any:
+        if not done:  # once: the fallback mints again, holding the target's row lock
+            done.append(True)
+            meanwhile()
+        return mint(*args)
+
+    store._new_keyset = minting  # type: ignore[method-assign]
+
+
+def test_issuance_sees_a_revocation_made_after_its_read(postgres_dsn: str) -> None:
+    """The two-statement issuance re-checks under its row locks, then falls back and refuses."""
+    store, other = (PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE) for _ in range(2))
+    try:
+        _between_read_and_write(store, lambda: other.revoke("gs-1", NOW))
+        with pytest.raises(RemoteAuthError) as refused:
+            store.issue("alpha-1", "gs-1", "test", None, NOW)
+        assert refused.value.refusal is Refusal.POLICY
+        assert not store.audit_log("as-keyset")
+        with contextlib.closing(psycopg.connect(postgres_dsn)) as conn:
+            assert conn.execute("SELECT count(*) FROM keysets").fetchone() == (0,)
+    finally:
+        store.close()
+        other.close()
+
+
+def test_issuance_never_wraps_for_a_key_the_target_just_replaced(postgres_dsn: str) -> None:
+    """A key change of the target between the read and the write: the ticket uses the new key."""
+    store, other = (PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE) for _ in range(2))
+    try:
+
+        def change_gs_keys() -> None:
+            other.prepare_key_change("gs-1", 1, NOW)
+            other.commit_key_change("gs-1", 2, NOW)
+
+        _between_read_and_write(store, change_gs_keys)
+        issued = store.issue("alpha-1", "gs-1", "test", None, NOW)
+        gs = store.load("gs-1")
+        assert gs is not None and gs.generation == 2
+        assert read_wrapped_kid(issued.ticket) == slot_kid(gs.token_id, Slot.WRAP, 2)
+        assert [a["outcome"] for a in store.audit_log("as-keyset")] == ["minted"]
+    finally:
+        store.close()
+        other.close()

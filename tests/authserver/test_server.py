@@ -320,3 +320,37 @@ def test_cli_refuses_bad_address_in_one_line(bad: str, site: Site) -> None:
         timeout=60,
     )
     assert done.returncode == 1 and done.stderr.count("\n") == 1
+
+
+def test_sqlite_checkpoints_run_in_the_sync_not_in_a_commit(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grouped commits never checkpoint; the sync does, every CHECKPOINT_EVERY commits.
+
+    Without those checkpoints the WAL would grow with every commit; with them a
+    writer starts it over once everything was copied, so it stays as small as
+    the commits between two checkpoints.
+    """
+    from provisioning.authserver import store as store_module
+
+    def largest_wal(every: int) -> int:
+        monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", every)
+        shutil.rmtree(site.root / "run", ignore_errors=True)
+        shutil.copytree(site.desk_dir, site.root / "run")
+        store = SqliteKeyStateStore.open(site.root / "run", PASSPHRASE)
+        wal = site.root / "run" / "desk.sqlite-wal"
+        try:
+            assert store.group_commits()
+            assert store.store.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+            largest = 0
+            for n in range(300):
+                meter = meter_identity("meter", 1 + n % 20)
+                store.issue(meter, "gs-1", "test", n % 5, NOW)
+                if n % 10 == 9:  # a group sync every ten commits
+                    store.sync(store.commits)
+                largest = max(largest, wal.stat().st_size)
+            return largest
+        finally:
+            store.close()
+
+    assert largest_wal(20) * 3 < largest_wal(10**9)

@@ -8,16 +8,21 @@
    fetching one keyset per link (a durable store commit per keyset: the
    requestor's key-state row, the CK, the audit row) for ``--seconds``.
    Reports keysets/s and p50/p99 latency of one full link (TCP connect,
-   HELLO, Noise handshake, challenge, keyset). The baseline, measured in the
-   same run, is one core doing only the handshake's cryptography
-   (X25519 keygen + DH, both sides), i.e. the floor of a link's cost.
+   HELLO, Noise handshake, challenge, keyset). Each meter loop's meters are
+   made before its clock starts (keys are written at the factory, not at
+   each connection); meters and AS run on the same event loop (uvloop where
+   installed). The baselines, measured in the same run: one core doing only
+   the handshake's cryptography (X25519 keygen + DH, both sides), the floor
+   of a link's cost; and the same sustained run on SQLite, for
+   ``--baseline-seconds``, with the AS and the meters on asyncio's own loop.
 3. **Reconnect storm**: ``--storm`` meters power up at once through 8
    concentrator addresses; time until all are served, and the share of
    HELLOs answered with a cookie or a busy refusal.
 4. Steps 2 and 3 again on **PostgreSQL** (unless ``--no-postgres``): a private
    server (``tests/authserver/pgserver.py``, Unix socket, fsync and
    synchronous commit *on*) holding the same desk, imported right after
-   enrolment (``as import-desk``, timed), served by ``as serve --postgres``.
+   enrolment (``as import-desk``, timed), served by ``as serve --postgres``;
+   the CPU its server processes spend per keyset is reported too.
 
 The simulated meters run in ``--client-procs`` processes of their own (so one
 client process's event loop does not cap the figure), but client and server
@@ -58,6 +63,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from mesh.crypto import random_bytes
 from mesh.errors import MeshError
+from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.messages import KeysetRequest
 from provisioning.authserver.meters import (
@@ -73,23 +79,40 @@ from tests.authserver.pgserver import PostgresServer, unavailable_reason
 
 PASSPHRASE = "bench passphrase"
 HEAD_END = "head-end"
+MAX_LINK_RATE = 4000  # links/s the prebuilt meters of the sustained run are enough for
 
 
 def enrol(directory: Path, meters: int, seed: bytes) -> dict[str, float]:
     now = int(time.time())
-    desk = Desk.init(directory, passphrase=PASSPHRASE, name="grid", start=now - 60,
-                     end=now + 365 * 86400, epoch_seconds=86400, now=now)
+    desk = Desk.init(
+        directory,
+        passphrase=PASSPHRASE,
+        name="grid",
+        start=now - 60,
+        end=now + 365 * 86400,
+        epoch_seconds=86400,
+        now=now,
+    )
     with desk:
-        desk.enrol(HEAD_END, "authority", token_path=directory.parent / "head-end.token",
-                   pin="2468", now=now)
+        desk.enrol(
+            HEAD_END,
+            "authority",
+            token_path=directory.parent / "head-end.token",
+            pin="2468",
+            now=now,
+        )
         started = time.perf_counter()
         import_meters(desk.store, seed=seed, count=meters, now=now, head_end=HEAD_END)
         elapsed = time.perf_counter() - started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     size = (directory / "desk.sqlite").stat().st_size / 2**20
-    return {"meters": meters, "seconds": round(elapsed, 1),
-            "meters_per_s": round(meters / elapsed), "peak_rss_MiB": round(rss, 1),
-            "store_MiB": round(size, 1)}
+    return {
+        "meters": meters,
+        "seconds": round(elapsed, 1),
+        "meters_per_s": round(meters / elapsed),
+        "peak_rss_MiB": round(rss, 1),
+        "store_MiB": round(size, 1),
+    }
 
 
 def crypto_floor(seconds: float = 1.0) -> float:
@@ -103,14 +126,31 @@ def crypto_floor(seconds: float = 1.0) -> float:
     return n / (time.perf_counter() - started)
 
 
-def start_server(store: list[str], workers: int, key_lifetime: float) -> tuple[
-        subprocess.Popen[str], str, int]:
-    env = {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE}
+def start_server(
+    store: list[str], workers: int, key_lifetime: float, loop: str = "uvloop"
+) -> tuple[subprocess.Popen[str], str, int]:
+    env = {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE, eventloop.ENV_VARIABLE: loop}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "as", "serve", *store,
-         "--listen", "127.0.0.1:0", "--workers", str(workers), "--key-lifetime",
-         str(key_lifetime), "--identity-rate", "100", "--json"],
-        env=env, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "as",
+            "serve",
+            *store,
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            str(workers),
+            "--key-lifetime",
+            str(key_lifetime),
+            "--identity-rate",
+            "100",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert server.stdout is not None
     line = server.stdout.readline()
@@ -127,15 +167,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu(server: subprocess.Popen[str]) -> float:
-    """CPU seconds of the server's process and its forked workers so far."""
-    total = _cpu_seconds(server.pid)
+def tree_cpu(pid: int) -> float:
+    """CPU seconds so far of a process and its children: the AS and its forked workers,
+    or PostgreSQL's postmaster and its backends."""
+    total = _cpu_seconds(pid)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid == server.pid:
+                if ppid == pid:
                     total += _cpu_seconds(int(entry))
             except (OSError, ValueError, IndexError):
                 continue  # a process that ended meanwhile
@@ -147,26 +188,47 @@ def stop_server(server: subprocess.Popen[str]) -> None:
     server.communicate(timeout=60)
 
 
-async def sustained_loops(host: str, port: int, seed: bytes, meters: int, clients: int,
-                          mine: list[int], seconds: float) -> tuple[list[float], int, float]:
-    """Client loops ``mine`` (of ``clients``) in this process; latencies, failures, CPU s."""
+async def sustained_loops(
+    host: str, port: int, seed: bytes, meters: int, clients: int, mine: list[int], seconds: float
+) -> tuple[list[float], int, float]:
+    """Client loops ``mine`` (of ``clients``) in this process; latencies, failures, CPU s.
+
+    Each loop's meters are made before the clock starts (a meter's keys are
+    written at the factory, not derived at each connection), enough for
+    :data:`MAX_LINK_RATE` links/s; a loop that runs out starts over with meters
+    whose keys it has already changed, which the AS serves like any other.
+    """
+    per_loop = max(1, int(MAX_LINK_RATE * seconds / clients))
+    tokens = {
+        w: [
+            meter_token(seed, meter_identity("meter", 1 + ((w + k * clients) * 7919) % meters))
+            for k in range(per_loop)
+        ]
+        for w in mine
+    }
     cpu0 = time.process_time()
     latencies: list[float] = []
     failures = 0
     deadline = time.perf_counter() + seconds
-    rng = random.Random(7 + mine[0])
+    backoff = Backoff(attempts=3, base=0.05)
 
     async def loop(worker: int) -> None:
         nonlocal failures
-        i = worker
+        rng = random.Random(7 + worker)  # one per meter loop, as a meter has one
+        fleet = tokens[worker]
+        k = 0
         while time.perf_counter() < deadline:  # bounded by the deadline
-            token = meter_token(seed, meter_identity("meter", 1 + (i * 7919) % meters))
-            i += clients
+            token = fleet[k % per_loop]
+            k += 1
             t0 = time.perf_counter()
             try:
                 outcome = await request_keysets(
-                    host, port, token, [KeysetRequest(random_bytes(16), HEAD_END, "bench")],
-                    backoff=Backoff(attempts=3, base=0.05), rng=random.Random(rng.random()),
+                    host,
+                    port,
+                    token,
+                    [KeysetRequest(random_bytes(16), HEAD_END, "bench")],
+                    backoff=backoff,
+                    rng=rng,
                 )
             except MeshError:  # counted; the bench goes on
                 failures += 1
@@ -180,83 +242,175 @@ async def sustained_loops(host: str, port: int, seed: bytes, meters: int, client
     return latencies, failures, time.process_time() - cpu0
 
 
-def _client_process(args: tuple[str, int, bytes, int, int, list[int], float]
-                    ) -> tuple[list[float], int, float]:
-    return asyncio.run(sustained_loops(*args))
+def _client_process(
+    args: tuple[str, tuple[str, int, bytes, int, int, list[int], float]],
+) -> tuple[list[float], int, float]:
+    loop, loop_args = args
+    os.environ[eventloop.ENV_VARIABLE] = loop  # the meters run on the loop the AS does
+    return eventloop.run(sustained_loops(*loop_args))
 
 
-def sustained(server: subprocess.Popen[str], host: str, port: int, seed: bytes, meters: int,
-              clients: int, seconds: float, procs: int) -> dict[str, float]:
-    cpu0 = server_cpu(server)
+def sustained(
+    server: subprocess.Popen[str],
+    host: str,
+    port: int,
+    seed: bytes,
+    meters: int,
+    clients: int,
+    seconds: float,
+    procs: int,
+    *,
+    loop: str = "uvloop",
+    database_pid: int | None = None,
+) -> dict[str, float]:
+    cpu0 = tree_cpu(server.pid)
+    db0 = tree_cpu(database_pid) if database_pid else 0.0
     started = time.perf_counter()
-    jobs = [(host, port, seed, meters, clients, list(range(p, clients, procs)), seconds)
-            for p in range(procs)]
+    jobs = [
+        (loop, (host, port, seed, meters, clients, list(range(p, clients, procs)), seconds))
+        for p in range(procs)
+    ]
     with multiprocessing.get_context("fork").Pool(procs) as pool:
         results = pool.map(_client_process, jobs)
     elapsed = time.perf_counter() - started
-    server_s = server_cpu(server) - cpu0
+    server_s = tree_cpu(server.pid) - cpu0
+    database_s = tree_cpu(database_pid) - db0 if database_pid else 0.0
     meters_s = sum(r[2] for r in results)
     latencies = sorted(x for r in results for x in r[0])
     failures = sum(r[1] for r in results)
     n = len(latencies)
-    return {"keysets": n, "seconds": round(elapsed, 2), "keysets_per_s": round(n / seconds),
-            "p50_ms": round(latencies[n // 2] * 1000, 1) if n else -1,
-            "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 1) if n else -1,
-            "failures": failures,
-            "server_cpu_ms_per_keyset": round(server_s * 1000 / max(1, n), 3),
-            "meter_cpu_ms_per_keyset": round(meters_s * 1000 / max(1, n), 3),
-            "cpu_busy_share": round((server_s + meters_s) / (elapsed * (os.cpu_count() or 1)), 2),
-            "server_only_ceiling_per_s": round((os.cpu_count() or 1) * n / server_s)
-            if server_s else -1}
+    cores = os.cpu_count() or 1
+    return {
+        "event_loop": loop,
+        "keysets": n,
+        "seconds": round(elapsed, 2),
+        "keysets_per_s": round(n / seconds),
+        "p50_ms": round(latencies[n // 2] * 1000, 1) if n else -1,
+        "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 1) if n else -1,
+        "failures": failures,
+        "server_cpu_ms_per_keyset": round(server_s * 1000 / max(1, n), 3),
+        "meter_cpu_ms_per_keyset": round(meters_s * 1000 / max(1, n), 3),
+        "database_cpu_ms_per_keyset": round(database_s * 1000 / max(1, n), 3),
+        # over the measured window (the meters' set-up before it is excluded)
+        "cpu_busy_share": round((server_s + meters_s + database_s) / (seconds * cores), 2),
+        "server_only_ceiling_per_s": round(cores * n / server_s) if server_s else -1,
+    }
 
 
-def serve_and_measure(store: list[str], args: argparse.Namespace, seed: bytes
-                      ) -> tuple[dict[str, float], dict[str, float]]:
+def serve_and_measure(
+    store: list[str], args: argparse.Namespace, seed: bytes, database_pid: int | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
     server, host, port = start_server(store, args.workers, args.key_lifetime)
     try:
-        steady = sustained(server, host, port, seed, args.meters, args.clients, args.seconds,
-                           args.client_procs)
-        storm = asyncio.run(simulate_fleet(
-            host, port, seed=seed, count=args.storm, head_end=HEAD_END,
-            first=args.meters - args.storm + 1, storm=True, sources=8))
+        steady = sustained(
+            server,
+            host,
+            port,
+            seed,
+            args.meters,
+            args.clients,
+            args.seconds,
+            args.client_procs,
+            database_pid=database_pid,
+        )
+        storm = eventloop.run(
+            simulate_fleet(
+                host,
+                port,
+                seed=seed,
+                count=args.storm,
+                head_end=HEAD_END,
+                first=args.meters - args.storm + 1,
+                storm=True,
+                sources=8,
+            )
+        )
         storm["cookie_share"] = round(storm["cookies"] / max(1, storm["attempts"]), 3)
     finally:
         stop_server(server)
     return steady, storm
 
 
-def print_run(name: str, args: argparse.Namespace, s: dict[str, float],
-              st: dict[str, float]) -> None:
-    print(f"sustained ({name}, {args.workers} server workers, {args.clients} clients in "
-          f"{args.client_procs} processes, all on the same {os.cpu_count()} cores): "
-          f"{s['keysets_per_s']:,} keysets/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
-          f"{s['failures']} failures")
-    print(f"  CPU per keyset: server {s['server_cpu_ms_per_keyset']} ms (all workers), meters "
-          f"{s['meter_cpu_ms_per_keyset']} ms; cores busy {s['cpu_busy_share']:.0%} (ours only); "
-          f"derived ceiling with the cores to the server alone: "
-          f"{s['server_only_ceiling_per_s']:,}/s (not measured)")
-    print(f"storm ({name}): {st['served']:,}/{st['meters']:,} meters served in {st['seconds']} s "
-          f"(p99 {st['p99_s']} s), {st['attempts']:,} attempts, cookie share "
-          f"{st['cookie_share']:.1%}, busy {st['busy']}, rate-limited {st['rate_limited']}")
+def loop_baseline(store: list[str], args: argparse.Namespace, seed: bytes) -> dict[str, float]:
+    """The same sustained run, shorter, with the AS and the meters on asyncio's own loop."""
+    server, host, port = start_server(store, args.workers, args.key_lifetime, loop="asyncio")
+    try:
+        return sustained(
+            server,
+            host,
+            port,
+            seed,
+            args.meters,
+            args.clients,
+            args.baseline_seconds,
+            args.client_procs,
+            loop="asyncio",
+        )
+    finally:
+        stop_server(server)
+
+
+def print_run(
+    name: str, args: argparse.Namespace, s: dict[str, float], st: dict[str, float]
+) -> None:
+    print(
+        f"sustained ({name}, {args.workers} server workers, {args.clients} clients in "
+        f"{args.client_procs} processes, all on the same {os.cpu_count()} cores): "
+        f"{s['keysets_per_s']:,} keysets/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
+        f"{s['failures']} failures"
+    )
+    database = (
+        f", PostgreSQL {s['database_cpu_ms_per_keyset']} ms"
+        if s["database_cpu_ms_per_keyset"]
+        else ""
+    )
+    print(
+        f"  CPU per keyset: server {s['server_cpu_ms_per_keyset']} ms (all workers), meters "
+        f"{s['meter_cpu_ms_per_keyset']} ms{database}; cores busy {s['cpu_busy_share']:.0%} "
+        f"(these processes); derived ceiling with the cores to the server alone: "
+        f"{s['server_only_ceiling_per_s']:,}/s (not measured)"
+    )
+    print(
+        f"storm ({name}): {st['served']:,}/{st['meters']:,} meters served in {st['seconds']} s "
+        f"(p99 {st['p99_s']} s), {st['attempts']:,} attempts, cookie share "
+        f"{st['cookie_share']:.1%}, busy {st['busy']}, rate-limited {st['rate_limited']}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meters", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--client-procs", type=int, default=2,
-                        help="processes the simulated meters run in")
+    parser.add_argument(
+        "--clients", type=int, default=64, help="meter loops, each one link at a time"
+    )
+    parser.add_argument(
+        "--client-procs", type=int, default=2, help="processes the simulated meters run in"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--storm", type=int, default=10_000)
-    parser.add_argument("--key-lifetime", type=float, default=30 * 86400.0,
-                        help="AS key-change policy during the sustained run (0: every link)")
+    parser.add_argument(
+        "--key-lifetime",
+        type=float,
+        default=30 * 86400.0,
+        help="AS key-change policy during the sustained run (0: every link)",
+    )
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=10.0,
+        help="the sustained SQLite run again on asyncio's own loop (0: skip)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     seed = random_bytes(32)
-    figures: dict[str, object] = {"cores": os.cpu_count(), "workers": args.workers,
-                                  "clients": args.clients, "client_procs": args.client_procs}
+    figures: dict[str, object] = {
+        "cores": os.cpu_count(),
+        "workers": args.workers,
+        "clients": args.clients,
+        "client_procs": args.client_procs,
+    }
     reason = None if not args.no_postgres else "--no-postgres"
     reason = reason or unavailable_reason()
     pg: PostgresServer | None = None
@@ -277,8 +431,15 @@ def main() -> None:
                 figures["postgres_import_s"] = round(time.perf_counter() - started, 1)
             steady, storm = serve_and_measure(["--store", str(desk_dir)], args, seed)
             figures["sustained_sqlite"], figures["storm_sqlite"] = steady, storm
+            if args.baseline_seconds > 0:
+                figures["sustained_sqlite_asyncio_loop"] = loop_baseline(
+                    ["--store", str(desk_dir)], args, seed
+                )
             if pg is not None:
-                steady, storm = serve_and_measure(["--postgres", dsn], args, seed)
+                assert pg.process is not None
+                steady, storm = serve_and_measure(
+                    ["--postgres", dsn], args, seed, database_pid=pg.process.pid
+                )
                 figures["sustained_postgres"], figures["storm_postgres"] = steady, storm
             else:
                 figures["postgres"] = f"skipped: {reason}"
@@ -290,15 +451,28 @@ def main() -> None:
         return
     e = figures["enrolment"]
     assert isinstance(e, dict)
-    print(f"enrolment: {e['meters']:,} meters in {e['seconds']} s "
-          f"({e['meters_per_s']:,}/s), peak RSS {e['peak_rss_MiB']} MiB, "
-          f"store {e['store_MiB']} MiB")
-    print(f"crypto floor (X25519 only, one core): "
-          f"{figures['crypto_floor_links_per_s_one_core']:,} links/s")
+    print(
+        f"enrolment: {e['meters']:,} meters in {e['seconds']} s "
+        f"({e['meters_per_s']:,}/s), peak RSS {e['peak_rss_MiB']} MiB, "
+        f"store {e['store_MiB']} MiB"
+    )
+    print(
+        f"crypto floor (X25519 only, one core): "
+        f"{figures['crypto_floor_links_per_s_one_core']:,} links/s"
+    )
     for name in ("sqlite", "postgres"):
         s, st = figures.get(f"sustained_{name}"), figures.get(f"storm_{name}")
         if isinstance(s, dict) and isinstance(st, dict):
             print_run("SQLite" if name == "sqlite" else "PostgreSQL", args, s, st)
+        base = figures.get("sustained_sqlite_asyncio_loop")
+        if name == "sqlite" and isinstance(base, dict) and isinstance(s, dict):
+            print(
+                f"baseline (SQLite, AS and meters on asyncio's own loop, {args.baseline_seconds:g}"
+                f" s): {base['keysets_per_s']:,} keysets/s, p99 {base['p99_ms']} ms; CPU per "
+                f"keyset server {base['server_cpu_ms_per_keyset']} ms, meters "
+                f"{base['meter_cpu_ms_per_keyset']} ms; uvloop / asyncio: "
+                f"{s['keysets_per_s'] / max(1, base['keysets_per_s']):.2f}x"
+            )
     if "postgres_import_s" in figures:
         print(f"PostgreSQL import of the desk: {figures['postgres_import_s']} s")
     else:

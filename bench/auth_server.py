@@ -58,6 +58,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -189,19 +190,30 @@ def stop_server(server: subprocess.Popen[str]) -> None:
 
 
 async def sustained_loops(
-    host: str, port: int, seed: bytes, meters: int, clients: int, mine: list[int], seconds: float
+    host: str,
+    port: int,
+    seed: bytes,
+    meters: int,
+    clients: int,
+    mine: list[int],
+    seconds: float,
+    first: int = 0,
 ) -> tuple[list[float], int, float]:
     """Client loops ``mine`` (of ``clients``) in this process; latencies, failures, CPU s.
 
     Each loop's meters are made before the clock starts (a meter's keys are
     written at the factory, not derived at each connection), enough for
     :data:`MAX_LINK_RATE` links/s; a loop that runs out starts over with meters
-    whose keys it has already changed, which the AS serves like any other.
+    it served already (whose CK for the epoch then exists). Meters are spread
+    over the fleet from position ``first`` of one fixed sequence, so that two
+    runs on one store can ask for different meters' first keysets.
     """
     per_loop = max(1, int(MAX_LINK_RATE * seconds / clients))
     tokens = {
         w: [
-            meter_token(seed, meter_identity("meter", 1 + ((w + k * clients) * 7919) % meters))
+            meter_token(
+                seed, meter_identity("meter", 1 + ((first + w + k * clients) * 7919) % meters)
+            )
             for k in range(per_loop)
         ]
         for w in mine
@@ -243,7 +255,7 @@ async def sustained_loops(
 
 
 def _client_process(
-    args: tuple[str, tuple[str, int, bytes, int, int, list[int], float]],
+    args: tuple[str, tuple[str, int, bytes, int, int, list[int], float, int]],
 ) -> tuple[list[float], int, float]:
     loop, loop_args = args
     os.environ[eventloop.ENV_VARIABLE] = loop  # the meters run on the loop the AS does
@@ -262,12 +274,16 @@ def sustained(
     *,
     loop: str = "uvloop",
     database_pid: int | None = None,
-) -> dict[str, float]:
+    first: int = 0,
+) -> dict[str, Any]:
     cpu0 = tree_cpu(server.pid)
     db0 = tree_cpu(database_pid) if database_pid else 0.0
     started = time.perf_counter()
     jobs = [
-        (loop, (host, port, seed, meters, clients, list(range(p, clients, procs)), seconds))
+        (
+            loop,
+            (host, port, seed, meters, clients, list(range(p, clients, procs)), seconds, first),
+        )
         for p in range(procs)
     ]
     with multiprocessing.get_context("fork").Pool(procs) as pool:
@@ -299,7 +315,7 @@ def sustained(
 
 def serve_and_measure(
     store: list[str], args: argparse.Namespace, seed: bytes, database_pid: int | None = None
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, Any], dict[str, float]]:
     server, host, port = start_server(store, args.workers, args.key_lifetime)
     try:
         steady = sustained(
@@ -331,7 +347,7 @@ def serve_and_measure(
     return steady, storm
 
 
-def loop_baseline(store: list[str], args: argparse.Namespace, seed: bytes) -> dict[str, float]:
+def loop_baseline(store: list[str], args: argparse.Namespace, seed: bytes) -> dict[str, Any]:
     """The same sustained run, shorter, with the AS and the meters on asyncio's own loop."""
     server, host, port = start_server(store, args.workers, args.key_lifetime, loop="asyncio")
     try:
@@ -345,14 +361,14 @@ def loop_baseline(store: list[str], args: argparse.Namespace, seed: bytes) -> di
             args.baseline_seconds,
             args.client_procs,
             loop="asyncio",
+            # meters the main run did not ask for: their first keysets, as in the main run
+            first=MAX_LINK_RATE * int(args.seconds + 1),
         )
     finally:
         stop_server(server)
 
 
-def print_run(
-    name: str, args: argparse.Namespace, s: dict[str, float], st: dict[str, float]
-) -> None:
+def print_run(name: str, args: argparse.Namespace, s: dict[str, Any], st: dict[str, float]) -> None:
     print(
         f"sustained ({name}, {args.workers} server workers, {args.clients} clients in "
         f"{args.client_procs} processes, all on the same {os.cpu_count()} cores): "

@@ -59,6 +59,7 @@ log = logging.getLogger("snrmesh.as")
 AS_SCHEMA_VERSION = 1
 OPENED_KEYS_CACHE = 4096  # opened slot-key sets per worker (a few hundred bytes each)
 CHECKPOINT_EVERY = 256  # commits between the sync thread's WAL checkpoints (SQLite)
+PAGE_CACHE_KIB = 65_536  # SQLite page cache per AS worker
 MAX_EPOCHS_AHEAD = 4  # a node may fetch the CKs of the next few epochs, not the whole mission
 MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN previous_keys BLOB",
@@ -592,6 +593,9 @@ class SqliteKeyStateStore(SqlKeyStateStore):
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpointed = 0  # commits covered by the last checkpoint
         store.db.execute("PRAGMA busy_timeout = 10000")
+        # the interior pages of a million-meter store's B-trees alone (~5 MiB) pass SQLite's
+        # default 2 MiB cache, and each issuance descends half a dozen of them
+        store.db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         migrate_sqlite(store.db)
 
     def group_commits(self) -> bool:

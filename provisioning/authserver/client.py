@@ -95,7 +95,7 @@ class _ClientProtocol(asyncio.Protocol):
         if out:
             transport.write(out)
         if session.finished:
-            transport.close()  # after the bytes just written (the CLOSE record among them)
+            transport.close()  # after the bytes just written
             self._end()
 
     def eof_received(self) -> bool:

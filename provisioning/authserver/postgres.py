@@ -17,7 +17,6 @@ transaction, which serialises every change of one token across workers.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +38,7 @@ from provisioning.authserver.store import (
     IssuedKeyset,
     Sealing,
     SqlKeyStateStore,
+    audit_json,
     key_columns,
     mates_expression,
 )
@@ -242,7 +242,7 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
                 )
                 conn.execute(
                     "INSERT INTO audit (at, op, detail) VALUES (%s, %s, %s)",
-                    (now, "as-import", json.dumps({"source": source, **counts}, sort_keys=True)),
+                    (now, "as-import", audit_json({"source": source, **counts})),
                 )
         except psycopg.Error as exc:
             raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
@@ -397,7 +397,7 @@ class PostgresKeyStateStore(SqlKeyStateStore):
             not_after=found[4],
             copy_a=found[1],
             copy_b=found[2],
-            detail=self._keyset_detail(me, target, purpose, found, window, minted),
+            detail=audit_json(self._keyset_detail(me, target, purpose, found, window, minted)),
         )
         with self.reading() as cur:  # one statement: its own transaction
             written = cur.execute(_ISSUE_WRITE, params).fetchone() == (True,)

@@ -702,8 +702,6 @@ class ClientSession:
                 self._fail(f"link ended ({event.reason or event.termination})")
 
     def _on_message(self, message: Message, now: float) -> None:
-        link = self._link
-        assert link is not None
         if isinstance(message, Refuse):
             if self.state is ClientState.REQUESTING and self._pending:
                 # a refused request: which one is known by order (answers come in order)

@@ -48,9 +48,8 @@ class GroupCommit:
     iteration's links join it; commits made while it runs wait for the next.
     """
 
-    def __init__(self, store: KeyStateStore, count: Callable[[str], None]) -> None:
+    def __init__(self, store: KeyStateStore) -> None:
         self._store = store
-        self._count = count  # the worker's counters ("syncs")
         self._waiting: list[tuple[int, Callable[[bool], None]]] = []
         self._running = False
         self._task: asyncio.Task[None] | None = None
@@ -83,7 +82,6 @@ class GroupCommit:
             else:
                 store.sync(upto)
             self.syncs += 1
-            self._count("syncs")
         except AuthServerError as exc:
             log.warning("AS store sync failed: %s", exc)
             ok = False
@@ -106,7 +104,7 @@ class AuthServer:
         self._clock = clock
         self._server: asyncio.Server | None = None
         service.store.group_commits()  # every answer waits for self.group (see the module doc)
-        self.group = GroupCommit(service.store, service.count)
+        self.group = GroupCommit(service.store)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
         self._server = await asyncio.get_running_loop().create_server(

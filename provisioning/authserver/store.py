@@ -90,6 +90,11 @@ def mates_expression(a: str, b: str) -> str:
     )
 
 
+def audit_json(detail: dict[str, Any]) -> str:
+    """An audit row's ``detail`` column, as the desk writes it (JSON, sorted keys)."""
+    return json.dumps(detail, sort_keys=True)
+
+
 _NODE = f"SELECT {key_columns()} FROM nodes WHERE identity = ?"
 # the requestor's row: locked (the UPDATE takes the row lock on PostgreSQL, the write lock
 # on SQLite) and read in one statement, its last_auth stamped -- the request's key-state write
@@ -252,7 +257,7 @@ class SqlKeyStateStore(KeyStateStore):
         self._exec(
             cur,
             "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
-            (now, op, json.dumps(detail, sort_keys=True)),
+            (now, op, audit_json(detail)),
         )
 
     def _record(self, identity: str, row: Any) -> TokenKeys:
@@ -444,10 +449,11 @@ class SqlKeyStateStore(KeyStateStore):
                 found = self._mint(cur, me, self._record(target, row[:9]), window, a, b)
             else:
                 found = row[10:]
-            self._exec(
+            self._audit(
                 cur,
-                "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
-                (now, "as-keyset", self._keyset_detail(me, target, purpose, found, window, minted)),
+                now,
+                "as-keyset",
+                **self._keyset_detail(me, target, purpose, found, window, minted),
             )
         return self._issued(requestor, target, window, found)
 
@@ -477,9 +483,9 @@ class SqlKeyStateStore(KeyStateStore):
     @staticmethod
     def _keyset_detail(
         me: TokenKeys, target: str, purpose: str, found: Any, window: Epoch, minted: bool
-    ) -> str:
+    ) -> dict[str, Any]:
         """The ``as-keyset`` audit row: who, for whom, which CK -- never key material."""
-        detail = {
+        return {
             "node": me.identity,
             "token": me.token_id.hex(),
             "target": target,
@@ -488,7 +494,6 @@ class SqlKeyStateStore(KeyStateStore):
             "epoch": window.index,
             "outcome": "minted" if minted else "existing",
         }
-        return json.dumps(detail, sort_keys=True)
 
     @staticmethod
     def _issued(requestor: str, target: str, window: Epoch, found: Any) -> IssuedKeyset:

@@ -399,20 +399,28 @@ class PostgresKeyStateStore(SqlKeyStateStore):
             copy_b=found[2],
             detail=audit_json(self._keyset_detail(me, target, purpose, found, window, minted)),
         )
-        with self.reading() as cur:  # one statement: its own transaction
+        with self._statement(writes=True) as cur:
             written = cur.execute(_ISSUE_WRITE, params).fetchone() == (True,)
-        self.commits += 1  # answered only once a sync covers it, like a transaction
         if not written:
             return super().issue(requestor, target, purpose, epoch, now)
         return self._issued(requestor, target, window, found)
 
+    def reading(self) -> contextlib.AbstractContextManager[psycopg.Cursor[Any]]:
+        return self._statement(writes=False)
+
     @contextlib.contextmanager
-    def reading(self) -> Iterator[psycopg.Cursor[Any]]:
-        """One statement on its own (autocommit): no BEGIN and COMMIT round trips."""
+    def _statement(self, *, writes: bool) -> Iterator[psycopg.Cursor[Any]]:
+        """One statement on its own (autocommit): no BEGIN and COMMIT round trips.
+
+        A statement that ``writes`` counts as a commit, answered only once a
+        sync covers it, like a transaction.
+        """
         try:
             yield self._connection().cursor()
         except psycopg.Error as exc:
             raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from None
+        if writes:
+            self.commits += 1
 
     def close(self) -> None:
         if self._sync_conn is not None:

@@ -72,6 +72,20 @@ class GroupCommit:
     def _start(self) -> None:
         self._task = asyncio.ensure_future(self._sync())
 
+    async def drain(self) -> None:
+        """Return once no sync runs or is due: the store may be closed then.
+
+        Shutdown needs it: a sync runs in a thread on connections of the store's
+        (SQLite's checkpointer, PostgreSQL's sync connection), which closing the
+        store mid-sync would pull from under it, failing the links it held.
+        """
+        while self._running:
+            task = self._task
+            if task is None or task.done():
+                await asyncio.sleep(0)  # the next sync is scheduled (_start): let it begin
+            else:
+                await asyncio.wait([task])
+
     async def _sync(self) -> None:
         store = self._store
         ok = True
@@ -118,9 +132,11 @@ class AuthServer:
         self._server = await asyncio.get_running_loop().create_server(self._protocol, sock=sock)
 
     async def stop(self) -> None:
+        """Stop accepting, then let the sync in progress finish (the store stays open)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.group.drain()
 
     def _protocol(self) -> _LinkProtocol:
         return _LinkProtocol(self)

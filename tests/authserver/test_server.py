@@ -354,3 +354,38 @@ def test_sqlite_checkpoints_run_in_the_sync_not_in_a_commit(
             store.close()
 
     assert largest_wal(20) * 3 < largest_wal(10**9)
+
+
+def test_stopping_waits_for_the_sync_in_progress(site: Site, store: KeyStateStore) -> None:
+    """Shutdown closes the store only after the group sync running in its thread is done."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+    real_sync = store.sync
+    store.sync_in_thread = True  # type: ignore[misc]
+
+    def sync(upto: int) -> None:
+        started.set()
+        release.wait(10)
+        real_sync(upto)
+        order.append("synced")
+
+    store.sync = sync  # type: ignore[method-assign]
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, key_lifetime=1e9))
+        host, port = await server.start("127.0.0.1", 0)
+        token = meter_token(SEED, meter_identity("meter", 1))
+        fetch = asyncio.ensure_future(request_keysets(host, port, token, [request("gs-1")]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        stop = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0.05)
+        assert not stop.done()  # held by the sync
+        release.set()
+        await stop
+        order.append("stopped")
+        assert (await fetch).grants  # the link it held was answered
+
+    asyncio.run(main())
+    assert order == ["synced", "stopped"]

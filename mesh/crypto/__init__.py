@@ -6,7 +6,7 @@ reviewer finds every primitive and its parameters in one folder.
 
 from __future__ import annotations
 
-from mesh.crypto.jose import encrypt_compact_a256kw
+from mesh.crypto.jose import b64url, encrypt_compact_a256kw
 from mesh.crypto.primitives import (
     AEAD_KEY_SIZE,
     CryptoError,
@@ -32,6 +32,7 @@ __all__ = [
     "aes_key_wrap",
     "aesgcm_decrypt",
     "aesgcm_encrypt",
+    "b64url",
     "encrypt_compact_a256kw",
     "hkdf_sha256",
     "hmac_sha256",

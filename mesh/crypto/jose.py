@@ -12,7 +12,7 @@ largest single cost of issuing a keyset. The format needs four primitives
 
 with a fresh 256-bit CEK and 96-bit IV per message and the ASCII of the first
 part as the GCM associated data. The protected header is serialised with
-``json.dumps(..., separators=(",", ":"))`` in the caller's key order, the bytes
+compact JSON (``separators=(",", ":")``) in the caller's key order, the bytes
 jwcrypto would emit for the same header string. There is deliberately no
 decoder here: decryption (and its header and algorithm checks) stays with
 jwcrypto and the tokens.
@@ -20,7 +20,7 @@ jwcrypto and the tokens.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 from collections.abc import Mapping
 
@@ -33,7 +33,14 @@ from mesh.crypto.primitives import (
     random_bytes,
 )
 
-__all__ = ["ALG", "ENC", "MAX_JWE_PLAINTEXT", "UNSUPPORTED_HEADERS", "encrypt_compact_a256kw"]
+__all__ = [
+    "ALG",
+    "ENC",
+    "MAX_JWE_PLAINTEXT",
+    "UNSUPPORTED_HEADERS",
+    "b64url",
+    "encrypt_compact_a256kw",
+]
 
 ALG = "A256KW"
 ENC = "A256GCM"
@@ -43,8 +50,14 @@ MAX_JWE_PLAINTEXT = 4096  # what we wrap is a key or a small message, never bulk
 UNSUPPORTED_HEADERS = frozenset({"zip", "crit"})
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+# one encoder, made once: json.dumps with any option builds a new JSONEncoder per call
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def b64url(data: bytes) -> str:
+    """BASE64URL of RFC 7515 §2: the URL-safe alphabet, no padding (what jwcrypto emits)."""
+    return binascii.b2a_base64(data, newline=False).rstrip(b"=").translate(_URLSAFE).decode()
 
 
 def encrypt_compact_a256kw(kek: bytes, header: Mapping[str, object], plaintext: bytes) -> str:
@@ -63,16 +76,16 @@ def encrypt_compact_a256kw(kek: bytes, header: Mapping[str, object], plaintext: 
         raise CryptoError("header asks for compression or critical extensions")
     if not 0 < len(plaintext) <= MAX_JWE_PLAINTEXT:
         raise CryptoError(f"JWE plaintext must be 1 to {MAX_JWE_PLAINTEXT} bytes")
-    protected = _b64url(json.dumps(header, separators=(",", ":")).encode("utf-8"))
+    protected = b64url(_COMPACT_JSON.encode(header).encode("utf-8"))
     cek = random_bytes(AEAD_KEY_SIZE)
     iv = random_bytes(GCM_NONCE_SIZE)
     sealed = aesgcm_encrypt(cek, iv, plaintext, protected.encode("ascii"))
     return ".".join(
         (
             protected,
-            _b64url(aes_key_wrap(kek, cek)),
-            _b64url(iv),
-            _b64url(sealed[:-GCM_TAG_SIZE]),
-            _b64url(sealed[-GCM_TAG_SIZE:]),
+            b64url(aes_key_wrap(kek, cek)),
+            b64url(iv),
+            b64url(sealed[:-GCM_TAG_SIZE]),
+            b64url(sealed[-GCM_TAG_SIZE:]),
         )
     )

@@ -16,7 +16,7 @@ from typing import Any
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException, base64url_decode, base64url_encode
 
-from mesh.crypto import CryptoError, encrypt_compact_a256kw
+from mesh.crypto import CryptoError, b64url, encrypt_compact_a256kw
 from mesh.keyset.errors import KeysetError
 from mesh.keyset.keyset import CK_ID_SIZE, MISSION_ID_SIZE, CommunicationKeyset, check_identity
 from mesh.token.interface import SecureElement
@@ -63,8 +63,8 @@ class CopyHeader:
             "enc": "A256GCM",
             "typ": COPY_TYPE,
             "kid": self.kid,
-            "ck": base64url_encode(self.ck_id),
-            "mis": base64url_encode(self.mission_id),
+            "ck": b64url(self.ck_id),
+            "mis": b64url(self.mission_id),
             "a": self.party_a,
             "b": self.party_b,
             "for": self.holder,

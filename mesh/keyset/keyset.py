@@ -8,6 +8,7 @@ the clear. The pair key is the Noise PSK of the session handshake.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mesh.keyset.errors import KeysetError
@@ -25,14 +26,19 @@ CK_ID_SIZE = 16
 PAIR_KEY_SIZE = 32
 MISSION_ID_SIZE = 16
 MAX_IDENTITY_LENGTH = 64
-_IDENTITY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+# a-z or 0-9 first, then a-z, 0-9, '-', '_', '.' (ASCII only: ``re`` classes are literal)
+_IDENTITY = re.compile(r"[a-z0-9][a-z0-9_.\-]*")
 
 
 def check_identity(identity: str) -> str:
-    """Node identities are short lowercase names (``alpha-1``): safe in files, logs and headers."""
+    """Node identities are short lowercase names (``alpha-1``): safe in files, logs and headers.
+
+    Checked wherever one enters (every message, CK and copy header), several
+    times per AS link: hence one precompiled ``fullmatch``.
+    """
     if not identity or len(identity) > MAX_IDENTITY_LENGTH:
         raise KeysetError(f"identity must be 1-{MAX_IDENTITY_LENGTH} characters")
-    if not set(identity) <= _IDENTITY_CHARS or not identity[0].isalnum():
+    if _IDENTITY.fullmatch(identity) is None:
         raise KeysetError(f"invalid identity {identity!r}: use a-z, 0-9, '-', '_', '.'")
     return identity
 

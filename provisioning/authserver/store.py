@@ -90,9 +90,12 @@ def mates_expression(a: str, b: str) -> str:
     )
 
 
+_AUDIT_JSON = json.JSONEncoder(sort_keys=True)  # made once; json.dumps makes one per call
+
+
 def audit_json(detail: dict[str, Any]) -> str:
     """An audit row's ``detail`` column, as the desk writes it (JSON, sorted keys)."""
-    return json.dumps(detail, sort_keys=True)
+    return _AUDIT_JSON.encode(detail)
 
 
 _NODE = f"SELECT {key_columns()} FROM nodes WHERE identity = ?"

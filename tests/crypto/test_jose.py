@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWSEHeaderRegistry, base64url_decode, base64url_encode
 
-from mesh.crypto import CryptoError, encrypt_compact_a256kw
+from mesh.crypto import CryptoError, b64url, encrypt_compact_a256kw
 from mesh.crypto.jose import MAX_JWE_PLAINTEXT, UNSUPPORTED_HEADERS
 
 FUZZ = settings(max_examples=200, deadline=None)
@@ -133,3 +133,9 @@ def test_refuses_an_empty_or_oversized_plaintext(size: int) -> None:
 def test_refuses_compression_and_critical_extensions(name: str) -> None:
     with pytest.raises(CryptoError):
         encrypt_compact_a256kw(os.urandom(32), {**BASE, name: "DEF"}, b"x")
+
+
+@given(st.binary(max_size=512))
+def test_b64url_is_jwcryptos_base64url(data: bytes) -> None:
+    assert b64url(data) == base64url_encode(data)
+    assert base64url_decode(b64url(data)) == data

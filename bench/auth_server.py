@@ -15,6 +15,10 @@
    the handshake's cryptography (X25519 keygen + DH, both sides), the floor
    of a link's cost; and the same sustained run on SQLite, for
    ``--baseline-seconds``, with the AS and the meters on asyncio's own loop.
+   Then, for ``--prefetch-seconds``, links that each fetch two keysets, the
+   epoch's and the next epoch's (the prefetch a node does when it reaches an
+   AS): a separate figure, which splits a link's cost from a keyset's; the
+   headline stays one keyset per link.
 3. **Reconnect storm**: ``--storm`` meters power up at once through 8
    concentrator addresses; time until all are served, and the share of
    HELLOs answered with a cookie or a busy refusal.
@@ -198,8 +202,11 @@ async def sustained_loops(
     mine: list[int],
     seconds: float,
     first: int = 0,
-) -> tuple[list[float], int, float]:
-    """Client loops ``mine`` (of ``clients``) in this process; latencies, failures, CPU s.
+    epochs: tuple[int | None, ...] = (None,),
+) -> tuple[list[float], int, float, int]:
+    """Client loops ``mine`` (of ``clients``) in this process; latencies, failures, CPU s, keysets.
+
+    Each link asks for one keyset per entry of ``epochs`` (None: the current epoch).
 
     Each loop's meters are made before the clock starts (a meter's keys are
     written at the factory, not derived at each connection), enough for
@@ -220,12 +227,12 @@ async def sustained_loops(
     }
     cpu0 = time.process_time()
     latencies: list[float] = []
-    failures = 0
+    failures = keysets = 0
     deadline = time.perf_counter() + seconds
     backoff = Backoff(attempts=3, base=0.05)
 
     async def loop(worker: int) -> None:
-        nonlocal failures
+        nonlocal failures, keysets
         rng = random.Random(7 + worker)  # one per meter loop, as a meter has one
         fleet = tokens[worker]
         k = 0
@@ -238,25 +245,28 @@ async def sustained_loops(
                     host,
                     port,
                     token,
-                    [KeysetRequest(random_bytes(16), HEAD_END, "bench")],
+                    [KeysetRequest(random_bytes(16), HEAD_END, "bench", e) for e in epochs],
                     backoff=backoff,
                     rng=rng,
                 )
             except MeshError:  # counted; the bench goes on
                 failures += 1
                 continue
-            if outcome.grants:
+            if len(outcome.grants) == len(epochs):
                 latencies.append(time.perf_counter() - t0)
+                keysets += len(epochs)
             else:
                 failures += 1
 
     await asyncio.gather(*(loop(w) for w in mine))
-    return latencies, failures, time.process_time() - cpu0
+    return latencies, failures, time.process_time() - cpu0, keysets
 
 
 def _client_process(
-    args: tuple[str, tuple[str, int, bytes, int, int, list[int], float, int]],
-) -> tuple[list[float], int, float]:
+    args: tuple[
+        str, tuple[str, int, bytes, int, int, list[int], float, int, tuple[int | None, ...]]
+    ],
+) -> tuple[list[float], int, float, int]:
     loop, loop_args = args
     os.environ[eventloop.ENV_VARIABLE] = loop  # the meters run on the loop the AS does
     return eventloop.run(sustained_loops(*loop_args))
@@ -275,6 +285,7 @@ def sustained(
     loop: str = "uvloop",
     database_pid: int | None = None,
     first: int = 0,
+    epochs: tuple[int | None, ...] = (None,),
 ) -> dict[str, Any]:
     cpu0 = tree_cpu(server.pid)
     db0 = tree_cpu(database_pid) if database_pid else 0.0
@@ -282,7 +293,17 @@ def sustained(
     jobs = [
         (
             loop,
-            (host, port, seed, meters, clients, list(range(p, clients, procs)), seconds, first),
+            (
+                host,
+                port,
+                seed,
+                meters,
+                clients,
+                list(range(p, clients, procs)),
+                seconds,
+                first,
+                epochs,
+            ),
         )
         for p in range(procs)
     ]
@@ -294,15 +315,18 @@ def sustained(
     meters_s = sum(r[2] for r in results)
     latencies = sorted(x for r in results for x in r[0])
     failures = sum(r[1] for r in results)
-    n = len(latencies)
+    n = sum(r[3] for r in results)  # keysets: len(epochs) per link
+    links = len(latencies)
     cores = os.cpu_count() or 1
     return {
         "event_loop": loop,
+        "keysets_per_link": len(epochs),
         "keysets": n,
         "seconds": round(elapsed, 2),
         "keysets_per_s": round(n / seconds),
-        "p50_ms": round(latencies[n // 2] * 1000, 1) if n else -1,
-        "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 1) if n else -1,
+        "links_per_s": round(links / seconds),
+        "p50_ms": round(latencies[links // 2] * 1000, 1) if links else -1,
+        "p99_ms": round(latencies[min(links - 1, int(links * 0.99))] * 1000, 1) if links else -1,
         "failures": failures,
         "server_cpu_ms_per_keyset": round(server_s * 1000 / max(1, n), 3),
         "meter_cpu_ms_per_keyset": round(meters_s * 1000 / max(1, n), 3),
@@ -347,9 +371,22 @@ def serve_and_measure(
     return steady, storm
 
 
-def loop_baseline(store: list[str], args: argparse.Namespace, seed: bytes) -> dict[str, Any]:
-    """The same sustained run, shorter, with the AS and the meters on asyncio's own loop."""
-    server, host, port = start_server(store, args.workers, args.key_lifetime, loop="asyncio")
+def another_run(
+    store: list[str],
+    args: argparse.Namespace,
+    seed: bytes,
+    seconds: float,
+    first: int,
+    *,
+    loop: str = "uvloop",
+    epochs: tuple[int | None, ...] = (None,),
+) -> dict[str, Any]:
+    """The sustained SQLite run again, on a fresh server, varying one thing (``loop``, ``epochs``).
+
+    ``first``: where in the fleet its meters start, past those earlier runs asked,
+    so that it too mints each meter's first keysets.
+    """
+    server, host, port = start_server(store, args.workers, args.key_lifetime, loop=loop)
     try:
         return sustained(
             server,
@@ -358,11 +395,11 @@ def loop_baseline(store: list[str], args: argparse.Namespace, seed: bytes) -> di
             seed,
             args.meters,
             args.clients,
-            args.baseline_seconds,
+            seconds,
             args.client_procs,
-            loop="asyncio",
-            # meters the main run did not ask for: their first keysets, as in the main run
-            first=MAX_LINK_RATE * int(args.seconds + 1),
+            loop=loop,
+            first=first,
+            epochs=epochs,
         )
     finally:
         stop_server(server)
@@ -418,6 +455,13 @@ def main() -> None:
         default=10.0,
         help="the sustained SQLite run again on asyncio's own loop (0: skip)",
     )
+    parser.add_argument(
+        "--prefetch-seconds",
+        type=float,
+        default=10.0,
+        help="the sustained SQLite run again, each link fetching the epoch's keyset and the "
+        "next epoch's (0: skip)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     seed = random_bytes(32)
@@ -447,9 +491,27 @@ def main() -> None:
                 figures["postgres_import_s"] = round(time.perf_counter() - started, 1)
             steady, storm = serve_and_measure(["--store", str(desk_dir)], args, seed)
             figures["sustained_sqlite"], figures["storm_sqlite"] = steady, storm
+            # later runs start past the meters earlier runs asked (MAX_LINK_RATE per second)
+            first = MAX_LINK_RATE * int(args.seconds + 1)
             if args.baseline_seconds > 0:
-                figures["sustained_sqlite_asyncio_loop"] = loop_baseline(
-                    ["--store", str(desk_dir)], args, seed
+                figures["sustained_sqlite_asyncio_loop"] = another_run(
+                    ["--store", str(desk_dir)],
+                    args,
+                    seed,
+                    args.baseline_seconds,
+                    first,
+                    loop="asyncio",
+                )
+                first += MAX_LINK_RATE * int(args.baseline_seconds + 1)
+            if args.prefetch_seconds > 0:
+                # the desk's epochs are days from 60 s before enrolment: the next one is 1
+                figures["sustained_sqlite_prefetch"] = another_run(
+                    ["--store", str(desk_dir)],
+                    args,
+                    seed,
+                    args.prefetch_seconds,
+                    first,
+                    epochs=(None, 1),
                 )
             if pg is not None:
                 assert pg.process is not None
@@ -488,6 +550,16 @@ def main() -> None:
                 f"keyset server {base['server_cpu_ms_per_keyset']} ms, meters "
                 f"{base['meter_cpu_ms_per_keyset']} ms; uvloop / asyncio: "
                 f"{s['keysets_per_s'] / max(1, base['keysets_per_s']):.2f}x"
+            )
+        pre = figures.get("sustained_sqlite_prefetch")
+        if name == "sqlite" and isinstance(pre, dict) and isinstance(s, dict):
+            print(
+                f"prefetch (SQLite, each link fetching the epoch's and the next epoch's keyset, "
+                f"{args.prefetch_seconds:g} s): {pre['keysets_per_s']:,} keysets/s on "
+                f"{pre['links_per_s']:,} links/s, p99 {pre['p99_ms']} ms per link; CPU per keyset "
+                f"server {pre['server_cpu_ms_per_keyset']} ms, meters "
+                f"{pre['meter_cpu_ms_per_keyset']} ms; against one keyset per link: "
+                f"{pre['keysets_per_s'] / max(1, s['keysets_per_s']):.2f}x keysets/s"
             )
     if "postgres_import_s" in figures:
         print(f"PostgreSQL import of the desk: {figures['postgres_import_s']} s")

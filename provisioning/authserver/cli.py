@@ -47,6 +47,7 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
   snrmesh as import-desk desk --postgres "host=/run/postgresql dbname=as"   # once
   snrmesh as serve --postgres "host=/run/postgresql dbname=as" --workers 4 &
   snrmesh as request --as 127.0.0.1:7450 --token alpha-1.token --target gs-1
+  snrmesh as audit --store desk --alerts        # cloned tokens found (and suspended)
 """
 
 
@@ -148,6 +149,30 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     ) as store:
         store.revoke(args.node, int(time.time()))
     return _emit(args, {"revoked": args.node}, f"{args.node} revoked: no further keysets")
+
+
+CLONE_ALERT = "as-clone-alert"
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``snrmesh as audit (--store DIR | --postgres DSN) [--alerts | --op OP] [--limit N]``."""
+    if args.limit < 0:
+        raise LocalAuthError("--limit must be 0 (all) or more")
+    op = CLONE_ALERT if args.alerts else args.op
+    with contextlib.closing(
+        _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
+    ) as store:
+        entries = store.audit_log(op, args.limit or None)
+    for entry in entries:
+        entry["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"]))
+    lines = [
+        f"#{e['seq']} {e['at']} {e['op']} "
+        + " ".join(f"{k}={v}" for k, v in e.items() if k not in ("seq", "at", "op"))
+        for e in entries
+    ]
+    if not entries:
+        lines = ["no clone alerts" if args.alerts else "no audit entries"]
+    return _emit(args, {"audit": entries}, "\n".join(lines))
 
 
 def cmd_request(args: argparse.Namespace) -> int:
@@ -335,6 +360,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("node", metavar="NODE")
     p.add_argument("--store", metavar="DIR", help="desk directory")
     p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "audit",
+        help="print the AS store's audit log (key changes, keysets, clone alerts)",
+        description="Print the last --limit entries of the audit log of the AS store "
+        "(the desk's SQLite file or PostgreSQL): every key change, keyset issued, "
+        "revocation and clone alert, oldest first. Never key material. A clone alert "
+        "(as-clone-alert) means a token answered under keys it had already replaced: "
+        "a copy of it exists, and the identity is suspended until the desk re-enrols it.",
+    )
+    p.set_defaults(func=cmd_audit)
+    p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
+    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alerts", action="store_true", help="only clone alerts")
+    which.add_argument("--op", metavar="OP", help="only entries of OP (e.g. as-key-change)")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="the last N entries (0: all)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("request", help="authenticate with a token and fetch a keyset")

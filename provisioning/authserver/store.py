@@ -394,6 +394,15 @@ class SqlKeyStateStore(KeyStateStore):
                 current_generation=record.generation,
                 outcome="suspended",
             )
+        # the operator's alarm, besides the audit row ('snrmesh as audit --alerts'); names only
+        log.warning(
+            "CLONE ALERT: %s (token %s) proved superseded generation %d (current %d): "
+            "suspended until the desk re-enrols it",
+            identity,
+            record.token_id.hex(),
+            presented,
+            record.generation,
+        )
 
     def revoke(self, identity: str, now: int) -> None:
         """No further keysets for ``identity`` (what ``desk revoke`` does to the desk's file).
@@ -409,17 +418,21 @@ class SqlKeyStateStore(KeyStateStore):
             )
             self._audit(cur, now, "revoke", node=identity, token=record.token_id.hex())
 
-    def audit_log(self, op: str | None = None) -> list[dict[str, Any]]:
-        """Audit rows in order (optionally one ``op``), as the desk's ``audit_log`` shows them."""
+    def audit_log(self, op: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Audit rows in order (optionally one ``op``; the last ``limit`` of them).
+
+        As the desk's ``audit_log`` shows them. ``limit`` bounds what a store
+        with millions of issuances hands an operator.
+        """
         where = "" if op is None else " WHERE op = ?"
+        tail = "" if limit is None else " LIMIT ?"
+        params = (() if op is None else (op,)) + (() if limit is None else (limit,))
         with self.reading() as cur:
             self._exec(
-                cur,
-                f"SELECT seq, at, op, detail FROM audit{where} ORDER BY seq",
-                (() if op is None else (op,)),
+                cur, f"SELECT seq, at, op, detail FROM audit{where} ORDER BY seq DESC{tail}", params
             )
             rows = cur.fetchall()
-        return [{"seq": q, "at": at, "op": o, **json.loads(d)} for q, at, o, d in rows]
+        return [{"seq": q, "at": at, "op": o, **json.loads(d)} for q, at, o, d in reversed(rows)]
 
     def _epoch(self, epoch: int | None, now: int) -> Epoch:
         current = self.mission.epoch_at(now)

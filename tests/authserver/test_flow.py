@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -219,18 +220,33 @@ def test_retransmitted_request_gets_the_identical_answer(site: Site, store: KeyS
     assert first == again and service.counters["retransmit"] == 1
 
 
-def test_cloned_token_detected_and_suspended(site: Site, store: KeyStateStore) -> None:
+def test_cloned_token_detected_and_suspended(
+    site: Site, store: KeyStateStore, caplog: pytest.LogCaptureFixture
+) -> None:
     service = make_service(store)
     original = meter_token(SEED, meter_identity("meter", 4))
     clone = original.clone()
     assert isinstance(run(service, original, [request("gs-1")])[0], Authenticated)
-    events = run(service, clone, [request("gs-1")])
+    with caplog.at_level(logging.WARNING, logger="snrmesh.as"):
+        events = run(service, clone, [request("gs-1")])
     assert events == [Refused(Refusal.SUSPENDED, None)]
     assert store.load(original.identity).suspended  # type: ignore[union-attr]
     # the identity stays suspended, for the original too, until the desk acts
     assert run(service, original, [request("gs-1")]) == [Refused(Refusal.SUSPENDED, None)]
     alerts = _audit(store, "as-clone-alert")
     assert alerts[0]["node"] == original.identity and alerts[0]["presented_generation"] == 1
+    # the operator's alarm: one log line naming the node and token, and no key of either copy
+    (alarm,) = [r.getMessage() for r in caplog.records if "CLONE ALERT" in r.getMessage()]
+    assert original.identity in alarm and original.token_id.hex() in alarm
+    record = store.load(original.identity)
+    assert record is not None and record.previous is not None
+    keys = [*record.keys, *record.previous]  # generation 2 (the original's), 1 (the copy's)
+    assert len(keys) == 8 and not any(k.hex() in alarm for k in keys)
+    # the bounded view an operator reads ('as audit'): the last entries, oldest first
+    assert isinstance(store, SqlKeyStateStore)
+    everything = _audit(store, None)
+    assert store.audit_log(None, 2) == everything[-2:]
+    assert store.audit_log("as-clone-alert", 1) == alerts[-1:]
 
 
 def test_a_claimed_old_generation_without_its_key_suspends_nothing(

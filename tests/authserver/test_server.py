@@ -389,3 +389,53 @@ def test_stopping_waits_for_the_sync_in_progress(site: Site, store: KeyStateStor
 
     asyncio.run(main())
     assert order == ["synced", "stopped"]
+
+
+def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
+    site: Site, tmp_path: Path
+) -> None:
+    """Copy a token file, let the original change its keys, then present the copy."""
+    cli = [sys.executable, "-m", "mesh.cli"]
+    original = site.root / "alpha-1.token"
+    copy = tmp_path / "copy-of-alpha-1.token"
+    shutil.copyfile(original, copy)
+
+    def as_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, "as", *args], env=_env(), capture_output=True, text=True, timeout=60
+        )
+
+    serve = ["as", "serve", "--store", str(site.desk_dir), "--listen", "127.0.0.1:0"]
+    server = subprocess.Popen(
+        [*cli, *serve, "--key-lifetime", "0"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on" in line, server.stderr.read() if server.stderr else ""
+        address = line.split()[4]
+        first = as_cli("request", "--as", address, "--token", str(original), "--target", "gs-1")
+        assert first.returncode == 0 and "generation 2" in first.stdout, first.stderr
+        cloned = as_cli("request", "--as", address, "--token", str(copy), "--target", "gs-1")
+        assert cloned.returncode == 1 and "suspended" in cloned.stderr
+        alerts = as_cli("audit", "--store", str(site.desk_dir), "--alerts", "--json")
+        assert alerts.returncode == 0, alerts.stderr
+        (alert,) = json.loads(alerts.stdout)["audit"]
+        assert alert["op"] == "as-clone-alert" and alert["node"] == "alpha-1"
+        assert alert["presented_generation"] == 1 and alert["current_generation"] == 2
+        text = as_cli("audit", "--store", str(site.desk_dir), "--limit", "2")
+        assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 2
+        last = text.stdout.strip().splitlines()[-1]
+        assert " as-clone-alert " in last and " node=alpha-1 " in last
+        neither = as_cli("audit")
+        assert neither.returncode == 1 and len(neither.stderr.strip().splitlines()) == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    (warning,) = [line for line in err.splitlines() if "CLONE ALERT" in line]
+    assert "alpha-1" in warning and "suspended" in warning

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -96,6 +98,13 @@ def _open_store(args: argparse.Namespace, passphrase: str) -> SqlKeyStateStore:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # warnings (clone alerts, failed syncs) to stderr with a time; stdout carries the
+    # "listening on" line and the --json counters
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s snrmesh as: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     host, port = _address(args.listen)
     if not 1 <= args.workers <= 64:
         raise LocalAuthError("--workers must be 1..64")

@@ -438,4 +438,5 @@ def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0, err
     (warning,) = [line for line in err.splitlines() if "CLONE ALERT" in line]
-    assert "alpha-1" in warning and "suspended" in warning
+    assert "snrmesh as: WARNING CLONE ALERT: alpha-1 (token " in warning
+    assert "suspended" in warning

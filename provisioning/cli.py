@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.files import FileTooLarge, read_bounded
 from mesh.token.open import open_token
@@ -192,30 +192,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, label: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr when it is a terminal; silent otherwise."""
-    if not (enabled and sys.stderr.isatty()):
-        yield lambda done, total: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
 def cmd_issue(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    with _desk(args) as desk, _progress(not args.json, "issuing keysets") as tick:
+    with _desk(args) as desk, progress(not args.json, "issuing keysets") as tick:
         report = desk.issue(now=_now(), workers=args.workers, on_progress=tick)
     seconds = time.perf_counter() - started
     data = {

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
 from mesh.files import FileTooLarge, read_bounded, write_atomic
@@ -228,20 +229,22 @@ def cmd_request(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     seed = _factory_seed(args.factory_seed, create=False)
-    report = eventloop.run(
-        simulate_fleet(
-            host,
-            port,
-            seed=seed,
-            count=args.count,
-            head_end=args.head_end,
-            prefix=args.prefix,
-            first=args.first,
-            storm=args.storm,
-            spread=args.spread,
-            sources=args.sources,
+    with progress(not args.json, "meters done") as tick:
+        report = eventloop.run(
+            simulate_fleet(
+                host,
+                port,
+                seed=seed,
+                count=args.count,
+                head_end=args.head_end,
+                prefix=args.prefix,
+                first=args.first,
+                storm=args.storm,
+                spread=args.spread,
+                sources=args.sources,
+                on_progress=lambda done: tick(done, args.count),
+            )
         )
-    )
     return _emit(
         args,
         report,
@@ -254,7 +257,7 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
     """``snrmesh desk import-meters DIR --count N --factory-seed FILE [--head-end NODE]``."""
     seed = _factory_seed(args.factory_seed, create=True)
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
-    with contextlib.closing(store):
+    with contextlib.closing(store), progress(not args.json, "enrolling meters") as tick:
         count = import_meters(
             store,
             seed=seed,
@@ -263,6 +266,7 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
             prefix=args.prefix,
             first=args.first,
             head_end=args.head_end,
+            on_progress=lambda done: tick(done, args.count),
         )
     return _emit(
         args,

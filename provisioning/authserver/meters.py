@@ -287,11 +287,13 @@ async def simulate_fleet(
     sources: int = 8,
     backoff: Backoff | None = None,
     rng_seed: int | None = None,
+    on_progress: Callable[[int], None] = lambda done: None,
 ) -> dict[str, Any]:
     """Power up ``count`` meters that each fetch one keyset; report what it took.
 
     ``storm``: every meter starts at once (the grid came back after an outage);
     otherwise each waits a random delay in ``[0, spread]`` after power-up.
+    ``on_progress(done)`` follows each meter that is done, served or not.
     """
     if not 0 < count <= MAX_FLEET or not 0 < sources <= 250 * 250:
         raise LocalAuthError("fleet size or source count out of range")
@@ -304,7 +306,17 @@ async def simulate_fleet(
     totals = {"attempts": 0, "cookies": 0, "busy": 0, "rate_limited": 0, "key_changes": 0}
     started = time.perf_counter()
 
+    done = 0
+
     async def meter(index: int) -> None:
+        nonlocal done
+        try:
+            await serve(index)
+        finally:
+            done += 1
+            on_progress(done)
+
+    async def serve(index: int) -> None:
         identity = meter_identity(prefix, index)
         token = meter_token(seed, identity)
         t0 = time.perf_counter()

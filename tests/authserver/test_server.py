@@ -61,10 +61,19 @@ def test_asyncio_server_and_client_with_key_change(
             outcome = await request_keysets(host, port, token, [request("gs-1")])
             assert outcome.grants and outcome.authenticated is not None
             assert token.info().generation(Slot.AUTH) == 2
+            ticks: list[int] = []
             report = await simulate_fleet(
-                host, port, seed=SEED, count=10, head_end="gs-1", storm=True, sources=2
+                host,
+                port,
+                seed=SEED,
+                count=10,
+                head_end="gs-1",
+                storm=True,
+                sources=2,
+                on_progress=ticks.append,
             )
             assert report["served"] == 10 and report["key_changes"] == 10
+            assert ticks == list(range(1, 11))  # one tick per meter done, for the progress bar
         finally:
             await server.stop()
 

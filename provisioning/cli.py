@@ -14,7 +14,12 @@ from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.files import FileTooLarge, read_bounded
 from mesh.token.open import open_token
-from provisioning.authserver.cli import add_import_meters_arguments, cmd_import_meters
+from provisioning.authserver.cli import (
+    MAX_AUDIT_LIMIT,
+    add_import_meters_arguments,
+    audit_text,
+    cmd_import_meters,
+)
 from provisioning.desk import MAX_SEED_SIZE, Desk
 from provisioning.errors import DeskError, MissionError
 from provisioning.plan import ROLES, load_plan
@@ -259,14 +264,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    if args.limit is not None and not 1 <= args.limit <= MAX_AUDIT_LIMIT:
+        raise DeskError(f"--limit must be 1..{MAX_AUDIT_LIMIT:,}")
     with _desk(args) as desk:
         entries = desk.audit_log(limit=args.limit)
-    text = "\n".join(
-        f"#{e['seq']} {e['at']} {e['op']} "
-        + " ".join(f"{k}={v}" for k, v in e.items() if k not in ("seq", "at", "op"))
-        for e in entries
-    )
-    return _emit(args, {"audit": entries}, text)
+    return _emit(args, {"audit": entries}, audit_text(entries))
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:

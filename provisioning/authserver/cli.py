@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -83,12 +84,17 @@ def _factory_seed(path: str, *, create: bool) -> bytes:
 # -- handlers ---------------------------------------------------------------------------------
 
 
-def _open_store(args: argparse.Namespace, passphrase: str) -> SqlKeyStateStore:
+def _check_store_choice(args: argparse.Namespace) -> None:
+    """Before any passphrase prompt: exactly one of --store and --postgres."""
     if bool(args.store) == bool(args.postgres):
         raise LocalAuthError(
             "give either --store DIR (the desk's SQLite file) or --postgres DSN "
             "(a database made by 'snrmesh as import-desk'), not both"
         )
+
+
+def _open_store(args: argparse.Namespace, passphrase: str) -> SqlKeyStateStore:
+    _check_store_choice(args)
     if args.postgres:
         # psycopg (and libpq) load only when PostgreSQL is asked for: every snrmesh command,
         # the agent above all, imports this module to build its parser.
@@ -109,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = _address(args.listen)
     if not 1 <= args.workers <= 64:
         raise LocalAuthError("--workers must be 1..64")
+    _check_store_choice(args)
     passphrase = read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
     _open_store(args, passphrase).close()  # fail here, once, on a wrong passphrase or DSN
     admission = AdmissionConfig(
@@ -154,6 +161,7 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     """``snrmesh as revoke NODE (--store DIR | --postgres DSN)``."""
+    _check_store_choice(args)
     with contextlib.closing(
         _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     ) as store:
@@ -162,27 +170,43 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 CLONE_ALERT = "as-clone-alert"
+MAX_AUDIT_LIMIT = 100_000  # entries one 'as audit' holds in memory (a store may have millions)
+_PLAIN = re.compile(r"[A-Za-z0-9_.:@+-]+")
+
+
+def audit_text(entries: list[dict[str, Any]]) -> str:
+    """One line per audit entry: ``#seq at op key=value ...``, oldest first.
+
+    A value that is not a bare word is shown as JSON, so that text a node chose
+    (a keyset request's purpose) cannot pass for more fields on its line.
+    """
+
+    def shown(value: Any) -> str:
+        if isinstance(value, int | float) or (isinstance(value, str) and _PLAIN.fullmatch(value)):
+            return str(value)
+        return json.dumps(value)
+
+    return "\n".join(
+        f"#{e['seq']} {e['at']} {e['op']} "
+        + " ".join(f"{k}={shown(v)}" for k, v in e.items() if k not in ("seq", "at", "op"))
+        for e in entries
+    )
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """``snrmesh as audit (--store DIR | --postgres DSN) [--alerts | --op OP] [--limit N]``."""
-    if args.limit < 0:
-        raise LocalAuthError("--limit must be 0 (all) or more")
+    if not 1 <= args.limit <= MAX_AUDIT_LIMIT:
+        raise LocalAuthError(f"--limit must be 1..{MAX_AUDIT_LIMIT:,}")
+    _check_store_choice(args)
     op = CLONE_ALERT if args.alerts else args.op
     with contextlib.closing(
         _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     ) as store:
-        entries = store.audit_log(op, args.limit or None)
+        entries = store.audit_log(op, args.limit)
     for entry in entries:
         entry["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"]))
-    lines = [
-        f"#{e['seq']} {e['at']} {e['op']} "
-        + " ".join(f"{k}={v}" for k, v in e.items() if k not in ("seq", "at", "op"))
-        for e in entries
-    ]
-    if not entries:
-        lines = ["no clone alerts" if args.alerts else "no audit entries"]
-    return _emit(args, {"audit": entries}, "\n".join(lines))
+    text = audit_text(entries) or ("no clone alerts" if args.alerts else "no audit entries")
+    return _emit(args, {"audit": entries}, text)
 
 
 def cmd_request(args: argparse.Namespace) -> int:
@@ -379,10 +403,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "audit",
         help="print the AS store's audit log (key changes, keysets, clone alerts)",
         description="Print the last --limit entries of the audit log of the AS store "
-        "(the desk's SQLite file or PostgreSQL): every key change, keyset issued, "
-        "revocation and clone alert, oldest first. Never key material. A clone alert "
-        "(as-clone-alert) means a token answered under keys it had already replaced: "
-        "a copy of it exists, and the identity is suspended until the desk re-enrols it.",
+        "(the desk's SQLite file or PostgreSQL), oldest first: every key change, keyset "
+        "issued, revocation and clone alert, besides the desk's own entries (enrol, group, "
+        "pair, ...). Never key material. A clone alert (as-clone-alert) means a token "
+        "answered under keys it had already replaced: a copy of it exists, and the "
+        "identity is suspended until the desk re-enrols it.",
     )
     p.set_defaults(func=cmd_audit)
     p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
@@ -390,8 +415,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alerts", action="store_true", help="only clone alerts")
     which.add_argument("--op", metavar="OP", help="only entries of OP (e.g. as-key-change)")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="the last N entries (0: all)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        metavar="N",
+        help=f"the last N entries (default 50, at most {MAX_AUDIT_LIMIT:,})",
+    )
+    p.add_argument("--json", action="store_true", help="print the entries as JSON")
 
     p = sub.add_parser("request", help="authenticate with a token and fetch a keyset")
     p.set_defaults(func=cmd_request)

@@ -36,6 +36,7 @@ __all__ = ["IDLE_TIMEOUT", "AuthServer", "GroupCommit", "serve_forever"]
 log = logging.getLogger("snrmesh.as")
 
 IDLE_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 30.0  # what a stopping worker gives the sync in progress
 BACKLOG = 4096
 
 
@@ -72,19 +73,26 @@ class GroupCommit:
     def _start(self) -> None:
         self._task = asyncio.ensure_future(self._sync())
 
-    async def drain(self) -> None:
-        """Return once no sync runs or is due: the store may be closed then.
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> bool:
+        """Wait until no sync runs or is due, at most ``timeout`` s; whether that happened.
 
         Shutdown needs it: a sync runs in a thread on connections of the store's
         (SQLite's checkpointer, PostgreSQL's sync connection), which closing the
-        store mid-sync would pull from under it, failing the links it held.
+        store mid-sync would pull from under it, failing the links it held. The
+        bound keeps a sync stuck on a dead database from blocking the shutdown.
         """
-        while self._running:
-            task = self._task
-            if task is None or task.done():
-                await asyncio.sleep(0)  # the next sync is scheduled (_start): let it begin
-            else:
-                await asyncio.wait([task])
+        try:
+            async with asyncio.timeout(timeout):
+                while self._running:
+                    task = self._task
+                    if task is None or task.done():
+                        await asyncio.sleep(0)  # the next sync is scheduled (_start): let it run
+                    else:
+                        await asyncio.wait([task])
+        except TimeoutError:
+            log.warning("AS store sync still running after %g s: closing anyway", timeout)
+            return False
+        return True
 
     async def _sync(self) -> None:
         store = self._store

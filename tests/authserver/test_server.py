@@ -365,7 +365,10 @@ def test_sqlite_checkpoints_run_in_the_sync_not_in_a_commit(
     assert largest_wal(20) * 3 < largest_wal(10**9)
 
 
-def test_stopping_waits_for_the_sync_in_progress(site: Site, store: KeyStateStore) -> None:
+@LOOPS
+def test_stopping_waits_for_the_sync_in_progress(
+    site: Site, store: KeyStateStore, loop: str
+) -> None:
     """Shutdown closes the store only after the group sync running in its thread is done."""
     import threading
 
@@ -388,15 +391,20 @@ def test_stopping_waits_for_the_sync_in_progress(site: Site, store: KeyStateStor
         token = meter_token(SEED, meter_identity("meter", 1))
         fetch = asyncio.ensure_future(request_keysets(host, port, token, [request("gs-1")]))
         await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        # drain() itself, then stop(): from Python 3.12.1 asyncio's Server.wait_closed also
+        # waits for open links (so stop() alone would wait here anyway); uvloop's does not
+        drained = asyncio.ensure_future(server.group.drain())
         stop = asyncio.ensure_future(server.stop())
         await asyncio.sleep(0.05)
-        assert not stop.done()  # held by the sync
+        assert not drained.done() and not stop.done()  # held by the sync
+        assert not await server.group.drain(timeout=0.05)  # bounded: it gives up, says so
         release.set()
+        assert await drained
         await stop
         order.append("stopped")
         assert (await fetch).grants  # the link it held was answered
 
-    asyncio.run(main())
+    run_on(loop, main())
     assert order == ["synced", "stopped"]
 
 
@@ -440,8 +448,9 @@ def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
         assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 2
         last = text.stdout.strip().splitlines()[-1]
         assert " as-clone-alert " in last and " node=alpha-1 " in last
-        neither = as_cli("audit")
-        assert neither.returncode == 1 and len(neither.stderr.strip().splitlines()) == 1
+        for bad in (["--limit", "0"], ["--limit", "99999999999999999999"], []):
+            refused = as_cli("audit", *bad, *(["--store", str(site.desk_dir)] if bad else []))
+            assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     finally:
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
@@ -449,3 +458,14 @@ def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
     (warning,) = [line for line in err.splitlines() if "CLONE ALERT" in line]
     assert "snrmesh as: WARNING CLONE ALERT: alpha-1 (token " in warning
     assert "suspended" in warning
+
+
+def test_audit_text_shows_chosen_text_as_json_so_it_cannot_fake_fields() -> None:
+    from provisioning.authserver.cli import audit_text
+
+    entry = {"seq": 7, "at": "2026-12-01T10:00:00Z", "op": "as-keyset", "node": "meter-0000001"}
+    line = audit_text([{**entry, "purpose": "x node=gs-1", "epoch": 3, "added": ["a", "b"]}])
+    assert line == (
+        '#7 2026-12-01T10:00:00Z as-keyset node=meter-0000001 purpose="x node=gs-1" epoch=3 '
+        'added=["a", "b"]'
+    )

@@ -199,6 +199,11 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
      {}),
     ("mission-file-changes-a-role", _mission_file('[[node]]\nid = "gs-1"\nrole = "uav"\n'),
      ("desk", "apply", "desk", "mission.toml"), ("already enrolled as ground-station",), {}),
+    ("audit-limit-zero", _nothing, ("desk", "audit", "desk", "--limit", "0"), ("--limit",), {}),
+    ("audit-limit-huge", _nothing,
+     ("desk", "audit", "desk", "--limit", "99999999999999999999"), ("--limit",), {}),
+    ("as-audit-limit-huge", _nothing,
+     ("as", "audit", "--store", "desk", "--limit", "99999999999999999999"), ("--limit",), {}),
     # secrets nobody can type: no variable, no terminal
     ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
      {"passphrase": None}),

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,6 +68,44 @@ class Site:
 
     def open(self) -> Desk:
         return Desk.open(self.desk_dir, passphrase=PASSPHRASE)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a ``snrmesh`` subprocess: the site's passphrase and PIN."""
+    return {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE, "SNRMESH_PIN": PIN}
+
+
+@dataclass
+class ServedCli:
+    """A running ``snrmesh as serve``; its exit status and output once the block is left."""
+
+    address: str  # HOST:PORT it listens on
+    returncode: int | None = None
+    out: str = ""
+    err: str = ""
+
+
+@contextlib.contextmanager
+def as_serve(*args: str) -> Iterator[ServedCli]:
+    """``snrmesh as serve ARGS --listen 127.0.0.1:0``, stopped by SIGTERM when the block ends."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "as", "serve", *args, "--listen", "127.0.0.1:0"],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    served = ServedCli("")
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on" in line, server.stderr.read() if server.stderr else ""
+        served.address = line.split()[4]
+        yield served
+    finally:
+        server.send_signal(signal.SIGTERM)
+        served.out, served.err = server.communicate(timeout=30)
+        served.returncode = server.returncode
 
 
 @pytest.fixture(scope="session")

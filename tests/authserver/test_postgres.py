@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +29,7 @@ from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import Authenticated
 from provisioning.errors import WrongPassphrase
 from provisioning.store import Store
-from tests.authserver.conftest import NOW, PASSPHRASE, PIN, SEED, Site, request
+from tests.authserver.conftest import NOW, PASSPHRASE, SEED, Site, as_serve, cli_env, request
 from tests.authserver.pgserver import PostgresServer
 
 T = TypeVar("T")
@@ -118,10 +116,6 @@ def test_import_refuses_a_second_import_and_a_wrong_passphrase(
         store.close()
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE, "SNRMESH_PIN": PIN}
-
-
 def test_cli_import_then_two_workers_serve_one_token_racing(
     site: Site, postgres: PostgresServer, tmp_path: Path
 ) -> None:
@@ -129,7 +123,7 @@ def test_cli_import_then_two_workers_serve_one_token_racing(
     dsn = postgres.create_database("as_cli")
     done = subprocess.run(
         [*cli, "import-desk", str(site.desk_dir), "--postgres", dsn, "--json"],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -138,38 +132,24 @@ def test_cli_import_then_two_workers_serve_one_token_racing(
     assert json.loads(done.stdout)["nodes"] == 24
     both = subprocess.run(
         [*cli, "serve", "--store", str(site.desk_dir), "--postgres", dsn],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert both.returncode == 1 and "not both" in both.stderr
-    server = subprocess.Popen(
-        [
-            *cli,
-            "serve",
-            "--postgres",
-            dsn,
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            str(WORKERS),
-            "--key-lifetime",
-            "0",
-            "--identity-rate",
-            "100",
-            "--json",
-        ],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert "listening on" in line, server.stderr.read() if server.stderr else ""
-        host, port = line.split()[4].rsplit(":", 1)
+    with as_serve(
+        "--postgres",
+        dsn,
+        "--workers",
+        str(WORKERS),
+        "--key-lifetime",
+        "0",
+        "--identity-rate",
+        "100",
+        "--json",
+    ) as server:
+        host, port = server.address.rsplit(":", 1)
         # copies of one meter's token all racing through both workers: key change at every link
         tokens = [meter_token(SEED, meter_identity("meter", 9)) for _ in range(CALLERS)]
 
@@ -190,10 +170,7 @@ def test_cli_import_then_two_workers_serve_one_token_racing(
             return list(await asyncio.gather(*(one(t) for t in tokens)))
 
         authenticated = asyncio.run(race())
-    finally:
-        server.send_signal(signal.SIGTERM)
-        _, err = server.communicate(timeout=30)
-    assert server.returncode == 0, err
+    assert server.returncode == 0, server.err
     won = [t for t, a in zip(tokens, authenticated, strict=True) if a is not None]
     assert won and all(a.generation == 2 for a in authenticated if a is not None)
     # every copy that got in holds the same generation-2 keys: one generation, not a fork

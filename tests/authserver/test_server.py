@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Coroutine
@@ -22,7 +20,16 @@ from provisioning.authserver.errors import AuthServerError, StoreUnavailable
 from provisioning.authserver.meters import meter_identity, meter_token, simulate_fleet
 from provisioning.authserver.server import AuthServer
 from provisioning.authserver.store import IssuedKeyset, KeyStateStore, SqliteKeyStateStore
-from tests.authserver.conftest import NOW, PASSPHRASE, PIN, SEED, Site, make_service, request
+from tests.authserver.conftest import (
+    NOW,
+    PASSPHRASE,
+    SEED,
+    Site,
+    as_serve,
+    cli_env,
+    make_service,
+    request,
+)
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
@@ -181,10 +188,6 @@ def test_client_backs_off_with_full_jitter_within_bounds() -> None:
     assert all(backoff.delay(0, rng) <= 0.5 for _ in range(50))
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "SNRMESH_DESK_PASSPHRASE": PASSPHRASE, "SNRMESH_PIN": PIN}
-
-
 def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "mesh.cli"]
     seed_file = tmp_path / "fleet.seed"
@@ -204,36 +207,15 @@ def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
             "gs-1",
             "--json",
         ],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["imported"] == 30 and seed_file.stat().st_size == 32
-    server = subprocess.Popen(
-        [
-            *cli,
-            "as",
-            "serve",
-            "--store",
-            str(site.desk_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--key-lifetime",
-            "0",
-            "--json",
-        ],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert "listening on" in line, server.stderr.read() if server.stderr else ""
-        address = line.split()[4]
+    with as_serve("--store", str(site.desk_dir), "--key-lifetime", "0", "--json") as server:
+        address = server.address
         got = subprocess.run(
             [
                 *cli,
@@ -247,7 +229,7 @@ def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
                 "gs-1",
                 "--json",
             ],
-            env=_env(),
+            env=cli_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -267,7 +249,7 @@ def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
                 "--target",
                 "uav-1",
             ],
-            env=_env(),
+            env=cli_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -293,18 +275,15 @@ def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
                 "0.2",
                 "--json",
             ],
-            env=_env(),
+            env=cli_env(),
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert sim.returncode == 0, sim.stderr
         assert json.loads(sim.stdout)["served"] == 30
-    finally:
-        server.send_signal(signal.SIGTERM)
-        out, err = server.communicate(timeout=30)
-    assert server.returncode == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["keysets"] == 31
+    assert server.returncode == 0, server.err
+    assert json.loads(server.out.strip().splitlines()[-1])["keysets"] == 31
 
 
 @pytest.mark.parametrize("bad", ["nowhere", "host:99999"])
@@ -323,7 +302,7 @@ def test_cli_refuses_bad_address_in_one_line(bad: str, site: Site) -> None:
             "--target",
             "gs-1",
         ],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -419,22 +398,11 @@ def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
 
     def as_cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*cli, "as", *args], env=_env(), capture_output=True, text=True, timeout=60
+            [*cli, "as", *args], env=cli_env(), capture_output=True, text=True, timeout=60
         )
 
-    serve = ["as", "serve", "--store", str(site.desk_dir), "--listen", "127.0.0.1:0"]
-    server = subprocess.Popen(
-        [*cli, *serve, "--key-lifetime", "0"],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert "listening on" in line, server.stderr.read() if server.stderr else ""
-        address = line.split()[4]
+    with as_serve("--store", str(site.desk_dir), "--key-lifetime", "0") as server:
+        address = server.address
         first = as_cli("request", "--as", address, "--token", str(original), "--target", "gs-1")
         assert first.returncode == 0 and "generation 2" in first.stdout, first.stderr
         cloned = as_cli("request", "--as", address, "--token", str(copy), "--target", "gs-1")
@@ -451,11 +419,8 @@ def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
         for bad in (["--limit", "0"], ["--limit", "99999999999999999999"], []):
             refused = as_cli("audit", *bad, *(["--store", str(site.desk_dir)] if bad else []))
             assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
-    finally:
-        server.send_signal(signal.SIGTERM)
-        _, err = server.communicate(timeout=30)
-    assert server.returncode == 0, err
-    (warning,) = [line for line in err.splitlines() if "CLONE ALERT" in line]
+    assert server.returncode == 0, server.err
+    (warning,) = [line for line in server.err.splitlines() if "CLONE ALERT" in line]
     assert "snrmesh as: WARNING CLONE ALERT: alpha-1 (token " in warning
     assert "suspended" in warning
 

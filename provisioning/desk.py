@@ -53,7 +53,7 @@ from provisioning.errors import (
 )
 from provisioning.issuance import CkJob, WrapTarget, mint_keysets
 from provisioning.plan import MissionPlan, check_role
-from provisioning.store import Store
+from provisioning.store import Store, audit_json
 
 __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 
@@ -188,7 +188,7 @@ class Desk:
     def _audit(self, now: int, op: str, **detail: Any) -> None:
         self._db.execute(
             "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
-            (now, op, json.dumps(detail, sort_keys=True)),
+            (now, op, audit_json(detail)),
         )
 
     def node(self, identity: str) -> NodeRecord:

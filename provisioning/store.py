@@ -12,10 +12,12 @@ the store as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 
@@ -23,7 +25,7 @@ from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError
 from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassphrase
 
-__all__ = ["STORE_NAME", "Store", "open_node_keys", "open_sealer", "seal_node_keys"]
+__all__ = ["STORE_NAME", "Store", "audit_json", "open_node_keys", "open_sealer", "seal_node_keys"]
 
 STORE_NAME = "desk.sqlite"
 SCHEMA_VERSION = 1
@@ -221,6 +223,17 @@ def open_sealer(passphrase: str, kdf: object, canary: object) -> Sealer:
     except InvalidTag:
         raise WrongPassphrase("wrong desk passphrase") from None
     return sealer
+
+
+_AUDIT_JSON = json.JSONEncoder(sort_keys=True)  # made once; json.dumps makes one per call
+
+
+def audit_json(detail: dict[str, Any]) -> str:
+    """An audit row's ``detail`` column: JSON with sorted keys, written alike by every writer.
+
+    The desk, the fleet import and the AS (once per keyset issued) share it.
+    """
+    return _AUDIT_JSON.encode(detail)
 
 
 def seal_node_keys(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import random
 import sqlite3
 import time
@@ -55,7 +54,7 @@ from mesh.token.keychange import check_newer, key_change_kid, open_key_change
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.errors import AuthServerError, LocalAuthError
 from provisioning.authserver.messages import KeysetRequest
-from provisioning.store import Store
+from provisioning.store import Store, audit_json
 
 __all__ = [
     "FACTORY_SEED_SIZE",
@@ -262,7 +261,7 @@ def import_meters(
         }
         db.execute(
             "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
-            (now, "import-meters", json.dumps(detail, sort_keys=True)),
+            (now, "import-meters", audit_json(detail)),
         )
     return count
 

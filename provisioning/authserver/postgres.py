@@ -38,12 +38,11 @@ from provisioning.authserver.store import (
     IssuedKeyset,
     Sealing,
     SqlKeyStateStore,
-    audit_json,
     key_columns,
     mates_expression,
 )
 from provisioning.errors import DeskCorrupt
-from provisioning.store import Store, open_sealer
+from provisioning.store import Store, audit_json, open_sealer
 
 __all__ = ["MAX_DSN_LENGTH", "SCHEMA", "PostgresKeyStateStore", "import_desk"]
 

@@ -42,7 +42,7 @@ from provisioning.authserver.keystate import TokenKeys
 from provisioning.desk import _rewrap as rewrap_copy
 from provisioning.desk import derive_slot_keys
 from provisioning.errors import DeskCorrupt
-from provisioning.store import Store, open_node_keys, seal_node_keys
+from provisioning.store import Store, audit_json, open_node_keys, seal_node_keys
 
 __all__ = [
     "AS_SCHEMA_VERSION",
@@ -88,14 +88,6 @@ def mates_expression(a: str, b: str) -> str:
         "SELECT 1 FROM groups g1 JOIN groups g2 ON g1.name = g2.name "
         f"WHERE g1.member = {a} AND g2.member = {b}))"
     )
-
-
-_AUDIT_JSON = json.JSONEncoder(sort_keys=True)  # made once; json.dumps makes one per call
-
-
-def audit_json(detail: dict[str, Any]) -> str:
-    """An audit row's ``detail`` column, as the desk writes it (JSON, sorted keys)."""
-    return _AUDIT_JSON.encode(detail)
 
 
 _NODE = f"SELECT {key_columns()} FROM nodes WHERE identity = ?"

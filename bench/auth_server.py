@@ -11,10 +11,13 @@
    HELLO, Noise handshake, challenge, keyset). Each meter loop's meters are
    made before its clock starts (keys are written at the factory, not at
    each connection); meters and AS run on the same event loop (uvloop where
-   installed). The baselines, measured in the same run: one core doing only
-   the handshake's cryptography (X25519 keygen + DH, both sides), the floor
-   of a link's cost; and the same sustained run on SQLite, for
-   ``--baseline-seconds``, with the AS and the meters on asyncio's own loop.
+   installed). The baselines, measured in the same run: the **floors** of a
+   link (``bench/link_floors.py``: the bare NNpsk0 handshake, loopback TCP
+   carrying the link's flights, the store's lookup and durable issuance),
+   their sum set against the goal's CPU budget per link (cores / 1,200 per
+   second) and against what the sustained run spent; and the same sustained
+   run on SQLite, for ``--baseline-seconds``, with the AS and the meters on
+   asyncio's own loop.
    Then, for ``--prefetch-seconds``, links that each fetch two keysets, the
    epoch's and the next epoch's (the prefetch a node does when it reaches an
    AS): a separate figure, which splits a link's cost from a keyset's; the
@@ -64,8 +67,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
+from bench.link_floors import handshake_floor, io_floor, store_floor
 from mesh.crypto import random_bytes
 from mesh.errors import MeshError
 from provisioning.authserver import eventloop
@@ -84,6 +86,7 @@ from tests.authserver.pgserver import PostgresServer, unavailable_reason
 
 PASSPHRASE = "bench passphrase"
 HEAD_END = "head-end"
+GOAL = 1200  # keysets/s sustained, issue 7
 MAX_LINK_RATE = 4000  # links/s the prebuilt meters of the sustained run are enough for
 
 
@@ -120,15 +123,25 @@ def enrol(directory: Path, meters: int, seed: bytes) -> dict[str, float]:
     }
 
 
-def crypto_floor(seconds: float = 1.0) -> float:
-    """Links/s one core manages doing nothing but the handshake's X25519 work."""
-    n, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-        a.exchange(b.public_key())
-        b.exchange(a.public_key())
-        n += 1
-    return n / (time.perf_counter() - started)
+def link_floors(floors: dict[str, float], sustained: dict[str, Any]) -> dict[str, Any]:
+    """The floors (``bench/link_floors.py``) against the goal and the sustained SQLite run.
+
+    All on these cores, fully busy: the goal's budget is cores / GOAL of CPU per
+    link, of which the floors leave what the protocol's own code may spend.
+    """
+    cores = os.cpu_count() or 1
+    floor = sum(floors.values())
+    budget = cores * 1000 / GOAL
+    spent = sustained["server_cpu_ms_per_keyset"] + sustained["meter_cpu_ms_per_keyset"]
+    return {
+        **{f"{name}_ms": round(ms, 3) for name, ms in floors.items()},
+        "floor_ms": round(floor, 3),
+        "floor_ceiling_per_s": round(cores * 1000 / floor),
+        "goal_budget_ms": round(budget, 3),
+        "goal_left_ms": round(budget - floor, 3),
+        "sustained_ms": round(spent, 3),
+        "sustained_above_floor_ms": round(spent - floor, 3),
+    }
 
 
 def start_server(
@@ -478,7 +491,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="snrmesh-as-bench-") as tmp:
             desk_dir = Path(tmp) / "desk"
             figures["enrolment"] = enrol(desk_dir, args.meters, seed)
-            figures["crypto_floor_links_per_s_one_core"] = round(crypto_floor())
+            floors = {
+                "handshake": handshake_floor(),
+                "io": io_floor(args.workers, args.client_procs, args.clients),
+            }
             if reason is None:
                 pg = PostgresServer(durable=True).start()
                 dsn = pg.create_database("as_bench")
@@ -491,6 +507,7 @@ def main() -> None:
                 figures["postgres_import_s"] = round(time.perf_counter() - started, 1)
             steady, storm = serve_and_measure(["--store", str(desk_dir)], args, seed)
             figures["sustained_sqlite"], figures["storm_sqlite"] = steady, storm
+            sqlite_run = steady
             # later runs start past the meters earlier runs asked (MAX_LINK_RATE per second)
             first = MAX_LINK_RATE * int(args.seconds + 1)
             if args.baseline_seconds > 0:
@@ -513,6 +530,9 @@ def main() -> None:
                     first,
                     epochs=(None, 1),
                 )
+                first += MAX_LINK_RATE * int(args.prefetch_seconds + 1)
+            floors["store"] = store_floor(desk_dir, PASSPHRASE, HEAD_END, args.meters, first)
+            figures["floors"] = link_floors(floors, sqlite_run)
             if pg is not None:
                 assert pg.process is not None
                 steady, storm = serve_and_measure(
@@ -533,10 +553,6 @@ def main() -> None:
         f"enrolment: {e['meters']:,} meters in {e['seconds']} s "
         f"({e['meters_per_s']:,}/s), peak RSS {e['peak_rss_MiB']} MiB, "
         f"store {e['store_MiB']} MiB"
-    )
-    print(
-        f"crypto floor (X25519 only, one core): "
-        f"{figures['crypto_floor_links_per_s_one_core']:,} links/s"
     )
     for name in ("sqlite", "postgres"):
         s, st = figures.get(f"sustained_{name}"), figures.get(f"storm_{name}")
@@ -561,6 +577,17 @@ def main() -> None:
                 f"{pre['meter_cpu_ms_per_keyset']} ms; against one keyset per link: "
                 f"{pre['keysets_per_s'] / max(1, s['keysets_per_s']):.2f}x keysets/s"
             )
+    f = figures["floors"]
+    assert isinstance(f, dict)
+    print(
+        f"floors (CPU per one-keyset link, every process): NNpsk0 handshake + 2 records "
+        f"{f['handshake_ms']} ms, loopback TCP with the link's 6 flights {f['io_ms']} ms, "
+        f"SQLite load + issue {f['store_ms']} ms: {f['floor_ms']} ms, at most "
+        f"{f['floor_ceiling_per_s']:,} links/s on {os.cpu_count()} cores for a link running no "
+        f"other code; {GOAL:,}/s allows {f['goal_budget_ms']} ms, leaving "
+        f"{f['goal_left_ms']} ms for the protocol's own code (the SQLite run: "
+        f"{f['sustained_ms']} ms, {f['sustained_above_floor_ms']} ms above the floors)"
+    )
     if "postgres_import_s" in figures:
         print(f"PostgreSQL import of the desk: {figures['postgres_import_s']} s")
     else:

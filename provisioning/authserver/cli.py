@@ -362,14 +362,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=int,
         default=500,
         metavar="N",
-        help="pending challenges per source above which HELLOs need a cookie",
+        help="pending challenges per source from which on HELLOs need a cookie",
     )
     p.add_argument(
         "--max-pending",
         type=int,
         default=5000,
         metavar="N",
-        help="pending challenges in all above which the AS answers busy",
+        help="pending challenges in all at which the AS answers busy (retry after 1 s)",
     )
     p.add_argument(
         "--identity-rate",

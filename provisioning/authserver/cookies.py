@@ -3,13 +3,14 @@
 A HELLO costs the AS a store read, key unsealing, an HKDF and (if it goes on)
 an X25519 handshake. To recover from a flood, without state per stranger:
 
-* **cookie** -- above ``cookie_threshold`` pending challenges from one source,
+* **cookie** -- from ``cookie_threshold`` pending challenges from one source on,
   a HELLO without a valid cookie gets ``COOKIE`` = HMAC-SHA256(secret, source ||
   client nonce) (16 bytes) and nothing is remembered; the client repeats its
   HELLO with it. The secret is rotated every ``cookie_lifetime`` seconds; the
   previous one is still accepted, so a cookie is good for one to two periods.
-* **busy** -- above ``max_pending`` challenges in all, ``REFUSE busy`` with a
-  ``retry-after`` that grows with the backlog.
+* **busy** -- at ``max_pending`` challenges in all, ``REFUSE busy`` with a
+  ``retry-after`` of ``busy_retry_after`` (the clients' full jitter spreads the
+  retries; the backlog cannot grow past the cap, so there is nothing to scale by).
 * **rate limits** -- token buckets per source (HELLOs) and per identity (keyset
   requests, counted only once authenticated so that nobody can starve a meter
   by sending HELLOs in its name); refusals say when to retry.
@@ -137,8 +138,7 @@ class Admission:
         stats["hello"] += 1
         if self.total >= config.max_pending:
             stats["busy"] += 1
-            backlog = self.total / config.max_pending
-            return Refuse(Refusal.BUSY, round(config.busy_retry_after * backlog, 3))
+            return Refuse(Refusal.BUSY, config.busy_retry_after)
         pending = self._pending.get(source, 0)
         if pending >= config.cookie_threshold and not (
             hello.cookie is not None

@@ -174,7 +174,7 @@ class AuthService:
     store: KeyStateStore
     admission: Admission
     policy: KeyPolicy = field(default_factory=KeyPolicy)
-    replies: OrderedDict[tuple[str, bytes], bytes] = field(default_factory=OrderedDict)
+    replies: OrderedDict[tuple[str, int, bytes], bytes] = field(default_factory=OrderedDict)
     key_changes: OrderedDict[tuple[bytes, int], str] = field(default_factory=OrderedDict)
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -438,7 +438,10 @@ class ServerSession:
         if self._requests > MAX_REQUESTS:
             raise MessageError("too many requests on one link")
         self._go(_S.REQUEST)
-        cache_key = (identity, request.request_id)
+        assert self._key is not None
+        # keyed by the generation too: a reply holds our copy wrapped under that generation's
+        # WRAP key, useless to a token whose retry changed its keys again (the store rewraps)
+        cache_key = (identity, self._key.generation, request.request_id)
         reply = service.replies.get(cache_key)
         if reply is not None:  # a retransmitted request: the identical answer
             service.count("retransmit")

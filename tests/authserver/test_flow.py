@@ -220,6 +220,30 @@ def test_retransmitted_request_gets_the_identical_answer(site: Site, store: KeyS
     assert first == again and service.counters["retransmit"] == 1
 
 
+def test_a_request_retransmitted_after_another_key_change_gets_copies_under_the_new_keys(
+    site: Site, store: KeyStateStore
+) -> None:
+    """The reply cache is per key generation: a cached copy under superseded keys would not open."""
+    service = make_service(store)  # a key change at every link
+    meter = meter_token(SEED, meter_identity("meter", 4))
+    rid = b"k" * 16
+    downs: list[bytes] = []
+
+    def lose_keyset(direction: str, data: bytes) -> bytes | None:
+        if direction == "down":
+            downs.append(data)
+            return None if len(downs) >= 3 else data  # START, message 2; READY + KEYSET lost
+        return data
+
+    run(service, meter, [request("gs-1", rid=rid)], hook=lose_keyset)
+    assert meter.info().generation(Slot.AUTH) == 2  # the change was committed, the CK was lost
+    events = run(service, meter, [request("gs-1", rid=rid)])
+    assert isinstance(events[0], Authenticated) and events[0].generation == 3
+    grant = next(e.grant for e in events if isinstance(e, Granted))
+    assert open_copy(meter, grant.own).ck_id == grant.ck_id  # wrapped for generation 3
+    assert [k["ck"] for k in _audit(store, "as-keyset")] == [grant.ck_id.hex()] * 2  # one CK
+
+
 def test_cloned_token_detected_and_suspended(
     site: Site, store: KeyStateStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -26,8 +26,8 @@ from jwcrypto.common import base64url_encode
 from mesh.crypto import hkdf_sha256, random_bytes
 from mesh.files import write_atomic
 from mesh.keyset import KeysetError, check_identity, decrypt_copy, read_copy_header, wrap_copy
-from mesh.keyset.bundle import Bundle, BundleDiscoveryKey, BundleKeyset, Mate, seal_bundle
-from mesh.keyset.copies import DiscoveryKey, wrap_discovery_key
+from mesh.keyset.bundle import Bundle, seal_bundle
+from mesh.keyset.copies import DiscoveryKey
 from mesh.keyset.keyset import MISSION_ID_SIZE, CommunicationKeyset
 from mesh.keyset.mission import Epoch, Mission
 from mesh.timefmt import utc_iso as _ts
@@ -43,6 +43,13 @@ from mesh.token import (
 from mesh.token.keychange import KeyChange, build_key_change
 from mesh.token.open import is_card, personalise_token
 from mesh.token.software import check_pin
+from provisioning.bundles import (
+    DISCOVERY_SECRET,
+    PERMITTED_PAIRS,
+    build_bundle,
+    discovery_key,
+    mates_of,
+)
 from provisioning.errors import (
     DeskCorrupt,
     DeskError,
@@ -60,16 +67,6 @@ __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 SLOT_KEY_INFO = b"snrmesh token slot keys v1"
 MAX_SEED_SIZE = 4096
 FIRST_GENERATION = 1
-DISCOVERY_SECRET = "discovery"
-DISCOVERY_KEY_INFO = b"snrmesh discovery key v1"
-_PERMITTED = """
-    WITH p(a, b) AS (
-        SELECT g1.member, g2.member FROM groups g1
-          JOIN groups g2 ON g1.name = g2.name AND g1.member < g2.member
-        UNION SELECT a, b FROM pairs)
-    SELECT a, b FROM p
-    WHERE a NOT IN (SELECT identity FROM nodes WHERE revoked_at IS NOT NULL)
-      AND b NOT IN (SELECT identity FROM nodes WHERE revoked_at IS NOT NULL)"""
 
 
 def derive_slot_keys(token_id: bytes, seed: bytes | None) -> tuple[bytes, ...]:
@@ -461,13 +458,10 @@ class Desk:
 
     def permitted_pairs(self) -> Iterator[tuple[str, str]]:
         """Every pair allowed to talk (groups and explicit pairs), neither party revoked."""
-        yield from self._db.execute(_PERMITTED + " ORDER BY a, b")
+        yield from self._db.execute(PERMITTED_PAIRS + " ORDER BY a, b")
 
     def mates_of(self, identity: str) -> list[str]:
-        return [
-            b if a == identity else a
-            for a, b in self._db.execute(_PERMITTED + " AND ? IN (a, b) ORDER BY a, b", (identity,))
-        ]
+        return mates_of(self._db.execute, identity)
 
     # -- keysets ----------------------------------------------------------------------------------
 
@@ -530,85 +524,26 @@ class Desk:
 
     def discovery_key(self, epoch: Epoch) -> DiscoveryKey:
         """The mission's discovery key for ``epoch``: HKDF of the desk's discovery secret."""
-        key = hkdf_sha256(
-            self.store.secret(DISCOVERY_SECRET),
-            salt=self.mission.mission_id,
-            info=DISCOVERY_KEY_INFO + epoch.index.to_bytes(4, "big"),
-        )
-        return DiscoveryKey(self.mission.mission_id, epoch.index, epoch.start, epoch.end, key)
-
-    def _discovery_keys(self, identity: str, now: int) -> tuple[BundleDiscoveryKey, ...]:
-        target = self._wrap_target(identity)
-        wrap_key = jwk.JWK(kty="oct", k=base64url_encode(target.key))
-        return tuple(
-            BundleDiscoveryKey(
-                epoch.index,
-                epoch.start,
-                epoch.end,
-                wrap_discovery_key(
-                    self.discovery_key(epoch), holder=identity, kid=target.kid, wrap_key=wrap_key
-                ),
-            )
-            for epoch in self.mission.epochs()
-            if epoch.end > now
-        )
+        return discovery_key(self.store.secret(DISCOVERY_SECRET), self.mission, epoch)
 
     def export(self, identity: str, out: str | os.PathLike[str], *, now: int) -> Bundle:
         """Write ``identity``'s bundle to ``out`` (atomically) and return it."""
         node = self._active(identity)
-        revoked = {
-            r[0]
-            for r in self._db.execute("SELECT identity FROM nodes WHERE revoked_at IS NOT NULL")
-        }
-        mates = self.mates_of(identity)
-        roles = dict(self._db.execute("SELECT identity, role FROM nodes"))
-        rows = self._db.execute(
-            "SELECT ck_id, a, b, not_before, not_after, copy_a, copy_b FROM keysets "
-            "WHERE a = ? AND not_after > ? UNION ALL "
-            "SELECT ck_id, a, b, not_before, not_after, copy_a, copy_b FROM keysets "
-            "WHERE b = ? AND not_after > ? ORDER BY 4, 2, 3",
-            (identity, now, identity, now),
-        )
-        mate_set = set(mates)
-        keysets = []
-        for ck_id, a, b, nbf, exp, copy_a, copy_b in rows:
-            mine = a == identity
-            peer = b if mine else a
-            if peer not in mate_set:
-                continue
-            keysets.append(
-                BundleKeyset(
-                    ck_id,
-                    peer,
-                    nbf,
-                    exp,
-                    own=copy_a if mine else copy_b,
-                    ticket=copy_b if mine else copy_a,
-                )
+        target = self._wrap_target(identity)
+        try:
+            bundle = build_bundle(
+                self._db.execute,
+                mission=self.mission,
+                identity=identity,
+                role=node.role,
+                token_id=node.token_id,
+                wrap_kid=target.kid,
+                wrap_key=target.key,
+                discovery_secret=self.store.secret(DISCOVERY_SECRET),
+                now=now,
             )
-        groups = {}
-        for (name,) in self._db.execute(
-            "SELECT DISTINCT name FROM groups WHERE member = ? ORDER BY name", (identity,)
-        ):
-            groups[name] = tuple(
-                m
-                for (m,) in self._db.execute(
-                    "SELECT member FROM groups WHERE name = ? ORDER BY member", (name,)
-                )
-                if m not in revoked
-            )
-        bundle = Bundle(
-            mission=self.mission,
-            identity=identity,
-            role=node.role,
-            token_id=node.token_id,
-            issued_at=now,
-            mates=tuple(Mate(m, roles[m]) for m in mates),
-            groups=groups,
-            revoked=frozenset(revoked),
-            keysets=tuple(keysets),
-            discovery=self._discovery_keys(identity, now),
-        )
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
         mac_key = self._keys(identity)[Slot.MAC]
         data = seal_bundle(
             bundle, kid=slot_kid(node.token_id, Slot.MAC, node.generation), mac_key=mac_key
@@ -622,8 +557,8 @@ class Desk:
                 now,
                 "export",
                 node=identity,
-                mates=len(mates),
-                keysets=len(keysets),
+                mates=len(bundle.mates),
+                keysets=len(bundle.keysets),
                 generation=node.generation,
             )
         return bundle

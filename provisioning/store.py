@@ -25,7 +25,15 @@ from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError
 from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassphrase
 
-__all__ = ["STORE_NAME", "Store", "audit_json", "open_node_keys", "open_sealer", "seal_node_keys"]
+__all__ = [
+    "STORE_NAME",
+    "Store",
+    "audit_json",
+    "open_node_keys",
+    "open_sealer",
+    "open_secret",
+    "seal_node_keys",
+]
 
 STORE_NAME = "desk.sqlite"
 SCHEMA_VERSION = 1
@@ -86,6 +94,16 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
     return db
+
+
+def open_secret(sealer: Sealer, name: str, blob: object) -> bytes:
+    """A desk-wide secret from its sealed blob (associated data: its name)."""
+    if not isinstance(blob, bytes):
+        raise DeskCorrupt(f"desk secret {name!r} is malformed")
+    try:
+        return sealer.open(blob, name.encode())
+    except InvalidTag:
+        raise DeskCorrupt(f"desk secret {name!r} does not open (store tampered?)") from None
 
 
 class Store:
@@ -187,13 +205,7 @@ class Store:
 
     def secret(self, name: str) -> bytes:
         """A desk-wide secret sealed at creation (e.g. the discovery master key)."""
-        blob = self.meta(f"sealed:{name}")
-        if not isinstance(blob, bytes):
-            raise DeskCorrupt(f"desk secret {name!r} is malformed")
-        try:
-            return self.sealer.open(blob, name.encode())
-        except InvalidTag:
-            raise DeskCorrupt(f"desk secret {name!r} does not open (store tampered?)") from None
+        return open_secret(self.sealer, name, self.meta(f"sealed:{name}"))
 
     def seal_keys(
         self, identity: str, token_id: bytes, generation: int, keys: tuple[bytes, ...]

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -20,20 +21,27 @@ from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
 from mesh.files import FileTooLarge, read_bounded, write_atomic
+from mesh.keyset import KeysetError
+from mesh.keyset.bundle import open_bundle
 from mesh.token.open import open_token
 from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
 from provisioning.authserver.errors import LocalAuthError
 from provisioning.authserver.keystate import KeyPolicy
-from provisioning.authserver.messages import MAX_PURPOSE_LENGTH, KeysetRequest
+from provisioning.authserver.messages import (
+    MAX_BUNDLE_AHEAD,
+    MAX_PURPOSE_LENGTH,
+    BundleRequest,
+    KeysetRequest,
+)
 from provisioning.authserver.meters import (
     FACTORY_SEED_SIZE,
     import_meters,
     simulate_fleet,
 )
 from provisioning.authserver.protocol import AuthService
-from provisioning.authserver.server import serve_forever
+from provisioning.authserver.server import bound_socket, serve_forever
 from provisioning.authserver.store import SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.store import Store
 
@@ -51,6 +59,7 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
   snrmesh as import-desk desk --postgres "host=/run/postgresql dbname=as"   # once
   snrmesh as serve --postgres "host=/run/postgresql dbname=as" --workers 4 &
   snrmesh as request --as 127.0.0.1:7450 --token alpha-1.token --target gs-1
+  snrmesh as bundle --as 127.0.0.1:7450 --token alpha-1.token --out alpha-1.bundle
   snrmesh as audit --store desk --alerts        # cloned tokens found (and suspended)
 """
 
@@ -70,7 +79,10 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> int:
 def _factory_seed(path: str, *, create: bool) -> bytes:
     if create and not os.path.exists(path):
         seed = random_bytes(FACTORY_SEED_SIZE)
-        write_atomic(path, seed)
+        try:
+            write_atomic(path, seed)
+        except OSError as exc:
+            raise LocalAuthError(f"cannot write factory seed {path!r}: {exc.strerror}") from None
         return seed
     try:
         seed = read_bounded(path, FACTORY_SEED_SIZE, what="factory seed")
@@ -88,8 +100,8 @@ def _check_store_choice(args: argparse.Namespace) -> None:
     """Before any passphrase prompt: exactly one of --store and --postgres."""
     if bool(args.store) == bool(args.postgres):
         raise LocalAuthError(
-            "give either --store DIR (the desk's SQLite file) or --postgres DSN "
-            "(a database made by 'snrmesh as import-desk'), not both"
+            "give one of --store DIR (the desk's SQLite file) and --postgres DSN "
+            f"(a database made by 'snrmesh as import-desk'){', not both' if args.store else ''}"
         )
 
 
@@ -115,12 +127,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = _address(args.listen)
     if not 1 <= args.workers <= 64:
         raise LocalAuthError("--workers must be 1..64")
+    if not (math.isfinite(args.key_lifetime) and args.key_lifetime >= 0):
+        raise LocalAuthError("--key-lifetime must be a number of seconds >= 0")
+    if not 1 <= args.cookie_threshold <= args.max_pending:
+        raise LocalAuthError("--cookie-threshold must be 1..--max-pending")
+    if not (math.isfinite(args.identity_rate) and args.identity_rate > 0):
+        raise LocalAuthError("--identity-rate must be a positive number")
     _check_store_choice(args)
+    sock = bound_socket(host, port)  # an address we cannot listen on fails before the store
     passphrase = read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
     _open_store(args, passphrase).close()  # fail here, once, on a wrong passphrase or DSN
     admission = AdmissionConfig(
         cookie_threshold=args.cookie_threshold,
-        max_pending=max(args.max_pending, args.cookie_threshold),
+        max_pending=args.max_pending,
         identity_rate=args.identity_rate,
     )
     policy = KeyPolicy(key_lifetime=args.key_lifetime)
@@ -137,7 +156,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    counters = serve_forever(make_service, host, port, workers=args.workers, on_ready=ready)
+    counters = serve_forever(
+        make_service, host, port, workers=args.workers, on_ready=ready, sock=sock
+    )
     if args.json:
         print(json.dumps(counters, sort_keys=True), flush=True)
     return 0
@@ -170,6 +191,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 CLONE_ALERT = "as-clone-alert"
+MAX_ATTEMPTS = 100  # tries of one 'as request' or 'as bundle'
 MAX_AUDIT_LIMIT = 100_000  # entries one 'as audit' holds in memory (a store may have millions)
 _PLAIN = re.compile(r"[A-Za-z0-9_.:@+-]+")
 
@@ -209,8 +231,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return _emit(args, {"audit": entries}, text)
 
 
+def _check_attempts(args: argparse.Namespace) -> None:
+    if not 1 <= args.attempts <= MAX_ATTEMPTS:
+        raise LocalAuthError(f"--attempts must be 1..{MAX_ATTEMPTS}")
+
+
+def _check_out(path: str) -> None:
+    """Before the link: a keyset issued (or keys changed) with nowhere to write it is lost."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise LocalAuthError(f"cannot write {path}: a folder, no such folder, or not writable")
+
+
 def cmd_request(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
+    _check_attempts(args)
+    if args.out:
+        _check_out(args.out)
     if len(args.purpose) > MAX_PURPOSE_LENGTH:
         raise LocalAuthError(f"--purpose is at most {MAX_PURPOSE_LENGTH} characters")
     token = open_token(args.token)
@@ -236,7 +273,10 @@ def cmd_request(args: argparse.Namespace) -> int:
         "key_changed": bool(auth and auth.key_changed),
     }
     if args.out:
-        write_atomic(args.out, json.dumps(data, indent=2, sort_keys=True).encode())
+        try:
+            write_atomic(args.out, json.dumps(data, indent=2, sort_keys=True).encode())
+        except OSError as exc:
+            raise LocalAuthError(f"cannot write {args.out}: {exc.strerror}") from None
     return _emit(
         args,
         data,
@@ -247,6 +287,61 @@ def cmd_request(args: argparse.Namespace) -> int:
             else ""
         )
         + (f"; written to {args.out}" if args.out else ""),
+    )
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    host, port = _address(args.as_address)
+    if not 0 <= args.ahead <= MAX_BUNDLE_AHEAD:
+        raise LocalAuthError(f"--ahead is 0..{MAX_BUNDLE_AHEAD} epochs")
+    _check_attempts(args)
+    _check_out(args.out)  # before the link: a key change on it would leave no bundle that opens
+    token = open_token(args.token)
+    identity = token.info().identity
+    token.verify_pin(read_secret(PIN_ENV, f"PIN for {identity}'s token: "))
+    request = BundleRequest(random_bytes(16), args.ahead)
+    outcome = eventloop.run(
+        request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
+    )
+    auth = outcome.authenticated
+    if not outcome.bundles:
+        refused = [e for e in outcome.events if getattr(e, "request_id", None)]
+        reason = refused[0].refusal.value if refused else "no answer"  # type: ignore[union-attr]
+        raise LocalAuthError(f"bundle for {identity} refused: {reason}")
+    raw = outcome.bundles[0].data
+    try:
+        bundle = open_bundle(raw, token)  # sealed for the keys the token holds now
+    except KeysetError as exc:
+        raise LocalAuthError(f"the AS sent a bundle this token does not accept: {exc}") from None
+    try:
+        write_atomic(args.out, raw)
+    except OSError as exc:
+        raise LocalAuthError(f"cannot write {args.out}: {exc.strerror}") from None
+    mission = bundle.mission
+    epochs = sorted(
+        {(k.not_before - mission.start) // mission.epoch_seconds for k in bundle.keysets}
+    )
+    data = {
+        "node": identity,
+        "out": args.out,
+        "mates": len(bundle.mates),
+        "keysets": len(bundle.keysets),
+        "epochs": epochs,
+        "generation": auth.generation if auth else None,
+        "key_changed": bool(auth and auth.key_changed),
+    }
+    return _emit(
+        args,
+        data,
+        f"bundle for {identity} written to {args.out}: {len(bundle.mates)} mates, "
+        f"{len(bundle.keysets)} keysets"
+        + (f" (epochs {epochs[0]}..{epochs[-1]})" if epochs else "")
+        + (
+            f"; token keys changed to generation {auth.generation} (older bundles no longer "
+            "open with this token)"
+            if auth and auth.key_changed
+            else ""
+        ),
     )
 
 
@@ -269,12 +364,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 on_progress=lambda done: tick(done, args.count),
             )
         )
-    return _emit(
-        args,
-        report,
+    failed = report.get("failed") or {}
+    text = (
         f"{report['served']}/{report['meters']} meters served in {report['seconds']} s "
-        f"(p50 {report['p50_s']} s, p99 {report['p99_s']} s, {report['attempts']} attempts)",
+        f"(p50 {report['p50_s']} s, p99 {report['p99_s']} s, {report['attempts']} attempts)"
     )
+    if failed:
+        text += "; not served: " + ", ".join(f"{n} {why}" for why, n in sorted(failed.items()))
+    _emit(args, report, text)
+    return 0 if report["served"] == report["meters"] else 1  # a fleet not all served fails
 
 
 def cmd_import_meters(args: argparse.Namespace) -> int:
@@ -438,6 +536,38 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--epoch", type=int, metavar="E", help="a later epoch (default: current)")
     p.add_argument("--attempts", type=int, default=6, metavar="N", help="tries with backoff")
     p.add_argument("--out", metavar="FILE", help="also write the keyset (JSON) to FILE")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "bundle",
+        help="authenticate with a token and fetch this node's bundle",
+        description="Authenticate to the AS with the node's token and fetch the node's "
+        "bundle, as the desk would export it now: its dialogue mates, groups and "
+        "revocations, every CK it holds that has not expired, and the epochs' discovery "
+        "keys, all wrapped for the token's current keys. The AS first gives every mate a "
+        "CK for this epoch and the next --ahead ones. A field node runs it before going "
+        "out, and whenever the AS changed its token's keys (which a bundle made before no "
+        "longer opens with). The bundle is checked with the token before it is written.",
+        epilog="example: snrmesh as bundle --as 10.0.0.2:7450 --token alpha-1.token "
+        "--out alpha-1.bundle",
+    )
+    p.set_defaults(func=cmd_bundle)
+    p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="TOKEN",
+        help="the node's token: a token file, or pcsc:READER for a smartcard",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the bundle")
+    p.add_argument(
+        "--ahead",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"epochs past the current one to get CKs for (0..{MAX_BUNDLE_AHEAD}, default 1)",
+    )
+    p.add_argument("--attempts", type=int, default=6, metavar="N", help="tries with backoff")
     p.add_argument("--json", action="store_true")
 
     meters = commands.add_parser("meters", help="smart-meter fleets: simulation")

@@ -19,9 +19,10 @@ from typing import cast
 
 from mesh.token import SecureElement
 from provisioning.authserver.errors import AuthRefused, AuthServerError, Refusal
-from provisioning.authserver.messages import KeysetRequest
+from provisioning.authserver.messages import BundleRequest, KeysetRequest
 from provisioning.authserver.protocol import (
     Authenticated,
+    BundleFetched,
     ClientEvent,
     ClientSession,
     Granted,
@@ -59,6 +60,10 @@ class Outcome:
     @property
     def grants(self) -> list[Granted]:
         return [e for e in self.events if isinstance(e, Granted)]
+
+    @property
+    def bundles(self) -> list[BundleFetched]:
+        return [e for e in self.events if isinstance(e, BundleFetched)]
 
     @property
     def authenticated(self) -> Authenticated | None:
@@ -151,7 +156,7 @@ async def request_keysets(
     host: str,
     port: int,
     token: SecureElement,
-    requests: Sequence[KeysetRequest],
+    requests: Sequence[KeysetRequest | BundleRequest],
     *,
     backoff: Backoff = Backoff(),
     rng: random.Random | None = None,
@@ -177,10 +182,18 @@ async def request_keysets(
         outcome.cookies += session.cookie_used
         outcome.events.extend(e for e in events if not isinstance(e, LinkFailed | Refused))
         refusal = next((e for e in events if isinstance(e, Refused) and e.request_id is None), None)
-        outcome.events.extend(e for e in events if isinstance(e, Refused) and e.request_id)
-        answered = {e.grant.request_id for e in events if isinstance(e, Granted)} | {
-            e.request_id for e in events if isinstance(e, Refused) and e.request_id
-        }
+        # a request refused for good is an answer; one rate-limited is asked again
+        final = [
+            e
+            for e in events
+            if isinstance(e, Refused) and e.request_id and e.refusal not in TEMPORARY
+        ]
+        outcome.events.extend(final)
+        answered = (
+            {e.grant.request_id for e in events if isinstance(e, Granted)}
+            | {e.request_id for e in events if isinstance(e, BundleFetched)}
+            | {e.request_id for e in final}
+        )
         wanted = [r for r in wanted if r.request_id not in answered]
         failed = any(isinstance(e, LinkFailed) for e in events)
         if refusal is None and not failed and any(isinstance(e, Authenticated) for e in events):

@@ -6,7 +6,8 @@ Two phases share one TCP stream (``docs/authentication-server.md``):
   :data:`MAX_CLEAR_MESSAGE` bytes -- ``HELLO``, ``COOKIE``, ``START``, ``REFUSE``;
 * **secure**: after ``START``, the stream carries the project's Noise session
   (``mesh.protocol``); each record's plaintext is one CBOR map --
-  ``CHALLENGE``, ``ANSWER``, ``READY``, ``REQUEST``, ``KEYSET``, ``REFUSE``.
+  ``CHALLENGE``, ``ANSWER``, ``READY``, ``REQUEST``, ``KEYSET``, ``BUNDLE-REQUEST``,
+  ``BUNDLE`` (a node's bundle, in parts: one record holds at most 8 KiB), ``REFUSE``.
 
 Parsing is pure (``pull_*``/``encode``, aioquic's ``packet.py`` model): sizes are
 checked before CBOR is decoded, and every field's type and bound after. Nothing
@@ -29,18 +30,24 @@ from mesh.token.keychange import MAX_KEY_CHANGE_SIZE
 from provisioning.authserver.errors import MessageError, Refusal
 
 __all__ = [
+    "BUNDLE_PART_SIZE",
     "CHALLENGE_SIZE",
     "LENGTH_SIZE",
     "MAC_SIZE",
+    "MAX_BUNDLE_AHEAD",
+    "MAX_BUNDLE_PARTS",
     "MAX_CLEAR_MESSAGE",
     "MAX_COOKIE_SIZE",
     "MAX_GENERATION",
+    "MAX_LINK_BUNDLE",
     "MAX_PURPOSE_LENGTH",
     "MAX_RETRY_AFTER",
     "MAX_SECURE_MESSAGE",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "Answer",
+    "BundlePart",
+    "BundleRequest",
     "Challenge",
     "CookieReply",
     "Hello",
@@ -71,6 +78,10 @@ MAX_PURPOSE_LENGTH = 32
 MAX_RETRY_AFTER = 3600.0
 MAX_FIELDS = 8
 MAX_TIME = 2**40
+BUNDLE_PART_SIZE = 7168  # bytes of bundle per record, under MAX_SECURE_MESSAGE with its map
+MAX_BUNDLE_PARTS = 1024
+MAX_LINK_BUNDLE = BUNDLE_PART_SIZE * MAX_BUNDLE_PARTS  # 7 MiB: a squad's, not a head-end's
+MAX_BUNDLE_AHEAD = 4  # epochs past the current one (the AS's window for keysets)
 
 
 class Kind(IntEnum):
@@ -83,6 +94,8 @@ class Kind(IntEnum):
     READY = 7
     REQUEST = 8
     KEYSET = 9
+    BUNDLE_REQUEST = 10
+    BUNDLE = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +183,43 @@ class KeysetGrant:
     ticket: str
 
 
+@dataclass(frozen=True, slots=True)
+class BundleRequest:
+    """Client -> AS, secure: my bundle, with CKs for every mate ``ahead`` epochs past this one.
+
+    What a field node asks after its keys changed (its desk bundle no longer
+    opens) or to carry the next epochs' keysets into the field.
+    """
+
+    request_id: bytes
+    ahead: int = 1
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class BundlePart:
+    """AS -> client, secure: part ``index`` of ``count`` of the bundle asked by ``request_id``."""
+
+    request_id: bytes
+    index: int
+    count: int
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"BundlePart({self.index + 1}/{self.count}, {len(self.data)} bytes)"
+
+
 Message = (
-    Hello | CookieReply | Start | Refuse | Challenge | Answer | Ready | KeysetRequest | KeysetGrant
+    Hello
+    | CookieReply
+    | Start
+    | Refuse
+    | Challenge
+    | Answer
+    | Ready
+    | KeysetRequest
+    | KeysetGrant
+    | BundleRequest
+    | BundlePart
 )
 _CLEAR = (Hello, CookieReply, Start, Refuse)
 
@@ -225,6 +273,16 @@ def encode(message: Message) -> bytes:
                 "exp": message.not_after,
                 "own": message.own,
                 "tkt": message.ticket,
+            }
+        case BundleRequest():
+            body = {"t": Kind.BUNDLE_REQUEST, "rid": message.request_id, "ah": message.ahead}
+        case BundlePart():
+            body = {
+                "t": Kind.BUNDLE,
+                "rid": message.request_id,
+                "i": message.index,
+                "n": message.count,
+                "d": message.data,
             }
     return cbor2.dumps(body)
 
@@ -366,5 +424,18 @@ def decode(data: bytes, *, limit: int = MAX_SECURE_MESSAGE) -> Message:
                 not_after=_int(body, "exp", 0, MAX_TIME),
                 own=_copy(body, "own"),
                 ticket=_copy(body, "tkt"),
+            )
+        case Kind.BUNDLE_REQUEST:
+            return BundleRequest(
+                request_id=_bytes(body, "rid", NONCE_SIZE),
+                ahead=_int(body, "ah", 0, MAX_BUNDLE_AHEAD),
+            )
+        case Kind.BUNDLE:
+            count = _int(body, "n", 1, MAX_BUNDLE_PARTS)
+            return BundlePart(
+                request_id=_bytes(body, "rid", NONCE_SIZE),
+                index=_int(body, "i", 0, count - 1),
+                count=count,
+                data=_bytes(body, "d", BUNDLE_PART_SIZE, exact=False),
             )
     raise MessageError("unknown message type")  # pragma: no cover - Kind is exhaustive

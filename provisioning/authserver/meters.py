@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import random
 import sqlite3
 import time
@@ -272,6 +273,9 @@ def meter_source(index: int, sources: int) -> str:
     return f"127.0.{1 + n // 250}.{1 + n % 250}"
 
 
+MAX_SPREAD = 3600.0  # seconds a simulated meter may wait after power-up
+
+
 async def simulate_fleet(
     host: str,
     port: int,
@@ -294,8 +298,12 @@ async def simulate_fleet(
     otherwise each waits a random delay in ``[0, spread]`` after power-up.
     ``on_progress(done)`` follows each meter that is done, served or not.
     """
-    if not 0 < count <= MAX_FLEET or not 0 < sources <= 250 * 250:
-        raise LocalAuthError("fleet size or source count out of range")
+    if not 0 < count <= MAX_FLEET:
+        raise LocalAuthError(f"--count must be 1..{MAX_FLEET:,}")
+    if not 0 < sources <= 250 * 250:
+        raise LocalAuthError(f"--sources must be 1..{250 * 250:,}")
+    if not (math.isfinite(spread) and 0 <= spread <= MAX_SPREAD):
+        raise LocalAuthError(f"--spread must be 0..{MAX_SPREAD:g} seconds")
     rng = random.Random(rng_seed)
     policy = backoff or Backoff(
         base=0.25, cap=8.0, attempts=12, startup_delay=0.0 if storm else spread

@@ -41,6 +41,7 @@ from provisioning.authserver.store import (
     key_columns,
     mates_expression,
 )
+from provisioning.bundles import DISCOVERY_SECRET
 from provisioning.errors import DeskCorrupt
 from provisioning.store import Store, audit_json, open_sealer
 
@@ -58,7 +59,8 @@ CREATE TABLE mission (
     end_at         BIGINT NOT NULL,
     epoch_seconds  BIGINT NOT NULL,
     kdf            BYTEA NOT NULL,
-    canary         BYTEA NOT NULL
+    canary         BYTEA NOT NULL,
+    discovery      BYTEA NOT NULL  -- the desk's sealed discovery secret, for AS bundles
 );
 CREATE TABLE nodes (
     identity            TEXT PRIMARY KEY,
@@ -209,6 +211,7 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
     desk_db = store.db
     mission = [store.meta(k) for k in ("mission_id", "name", "start", "end", "epoch_seconds")]
     kdf, canary = store.meta("kdf"), store.meta("canary")
+    discovery = store.meta(f"sealed:{DISCOVERY_SECRET}")
     counts: dict[str, int] = {}
     with contextlib.closing(_connect(dsn)) as conn:
         try:
@@ -222,8 +225,9 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
                 conn.execute(SCHEMA)
                 conn.execute(
                     "INSERT INTO mission (as_schema, mission_id, name, start_at, end_at, "
-                    "epoch_seconds, kdf, canary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (AS_SCHEMA_VERSION, *mission, kdf, canary),
+                    "epoch_seconds, kdf, canary, discovery) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (AS_SCHEMA_VERSION, *mission, kdf, canary, discovery),
                 )
                 cur = conn.cursor()
                 for table, columns in TABLES:
@@ -274,9 +278,15 @@ class PostgresKeyStateStore(SqlKeyStateStore):
     target_lock = " FOR KEY SHARE OF n"
 
     def __init__(
-        self, dsn: str, conn: psycopg.Connection[Any], sealing: Sealing, mission: Mission
+        self,
+        dsn: str,
+        conn: psycopg.Connection[Any],
+        sealing: Sealing,
+        mission: Mission,
+        discovery: bytes,
     ) -> None:
         super().__init__(sealing, mission)
+        self._discovery = discovery  # sealed; opened when a bundle needs it
         self._dsn = dsn
         self._conn = conn
         self._sync_conn: psycopg.Connection[Any] | None = None  # the sync thread's
@@ -306,12 +316,18 @@ class PostgresKeyStateStore(SqlKeyStateStore):
         try:
             row = conn.execute(
                 "SELECT as_schema, mission_id, name, start_at, end_at, epoch_seconds, kdf, "
-                "canary FROM mission"
+                "canary, discovery FROM mission"
             ).fetchone()
         except psycopg.errors.UndefinedTable:
             conn.close()
             raise LocalAuthError(
                 "this PostgreSQL database holds no mission (run 'snrmesh as import-desk')"
+            ) from None
+        except psycopg.errors.UndefinedColumn:
+            conn.close()
+            raise LocalAuthError(
+                "this PostgreSQL database was imported by an older snrmesh (its mission has no "
+                "discovery secret): import the desk again into an empty database"
             ) from None
         except psycopg.Error as exc:
             conn.close()
@@ -334,7 +350,10 @@ class PostgresKeyStateStore(SqlKeyStateStore):
         except BaseException:
             conn.close()
             raise
-        return cls(dsn, conn, Sealing(sealer), mission)
+        return cls(dsn, conn, Sealing(sealer), mission, bytes(row[8]))
+
+    def _discovery_secret(self) -> bytes:
+        return self.sealing.open_secret(DISCOVERY_SECRET, self._discovery)
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn.closed or self._conn.broken:

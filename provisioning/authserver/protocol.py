@@ -10,7 +10,8 @@ Rules (``docs/authentication-server.md`` draws them):
   the project's Noise handshake over it (``mesh.protocol.Connection``).
 * Secure phase, one CBOR message per record: ``CHALLENGE`` (maybe carrying a
   key change) -> ``ANSWER`` (the token's AUTH MAC) -> ``READY``; then any
-  number (up to :data:`MAX_REQUESTS`) of ``REQUEST`` -> ``KEYSET`` | ``REFUSE``.
+  number (up to :data:`MAX_REQUESTS`) of ``REQUEST`` -> ``KEYSET`` | ``REFUSE``
+  and ``BUNDLE-REQUEST`` -> ``BUNDLE`` parts | ``REFUSE``, answered in order.
 * Three round trips: the AS sends the CHALLENGE with message 2 (the link's
   ``early_data``: message 1 already proved the PSK, and a fresh server nonce
   makes it unreplayable), and the client sends its REQUESTs right behind its
@@ -28,7 +29,9 @@ short transaction.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -68,9 +71,13 @@ from provisioning.authserver.keystate import (
     make_key_change,
 )
 from provisioning.authserver.messages import (
+    BUNDLE_PART_SIZE,
     CHALLENGE_SIZE,
+    MAX_LINK_BUNDLE,
     NONCE_SIZE,
     Answer,
+    BundlePart,
+    BundleRequest,
     Challenge,
     CookieReply,
     Hello,
@@ -86,11 +93,13 @@ from provisioning.authserver.messages import (
     pull_clear,
 )
 from provisioning.authserver.store import KeyStateStore
+from provisioning.errors import DeskCorrupt
 
 __all__ = [
     "MAX_REQUESTS",
     "AuthService",
     "Authenticated",
+    "BundleFetched",
     "ClientEvent",
     "ClientSession",
     "ClientState",
@@ -101,7 +110,9 @@ __all__ = [
     "ServerState",
 ]
 
-MAX_REQUESTS = 64  # keyset requests per link
+log = logging.getLogger("snrmesh.as")
+
+MAX_REQUESTS = 64  # keyset and bundle requests per link
 MAX_HELLOS = 2  # the first, and one echoing a cookie
 MAX_CLEAR_BUFFER = 1024
 SESSION_TIMEOUT = 30.0
@@ -291,6 +302,10 @@ class ServerSession:
         except AuthServerError:  # the store failed: say so, come back later
             self._service.count("unavailable")
             self._refuse(Refusal.UNAVAILABLE, now, UNAVAILABLE_RETRY)
+        except DeskCorrupt as exc:  # a row that does not open: the operator must hear of it
+            log.warning("AS store: %s", exc)
+            self._service.count("unavailable")
+            self._refuse(Refusal.UNAVAILABLE, now, UNAVAILABLE_RETRY)
 
     def data_to_send(self) -> bytes:
         if self._link is not None:
@@ -408,6 +423,8 @@ class ServerSession:
             self._on_answer(message, now)
         elif self.state is ServerState.SERVING and isinstance(message, KeysetRequest):
             self._on_request(message, now)
+        elif self.state is ServerState.SERVING and isinstance(message, BundleRequest):
+            self._on_bundle(message, now)
         else:
             raise MessageError(f"{type(message).__name__} in {self.state.value}")
 
@@ -474,6 +491,31 @@ class ServerSession:
         service._remember(service.replies, cache_key, reply)
         self._link.connection.send_data(reply, now)
 
+    def _on_bundle(self, request: BundleRequest, now: float) -> None:
+        """The node's bundle, in parts; not cached: a retry builds it again (same CKs)."""
+        service, identity = self._service, self.identity
+        assert identity is not None and self._link is not None
+        self._requests += 1
+        if self._requests > MAX_REQUESTS:
+            raise MessageError("too many requests on one link")
+        self._go(_S.REQUEST)
+        wait = service.admission.request(identity, now)
+        if wait is not None:
+            self._link.send(Refuse(Refusal.RATE_LIMITED, wait), now)
+            return
+        try:
+            bundle = service.store.bundle(identity, request.ahead, int(now))
+        except RemoteAuthError as exc:
+            service.count(f"refused_{exc.refusal.value}")
+            self._link.send(Refuse(exc.refusal), now)
+            return
+        service.count("bundles")
+        size = BUNDLE_PART_SIZE
+        count = -(-len(bundle) // size)
+        for index in range(count):
+            part = bundle[index * size : (index + 1) * size]
+            self._link.send(BundlePart(request.request_id, index, count, part), now)
+
     # -- ending ------------------------------------------------------------------------
 
     def _refuse(self, refusal: Refusal, now: float, retry_after: float | None = None) -> None:
@@ -481,7 +523,13 @@ class ServerSession:
             return
         self._service.count(f"refused_{refusal.value}")
         link = self._link
-        if link is not None and self.state in (ServerState.AWAIT_ANSWER, ServerState.SERVING):
+        # once message 1 proved the token (message 2 queued), a refusal can ride with message 2
+        secure = self.state in (ServerState.AWAIT_ANSWER, ServerState.SERVING) or (
+            self.state is ServerState.HANDSHAKE
+            and link is not None
+            and link.connection.state is State.AWAIT_CONFIRM
+        )
+        if link is not None and secure:
             try:
                 link.send(Refuse(refusal, retry_after), now)
                 link.connection.close(now)
@@ -546,6 +594,17 @@ class Granted:
     grant: KeysetGrant
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class BundleFetched:
+    """The bundle asked by ``request_id``, as sealed by the AS (open it with the token)."""
+
+    request_id: bytes
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"BundleFetched({len(self.data)} bytes)"
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     """The AS refused (the whole link, or one request when ``request_id`` is set)."""
@@ -562,7 +621,7 @@ class LinkFailed:
     reason: str
 
 
-ClientEvent = Authenticated | Granted | Refused | LinkFailed
+ClientEvent = Authenticated | Granted | BundleFetched | Refused | LinkFailed
 
 
 class ClientSession:
@@ -570,6 +629,8 @@ class ClientSession:
 
     __slots__ = (
         "_buffer",
+        "_bundle_count",
+        "_bundles",
         "_context",
         "_cookie_used",
         "_events",
@@ -587,7 +648,7 @@ class ClientSession:
     def __init__(
         self,
         token: SecureElement,
-        requests: list[KeysetRequest],
+        requests: Sequence[KeysetRequest | BundleRequest],
         *,
         client_nonce: bytes | None = None,
     ) -> None:
@@ -598,6 +659,13 @@ class ClientSession:
         self.identity = info.identity
         self._requests = list(requests)
         self._pending = {r.request_id for r in requests}
+        if len(self._pending) != len(requests):
+            raise LocalAuthError("two requests of one link share a request id")
+        # parts so far of each bundle asked for
+        self._bundles: dict[bytes, list[bytes]] = {
+            r.request_id: [] for r in requests if isinstance(r, BundleRequest)
+        }
+        self._bundle_count = 0  # of the bundle whose parts are arriving
         self._hello = Hello(
             info.identity, info.generation(Slot.AUTH), client_nonce or random_bytes(NONCE_SIZE)
         )
@@ -721,14 +789,37 @@ class ClientSession:
             self._go(_C.READY)
             self._events.append(Authenticated(message.generation, self._key_changed))
             self._maybe_done()
+        elif self.state is ClientState.REQUESTING and isinstance(message, BundlePart):
+            self._on_bundle_part(message)
         elif self.state is ClientState.REQUESTING and isinstance(message, KeysetGrant):
-            if message.request_id not in self._pending:
+            if message.request_id not in self._pending or message.request_id in self._bundles:
                 raise MessageError("a keyset we did not ask for")
             self._pending.discard(message.request_id)
             self._events.append(Granted(message))
             self._maybe_done()
         else:
             raise MessageError(f"unexpected {type(message).__name__} in {self.state.value}")
+
+    def _on_bundle_part(self, part: BundlePart) -> None:
+        """Parts come in order, all of one bundle before the next answer; bounded in all."""
+        parts = self._bundles.get(part.request_id)
+        if parts is None or part.request_id not in self._pending:
+            raise MessageError("a bundle we did not ask for")
+        expected = next(r.request_id for r in self._requests if r.request_id in self._pending)
+        if part.request_id != expected or part.index != len(parts):
+            raise MessageError("bundle part out of order")
+        if parts and part.count != self._bundle_count:
+            raise MessageError("bundle parts disagree on their count")
+        parts.append(part.data)
+        self._bundle_count = part.count
+        if len(parts) == part.count:
+            data = b"".join(parts)
+            parts.clear()
+            if len(data) > MAX_LINK_BUNDLE:  # pragma: no cover - bounded by count and size
+                raise MessageError("bundle too large")
+            self._pending.discard(part.request_id)
+            self._events.append(BundleFetched(part.request_id, data))
+            self._maybe_done()
 
     def _on_challenge(self, challenge: Challenge, now: float) -> None:
         token = self._token

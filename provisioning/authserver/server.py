@@ -31,7 +31,7 @@ from provisioning.authserver.errors import AuthServerError
 from provisioning.authserver.protocol import AuthService, ServerSession
 from provisioning.authserver.store import KeyStateStore
 
-__all__ = ["IDLE_TIMEOUT", "AuthServer", "GroupCommit", "serve_forever"]
+__all__ = ["IDLE_TIMEOUT", "AuthServer", "GroupCommit", "bound_socket", "serve_forever"]
 
 log = logging.getLogger("snrmesh.as")
 
@@ -276,13 +276,18 @@ class _LinkProtocol(asyncio.Protocol):
             self._arm(now)
 
 
-def _bound_socket(host: str, port: int) -> socket.socket:
+def bound_socket(host: str, port: int) -> socket.socket:
     """A listening socket made before forking, so every worker accepts on the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(BACKLOG)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:  # unknown host, an address not ours, a port in use
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise AuthServerError(f"cannot listen on {host}:{port}: {reason}") from None
     sock.setblocking(False)
     return sock
 
@@ -306,13 +311,15 @@ def serve_forever(
     *,
     workers: int = 1,
     on_ready: Callable[[str, int], None] = lambda host, port: None,
+    sock: socket.socket | None = None,
 ) -> dict[str, int]:
     """Run ``workers`` processes (forked, one shared socket) until SIGTERM/SIGINT.
 
     Returns the counters of this (parent) worker. The store is opened in each
     worker after the fork (``make_service``), never shared across processes.
+    ``sock``: a socket from :func:`bound_socket` already (else one is bound here).
     """
-    sock = _bound_socket(host, port)
+    sock = sock or bound_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     children: list[int] = []
     for _ in range(max(1, workers) - 1):

@@ -34,15 +34,18 @@ from jwcrypto.common import base64url_encode
 
 from mesh.crypto import Sealer, random_bytes
 from mesh.keyset import CommunicationKeyset, wrap_copy
+from mesh.keyset.bundle import MAX_MATES, seal_bundle
 from mesh.keyset.keyset import CK_ID_SIZE, PAIR_KEY_SIZE
 from mesh.keyset.mission import Epoch, Mission
 from mesh.token import Slot, slot_kid
 from provisioning.authserver.errors import Refusal, RemoteAuthError, StoreUnavailable
 from provisioning.authserver.keystate import TokenKeys
+from provisioning.authserver.messages import MAX_LINK_BUNDLE
+from provisioning.bundles import DISCOVERY_SECRET, Rows, build_bundle, mates_of
 from provisioning.desk import _rewrap as rewrap_copy
 from provisioning.desk import derive_slot_keys
 from provisioning.errors import DeskCorrupt
-from provisioning.store import Store, audit_json, open_node_keys, seal_node_keys
+from provisioning.store import Store, audit_json, open_node_keys, open_secret, seal_node_keys
 
 __all__ = [
     "AS_SCHEMA_VERSION",
@@ -157,6 +160,10 @@ class Sealing:
     ) -> bytes:
         return seal_node_keys(self._sealer, identity, token_id, generation, keys)
 
+    def open_secret(self, name: str, blob: object) -> bytes:
+        """A desk-wide secret (the discovery secret) from its sealed blob."""
+        return open_secret(self._sealer, name, blob)
+
 
 class KeyStateStore(ABC):
     """What the server protocol asks of its store; each call is one short transaction.
@@ -210,6 +217,15 @@ class KeyStateStore(ABC):
         self, requestor: str, target: str, purpose: str, epoch: int | None, now: int
     ) -> IssuedKeyset:
         """The pair's CK for the epoch (minted if none), after the dialogue-mate checks."""
+
+    @abstractmethod
+    def bundle(self, identity: str, ahead: int, now: int) -> bytes:
+        """The node's bundle, sealed for its token's current keys, after minting what it lacks.
+
+        Every dialogue mate gets a CK for the current epoch and the ``ahead`` next ones
+        (within the mission). Raises :class:`RemoteAuthError` for a node that may not
+        have one (unknown, suspended, revoked, too many mates, too large for a link).
+        """
 
     @abstractmethod
     def close(self) -> None: ...
@@ -465,6 +481,88 @@ class SqlKeyStateStore(KeyStateStore):
             )
         return self._issued(requestor, target, window, found)
 
+    def bundle(self, identity: str, ahead: int, now: int) -> bytes:
+        me = self.load(identity)
+        if me is None:
+            raise RemoteAuthError(Refusal.UNKNOWN, identity)
+        if me.suspended:
+            raise RemoteAuthError(Refusal.SUSPENDED, identity)
+        current = self._epoch(None, now).index
+        last = min(current + min(ahead, MAX_EPOCHS_AHEAD), self.mission.epoch_count - 1)
+        with self.reading() as cur:
+            rows = self._rows(cur)
+            role = next(iter(rows("SELECT role FROM nodes WHERE identity = ?", (identity,))))[0]
+            mates = mates_of(rows, identity)
+            have = {
+                (a if b == identity else b, epoch)
+                for a, b, epoch in rows(
+                    "SELECT a, b, epoch FROM keysets WHERE (a = ? OR b = ?) "
+                    "AND epoch BETWEEN ? AND ?",
+                    (identity, identity, current, last),
+                )
+            }
+        if len(mates) > MAX_MATES:
+            raise RemoteAuthError(Refusal.POLICY, "too many dialogue mates for a bundle")
+        minted = 0
+        for mate in mates:
+            for epoch in range(current, last + 1):
+                if (mate, epoch) not in have:
+                    try:
+                        self.issue(identity, mate, "bundle", epoch, now)
+                    except RemoteAuthError as exc:
+                        if exc.refusal is not Refusal.POLICY:  # a suspended mate: left out
+                            raise
+                    else:
+                        minted += 1
+        me = self.load(identity)  # what the issuances saw: a suspension meanwhile counts
+        if me is None or me.suspended:
+            raise RemoteAuthError(Refusal.SUSPENDED, identity)
+        with self.transaction() as cur:
+            bundle = build_bundle(
+                self._rows(cur),
+                mission=self.mission,
+                identity=identity,
+                role=role,
+                token_id=me.token_id,
+                wrap_kid=slot_kid(me.token_id, Slot.WRAP, me.generation),
+                wrap_key=me.keys[Slot.WRAP],
+                discovery_secret=self._discovery_secret(),
+                now=now,
+            )
+            sealed = seal_bundle(
+                bundle,
+                kid=slot_kid(me.token_id, Slot.MAC, me.generation),
+                mac_key=me.keys[Slot.MAC],
+            )
+            if len(sealed) > MAX_LINK_BUNDLE:
+                raise RemoteAuthError(Refusal.POLICY, "bundle too large for a link")
+            self._audit(
+                cur,
+                now,
+                "as-bundle",
+                node=identity,
+                token=me.token_id.hex(),
+                generation=me.generation,
+                mates=len(bundle.mates),
+                keysets=len(bundle.keysets),
+                minted=minted,
+                epochs=[current, last],
+            )
+        return sealed
+
+    def _rows(self, cur: Any) -> Rows:
+        """``rows(sql, params)`` on ``cur``, with this store's placeholders."""
+
+        def rows(sql: str, params: Sequence[Any]) -> list[Any]:
+            cur.execute(self._q(sql), params)
+            return list(cur.fetchall())
+
+        return rows
+
+    @abstractmethod
+    def _discovery_secret(self) -> bytes:
+        """The desk's discovery secret (the epochs' discovery keys are derived from it)."""
+
     # -- the steps of an issuance, shared with stores that sequence them otherwise ------------
 
     def _window(self, requestor: str, target: str, epoch: int | None, now: int) -> Epoch:
@@ -558,14 +656,21 @@ class SqlKeyStateStore(KeyStateStore):
 
 
 def migrate_sqlite(db: sqlite3.Connection) -> None:
-    """Add the AS's columns and index to a desk store, once (idempotent)."""
-    done = db.execute("SELECT value FROM meta WHERE key = 'as_schema'").fetchone()
-    if done is not None:
-        if done[0] != AS_SCHEMA_VERSION:
+    """Add the AS's columns and index to a desk store, once (idempotent, race-free)."""
+
+    def migrated() -> bool:
+        done = db.execute("SELECT value FROM meta WHERE key = 'as_schema'").fetchone()
+        if done is not None and done[0] != AS_SCHEMA_VERSION:
             raise DeskCorrupt("the store's Authentication Server schema version is unknown")
+        return done is not None
+
+    if migrated():
         return
     db.execute("BEGIN IMMEDIATE")
     try:
+        if migrated():  # another connection migrated between our check and our lock
+            db.execute("ROLLBACK")
+            return
         columns = {r[1] for r in db.execute("PRAGMA table_info(nodes)")}
         for statement in MIGRATION:
             name = statement.split()[5] if statement.startswith("ALTER") else None
@@ -660,6 +765,9 @@ class SqliteKeyStateStore(SqlKeyStateStore):
 
         desk = Desk(Store.open(directory, passphrase))
         return cls(desk.store, desk.mission)
+
+    def _discovery_secret(self) -> bytes:
+        return self.store.secret(DISCOVERY_SECRET)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[sqlite3.Cursor]:

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from mesh.token import SecureElement
 from mesh.token.software import SoftwareToken
 from provisioning.authserver.cookies import AdmissionConfig
 from provisioning.authserver.keystate import KeyPolicy
-from provisioning.authserver.messages import KeysetRequest
+from provisioning.authserver.messages import BundleRequest, KeysetRequest
 from provisioning.authserver.meters import import_meters
 from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import AuthService, ClientEvent, ClientSession, ServerSession
@@ -225,7 +225,7 @@ def transfer(
 def run(
     service: AuthService,
     token: SecureElement,
-    requests: list[KeysetRequest] | None = None,
+    requests: Sequence[KeysetRequest | BundleRequest] | None = None,
     *,
     source: str = "127.0.0.1",
     now: float = NOW,

@@ -27,6 +27,10 @@ from tests.provisioning.conftest import (
 Prepare = Callable[[Site], object]
 
 
+def _factory_seed_file(site: Site) -> None:
+    (site.root / "f.seed").write_bytes(bytes(32))
+
+
 def _garble(path: Path) -> None:
     path.write_bytes(os.urandom(path.stat().st_size))
 
@@ -204,6 +208,38 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
      ("desk", "audit", "desk", "--limit", "99999999999999999999"), ("--limit",), {}),
     ("as-audit-limit-huge", _nothing,
      ("as", "audit", "--store", "desk", "--limit", "99999999999999999999"), ("--limit",), {}),
+    # the AS's commands (sweep of 2026-12-01): tracebacks, hangs and checks made too late
+    ("as-serve-unknown-host", _nothing,
+     ("as", "serve", "--store", "desk", "--listen", "nosuchhost.invalid:7451"),
+     ("cannot listen on nosuchhost.invalid:7451",), {}),
+    ("as-serve-address-not-ours", _nothing,
+     ("as", "serve", "--store", "desk", "--listen", "192.0.2.1:7451"),
+     ("cannot listen on 192.0.2.1:7451",), {}),
+    ("as-serve-neither-store", _nothing, ("as", "serve"), ("give one of --store",), {}),
+    ("as-serve-key-lifetime-nan", _nothing,
+     ("as", "serve", "--store", "desk", "--key-lifetime", "nan"), ("--key-lifetime",), {}),
+    ("as-serve-cookie-threshold-zero", _nothing,
+     ("as", "serve", "--store", "desk", "--cookie-threshold", "0"), ("--cookie-threshold",), {}),
+    ("as-serve-identity-rate-zero", _nothing,
+     ("as", "serve", "--store", "desk", "--identity-rate", "0"), ("--identity-rate",), {}),
+    ("as-request-out-nowhere", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--out", "no/such/folder/k.json"), ("cannot write",), {}),
+    ("as-request-out-a-folder", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--out", "desk"), ("cannot write",), {}),
+    ("as-request-attempts-huge", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--attempts", "1000000"), ("--attempts",), {}),
+    ("as-bundle-ahead-too-far", _nothing,
+     ("as", "bundle", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--out", "b",
+      "--ahead", "5"), ("--ahead",), {}),
+    ("import-meters-seed-nowhere", _nothing,
+     ("desk", "import-meters", "desk", "--count", "5", "--factory-seed", "no/such/f.seed"),
+     ("cannot write factory seed",), {}),
+    ("meters-sim-spread-infinite", _factory_seed_file,
+     ("meters", "sim", "--as", "127.0.0.1:9", "--count", "1", "--factory-seed", "f.seed",
+      "--head-end", "gs-1", "--spread", "inf"), ("--spread",), {}),
     # secrets nobody can type: no variable, no terminal
     ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
      {"passphrase": None}),

@@ -21,22 +21,25 @@ from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
 from mesh.files import FileTooLarge, read_bounded, write_atomic
-from mesh.keyset import KeysetError
+from mesh.keyset import KeysetError, check_identity
 from mesh.keyset.bundle import open_bundle
+from mesh.timefmt import utc_iso
 from mesh.token.open import open_token
 from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
-from provisioning.authserver.errors import LocalAuthError
+from provisioning.authserver.errors import LocalAuthError, RemoteAuthError
 from provisioning.authserver.keystate import KeyPolicy
 from provisioning.authserver.messages import (
     MAX_BUNDLE_AHEAD,
+    MAX_EPOCH,
     MAX_PURPOSE_LENGTH,
     BundleRequest,
     KeysetRequest,
 )
 from provisioning.authserver.meters import (
     FACTORY_SEED_SIZE,
+    check_fleet,
     import_meters,
     simulate_fleet,
 )
@@ -86,8 +89,10 @@ def _factory_seed(path: str, *, create: bool) -> bytes:
         return seed
     try:
         seed = read_bounded(path, FACTORY_SEED_SIZE, what="factory seed")
-    except (OSError, FileTooLarge) as exc:
-        raise LocalAuthError(f"cannot read factory seed {path}: {exc}") from None
+    except FileTooLarge:
+        raise LocalAuthError(f"factory seed {path} is not {FACTORY_SEED_SIZE} bytes") from None
+    except OSError as exc:
+        raise LocalAuthError(f"cannot read factory seed {path}: {exc.strerror}") from None
     if len(seed) != FACTORY_SEED_SIZE:
         raise LocalAuthError(f"factory seed {path} is not {FACTORY_SEED_SIZE} bytes")
     return seed
@@ -186,8 +191,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     with contextlib.closing(
         _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     ) as store:
-        store.revoke(args.node, int(time.time()))
-    return _emit(args, {"revoked": args.node}, f"{args.node} revoked: no further keysets")
+        try:
+            newly = store.revoke(args.node, int(time.time()))
+        except RemoteAuthError:
+            raise LocalAuthError(f"unknown node {args.node!r}") from None
+    return _emit(
+        args,
+        {"revoked": args.node, "already": not newly},
+        f"{args.node} {'revoked' if newly else 'was already revoked'}: no further keysets",
+    )
 
 
 CLONE_ALERT = "as-clone-alert"
@@ -248,8 +260,15 @@ def cmd_request(args: argparse.Namespace) -> int:
     _check_attempts(args)
     if args.out:
         _check_out(args.out)
-    if len(args.purpose) > MAX_PURPOSE_LENGTH:
-        raise LocalAuthError(f"--purpose is at most {MAX_PURPOSE_LENGTH} characters")
+    purpose = args.purpose
+    if not (0 < len(purpose) <= MAX_PURPOSE_LENGTH and purpose.isascii() and purpose.isprintable()):
+        raise LocalAuthError(f"--purpose is 1..{MAX_PURPOSE_LENGTH} printable ASCII characters")
+    try:
+        check_identity(args.target)
+    except KeysetError as exc:
+        raise LocalAuthError(f"--target: {exc}") from None
+    if args.epoch is not None and not 0 <= args.epoch <= MAX_EPOCH:
+        raise LocalAuthError(f"--epoch must be 0..{MAX_EPOCH:,}")
     token = open_token(args.token)
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     request = KeysetRequest(random_bytes(16), args.target, args.purpose, args.epoch)
@@ -280,7 +299,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     return _emit(
         args,
         data,
-        f"keyset {grant.ck_id.hex()} with {grant.peer} until {grant.not_after}"
+        f"keyset {grant.ck_id.hex()} with {grant.peer} until {utc_iso(grant.not_after)}"
         + (
             f"; token keys changed to generation {auth.generation}"
             if auth and auth.key_changed
@@ -377,9 +396,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def cmd_import_meters(args: argparse.Namespace) -> int:
     """``snrmesh desk import-meters DIR --count N --factory-seed FILE [--head-end NODE]``."""
-    seed = _factory_seed(args.factory_seed, create=True)
+    check_fleet(args.count, args.prefix, args.first)
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     with contextlib.closing(store), progress(not args.json, "enrolling meters") as tick:
+        seed = _factory_seed(args.factory_seed, create=True)  # once the desk opened: no stray seed
         count = import_meters(
             store,
             seed=seed,
@@ -439,42 +459,54 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser(
         "serve",
         help="run the Authentication Server",
-        description="Serve the desk store in --store DIR (or PostgreSQL).",
+        description="Serve the desk store in --store DIR (or a PostgreSQL database made by "
+        "'as import-desk'): nodes authenticate with their tokens, the AS changes their keys "
+        "when due (--key-lifetime), and issues keysets and bundles. Warnings (clone alerts, "
+        "store failures) go to stderr with a time; stop it with SIGTERM or Ctrl+C.",
+        epilog="example: snrmesh as serve --store desk --listen 127.0.0.1:7450 --workers 2",
     )
     p.set_defaults(func=cmd_serve)
     p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
-    p.add_argument("--listen", default="127.0.0.1:7450", metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:7450",
+        metavar="HOST:PORT",
+        help="where to accept links (default: 127.0.0.1:7450; port 0 picks one)",
+    )
     p.add_argument(
         "--postgres", metavar="DSN", help="PostgreSQL store instead (see 'as import-desk')"
     )
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="worker processes (1..64, default 1)"
+    )
     p.add_argument(
         "--key-lifetime",
         type=float,
         default=30 * 86400.0,
         metavar="S",
-        help="change a token's keys once they are S seconds old (0: every time)",
+        help="change a token's keys once they are S seconds old (0: every time; default 30 days)",
     )
     p.add_argument(
         "--cookie-threshold",
         type=int,
         default=500,
         metavar="N",
-        help="pending challenges per source from which on HELLOs need a cookie",
+        help="pending challenges per source from which on HELLOs need a cookie (default 500)",
     )
     p.add_argument(
         "--max-pending",
         type=int,
         default=5000,
         metavar="N",
-        help="pending challenges in all at which the AS answers busy (retry after 1 s)",
+        help="pending challenges in all at which the AS answers busy, retry after 1 s "
+        "(default 5,000)",
     )
     p.add_argument(
         "--identity-rate",
         type=float,
         default=1.0,
         metavar="R",
-        help="keyset requests per second per identity (bursts of 10)",
+        help="keyset requests per second per identity, bursts of 10 (default 1)",
     )
     p.add_argument("--json", action="store_true", help="print counters as JSON on exit")
 
@@ -490,7 +522,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--postgres", required=True, metavar="DSN", help="e.g. 'host=/run/pg dbname=as'")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("revoke", help="revoke a node in the AS store (PostgreSQL or desk)")
+    p = sub.add_parser(
+        "revoke",
+        help="revoke a node in the AS store (PostgreSQL or desk)",
+        description="Revoke NODE in the AS store: it gets no further keysets or bundles, and "
+        "bundles fetched from now on list it as revoked. For a PostgreSQL store, which the "
+        "desk no longer reaches; on the desk's own file it is 'desk revoke'. Revoking twice "
+        "changes nothing.",
+    )
     p.set_defaults(func=cmd_revoke)
     p.add_argument("node", metavar="NODE")
     p.add_argument("--store", metavar="DIR", help="desk directory")
@@ -522,9 +561,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--json", action="store_true", help="print the entries as JSON")
 
-    p = sub.add_parser("request", help="authenticate with a token and fetch a keyset")
+    p = sub.add_parser(
+        "request",
+        help="authenticate with a token and fetch a keyset",
+        description="Authenticate to the AS with the node's token (its keys may change on "
+        "the way) and fetch a CK with the dialogue mate --target: our copy, and the mate's "
+        "copy to hand it as the ticket of the session handshake. Temporary refusals and lost "
+        "links are retried with full-jitter backoff. The token PIN comes from SNRMESH_PIN "
+        "or a prompt.",
+        epilog="example: snrmesh as request --as 10.0.0.2:7450 --token alpha-1.token "
+        "--target gs-1 --epoch 3",
+    )
     p.set_defaults(func=cmd_request)
-    p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--as", dest="as_address", required=True, metavar="HOST:PORT", help="the AS's address"
+    )
     p.add_argument(
         "--token",
         required=True,
@@ -532,9 +583,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="the node's token: a token file, or pcsc:READER for a smartcard",
     )
     p.add_argument("--target", required=True, metavar="NODE", help="the dialogue mate")
-    p.add_argument("--purpose", default="session", help="recorded in the audit log")
+    p.add_argument(
+        "--purpose", default="session", help="recorded in the audit log (default: session)"
+    )
     p.add_argument("--epoch", type=int, metavar="E", help="a later epoch (default: current)")
-    p.add_argument("--attempts", type=int, default=6, metavar="N", help="tries with backoff")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=6,
+        metavar="N",
+        help="tries with backoff (1..100, default 6)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the keyset (JSON) to FILE")
     p.add_argument("--json", action="store_true")
 
@@ -552,7 +611,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--out alpha-1.bundle",
     )
     p.set_defaults(func=cmd_bundle)
-    p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--as", dest="as_address", required=True, metavar="HOST:PORT", help="the AS's address"
+    )
     p.add_argument(
         "--token",
         required=True,
@@ -567,7 +628,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="N",
         help=f"epochs past the current one to get CKs for (0..{MAX_BUNDLE_AHEAD}, default 1)",
     )
-    p.add_argument("--attempts", type=int, default=6, metavar="N", help="tries with backoff")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=6,
+        metavar="N",
+        help="tries with backoff (1..100, default 6)",
+    )
     p.add_argument("--json", action="store_true")
 
     meters = commands.add_parser("meters", help="smart-meter fleets: simulation")
@@ -579,7 +646,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--factory-seed) that each authenticate and fetch one keyset.",
     )
     p.set_defaults(func=cmd_sim)
-    p.add_argument("--as", dest="as_address", required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--as", dest="as_address", required=True, metavar="HOST:PORT", help="the AS's address"
+    )
     _fleet_arguments(p)
     p.add_argument("--head-end", required=True, metavar="NODE", help="the meters' mate")
     p.add_argument("--storm", action="store_true", help="all meters at once (no start spread)")
@@ -588,13 +657,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=float,
         default=5.0,
         metavar="S",
-        help="random power-up delay in [0, S] without --storm",
+        help="random power-up delay in [0, S] without --storm (default 5)",
     )
     p.add_argument(
         "--sources",
         type=int,
         default=8,
         metavar="K",
-        help="loopback source addresses (data concentrators)",
+        help="loopback source addresses, data concentrators (default 8)",
     )
     p.add_argument("--json", action="store_true")

@@ -137,8 +137,10 @@ async def attempt(
                 lambda: _ClientProtocol(session, clock, done), host, port, local_addr=local_addr
             )
             await done
-    except (TimeoutError, OSError):
-        session.connection_lost()  # records LinkFailed unless the session had finished
+    except TimeoutError:
+        session.connection_lost(f"no answer within {timeout:g} s")
+    except OSError as exc:  # records LinkFailed unless the session had finished
+        session.connection_lost(exc.strerror or str(exc) or type(exc).__name__)
     finally:
         if transport is not None:
             transport.close()
@@ -174,6 +176,7 @@ async def request_keysets(
     if backoff.startup_delay > 0:
         await asyncio.sleep(rng.uniform(0.0, backoff.startup_delay))
     wanted = list(requests)
+    last_failure: str | None = None  # why the last link broke, for the final error
     for n in range(backoff.attempts):
         outcome.attempts += 1
         # the same request ids on every attempt: a retransmit gets the identical answer
@@ -196,6 +199,7 @@ async def request_keysets(
         )
         wanted = [r for r in wanted if r.request_id not in answered]
         failed = any(isinstance(e, LinkFailed) for e in events)
+        last_failure = next((e.reason for e in events if isinstance(e, LinkFailed)), last_failure)
         if refusal is None and not failed and any(isinstance(e, Authenticated) for e in events):
             retry_after = max(
                 (
@@ -216,6 +220,8 @@ async def request_keysets(
             retry_after = refusal.retry_after
         if n + 1 < backoff.attempts:
             await asyncio.sleep(max(retry_after or 0.0, backoff.delay(n, rng)))
+    n = outcome.attempts
     raise AuthServerError(
-        f"no answer from the Authentication Server after {outcome.attempts} attempts"
+        f"no answer from the Authentication Server after {n} attempt{'s' * (n != 1)}"
+        + (f" (last: {last_failure})" if last_failure else "")
     )

@@ -202,6 +202,18 @@ def _rows(
         )
 
 
+def check_fleet(count: int, prefix: str, first: int) -> None:
+    """The bounds of a fleet import, checked before anything is written (the seed file too)."""
+    if not 0 < count <= MAX_FLEET:
+        raise LocalAuthError(f"--count must be 1..{MAX_FLEET:,} meters")
+    if not 0 <= first <= MAX_METER_INDEX - count + 1:
+        raise LocalAuthError(f"--first must be 0..{MAX_METER_INDEX - count + 1:,} for {count:,}")
+    try:
+        check_identity(meter_identity(prefix, first))
+    except KeysetError as exc:
+        raise LocalAuthError(f"meter prefix: {exc}") from None
+
+
 def import_meters(
     store: Store,
     *,
@@ -218,12 +230,7 @@ def import_meters(
     With ``head_end``, each meter is paired with that node (its energy
     provider's head-end system), the only dialogue mate a meter needs.
     """
-    if not 0 < count <= MAX_FLEET or first < 0:
-        raise LocalAuthError(f"a fleet import holds 1..{MAX_FLEET} meters")
-    try:
-        check_identity(meter_identity(prefix, first))
-    except KeysetError as exc:
-        raise LocalAuthError(f"meter prefix: {exc}") from None
+    check_fleet(count, prefix, first)
     db: sqlite3.Connection = store.db
     with store.transaction():
         if (
@@ -273,6 +280,7 @@ def meter_source(index: int, sources: int) -> str:
     return f"127.0.{1 + n // 250}.{1 + n % 250}"
 
 
+MAX_METER_INDEX = 10**12 - 1  # meter numbers stay short identities
 MAX_SPREAD = 3600.0  # seconds a simulated meter may wait after power-up
 
 

@@ -708,9 +708,9 @@ class ClientSession:
             self._link.connection.handle_timer(now)
             self._drain(now)
 
-    def connection_lost(self) -> None:
+    def connection_lost(self, reason: str = "connection closed by the AS") -> None:
         if not self.finished:
-            self._fail("connection closed by the AS")
+            self._fail(reason)
 
     def receive_data(self, data: bytes, now: float) -> None:
         if self.finished:

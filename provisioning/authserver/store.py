@@ -412,19 +412,20 @@ class SqlKeyStateStore(KeyStateStore):
             record.generation,
         )
 
-    def revoke(self, identity: str, now: int) -> None:
+    def revoke(self, identity: str, now: int) -> bool:
         """No further keysets for ``identity`` (what ``desk revoke`` does to the desk's file).
 
         For a store the desk cannot reach (PostgreSQL after ``as import-desk``).
+        Whether it was revoked now (False: it was already; nothing is written).
         """
         with self.transaction() as cur:
             record = self._locked(cur, identity)
-            self._exec(
-                cur,
-                "UPDATE nodes SET revoked_at = COALESCE(revoked_at, ?) WHERE identity = ?",
-                (now, identity),
-            )
+            row = self._row(cur, "SELECT revoked_at FROM nodes WHERE identity = ?", (identity,))
+            if row[0] is not None:
+                return False
+            self._exec(cur, "UPDATE nodes SET revoked_at = ? WHERE identity = ?", (now, identity))
             self._audit(cur, now, "revoke", node=identity, token=record.token_id.hex())
+        return True
 
     def audit_log(self, op: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Audit rows in order (optionally one ``op``; the last ``limit`` of them).
@@ -440,7 +441,16 @@ class SqlKeyStateStore(KeyStateStore):
                 cur, f"SELECT seq, at, op, detail FROM audit{where} ORDER BY seq DESC{tail}", params
             )
             rows = cur.fetchall()
-        return [{"seq": q, "at": at, "op": o, **json.loads(d)} for q, at, o, d in reversed(rows)]
+        entries = []
+        for seq, at, op_, detail in reversed(rows):
+            try:
+                parsed = json.loads(detail)
+            except (TypeError, ValueError, RecursionError):
+                parsed = None
+            if not isinstance(parsed, dict) or type(at) is not int or not isinstance(op_, str):
+                raise DeskCorrupt(f"audit entry #{seq} is corrupt (store tampered?)")
+            entries.append({"seq": seq, "at": at, "op": op_, **parsed})
+        return entries
 
     def _epoch(self, epoch: int | None, now: int) -> Epoch:
         current = self.mission.epoch_at(now)

@@ -282,6 +282,17 @@ def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
         )
         assert sim.returncode == 0, sim.stderr
         assert json.loads(sim.stdout)["served"] == 30
+        # meters the desk never enrolled: none served, and the command says so and fails
+        fleet = ["--factory-seed", str(seed_file), "--head-end", "gs-1", "--storm"]
+        unserved = subprocess.run(
+            [*cli, "meters", "sim", "--as", address, "--count", "2", "--first", "5000", *fleet],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert unserved.returncode == 1 and "0/2 meters served" in unserved.stdout
+        assert "not served: 2 " in unserved.stdout
     assert server.returncode == 0, server.err
     assert json.loads(server.out.strip().splitlines()[-1])["keysets"] == 31
 

@@ -27,6 +27,12 @@ from tests.provisioning.conftest import (
 Prepare = Callable[[Site], object]
 
 
+def _corrupt_audit_row(site: Site) -> None:
+    with contextlib.closing(sqlite3.connect(site.desk_dir / "desk.sqlite")) as db:
+        db.execute("INSERT INTO audit (at, op, detail) VALUES (1, 'x', 'not json')")
+        db.commit()
+
+
 def _factory_seed_file(site: Site) -> None:
     (site.root / "f.seed").write_bytes(bytes(32))
 
@@ -240,6 +246,20 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     ("meters-sim-spread-infinite", _factory_seed_file,
      ("meters", "sim", "--as", "127.0.0.1:9", "--count", "1", "--factory-seed", "f.seed",
       "--head-end", "gs-1", "--spread", "inf"), ("--spread",), {}),
+    ("as-request-empty-target", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", ""),
+     ("--target",), {}),
+    ("as-request-empty-purpose", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--purpose", ""), ("--purpose",), {}),
+    ("as-request-negative-epoch", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--epoch", "-1"), ("--epoch",), {}),
+    ("import-meters-negative-first", _nothing,
+     ("desk", "import-meters", "desk", "--count", "5", "--factory-seed", "new.seed",
+      "--first", "-3"), ("--first",), {}),
+    ("import-meters-no-desk-leaves-no-seed", _nothing,
+     ("desk", "import-meters", "no-desk", "--count", "5", "--factory-seed", "new.seed"), (), {}),
     # secrets nobody can type: no variable, no terminal
     ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
      {"passphrase": None}),
@@ -271,6 +291,17 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(
 ) -> None:
     prepare(site)
     refused_without_change(site, *args, needles=needles, **secrets)
+
+
+def test_as_commands_on_the_desk_refuse_in_one_line(site: Site) -> None:
+    """``as revoke``/``as audit`` add the AS's columns to a desk file (docs), so only the line."""
+    assert_refused(snrmesh("as", "revoke", "ghost", "--store", "desk", cwd=site.root), "ghost")
+    _corrupt_audit_row(site)
+    assert_refused(snrmesh("as", "audit", "--store", "desk", cwd=site.root), "corrupt")
+    first = snrmesh("as", "revoke", "alpha-2", "--store", "desk", cwd=site.root)
+    again = snrmesh("as", "revoke", "alpha-2", "--store", "desk", "--json", cwd=site.root)
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    assert '"already": true' in again.stdout
 
 
 def test_a_revoked_node_cannot_be_exported(site: Site) -> None:

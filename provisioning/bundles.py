@@ -24,11 +24,14 @@ from mesh.keyset.mission import Epoch, Mission
 
 __all__ = [
     "DISCOVERY_SECRET",
+    "MATES_OF",
     "PERMITTED_PAIRS",
+    "REVOKED_MATES",
     "Rows",
     "build_bundle",
     "discovery_key",
     "mates_of",
+    "surely_too_many_mates",
 ]
 
 DISCOVERY_SECRET = "discovery"  # the store's sealed secret the epochs' discovery keys come from
@@ -44,15 +47,56 @@ PERMITTED_PAIRS = """
     WHERE a NOT IN (SELECT identity FROM nodes WHERE revoked_at IS NOT NULL)
       AND b NOT IN (SELECT identity FROM nodes WHERE revoked_at IS NOT NULL)"""
 
+# one node's dialogue-mate candidates (shared groups, explicit pairs), read by index only
+# (groups by member, pairs by a and by b): a bundle is asked over the network, in a store of
+# a million meters. MATES_OF keeps those not revoked (nor suspended, for the AS: ``{extra}``);
+# REVOKED_MATES the revoked ones, the only revocations this node's bundle needs to list.
+_CANDIDATES = """(
+        SELECT g2.member AS m FROM groups g1 JOIN groups g2 ON g2.name = g1.name
+         WHERE g1.member = ? AND g2.member <> g1.member
+        UNION SELECT b FROM pairs WHERE a = ?
+        UNION SELECT a FROM pairs WHERE b = ?) AS mates
+    JOIN nodes n ON n.identity = mates.m"""
+MATES_OF = (
+    "SELECT mates.m FROM "
+    + _CANDIDATES
+    + """
+    WHERE n.revoked_at IS NULL{extra}
+      AND NOT EXISTS (SELECT 1 FROM nodes r WHERE r.identity = ? AND r.revoked_at IS NOT NULL)
+    LIMIT ?"""
+)
+REVOKED_MATES = "SELECT mates.m FROM " + _CANDIDATES + " WHERE n.revoked_at IS NOT NULL LIMIT ?"
+
+# an upper bound of one node's mates (pairs and group entries, duplicates counted), each part
+# cut at its LIMIT: a head-end with a million meters is told "too many" without reading them
+MATE_ENTRIES = """
+    SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM pairs WHERE a = ? LIMIT ?) AS pa)
+         + (SELECT COUNT(*) FROM (SELECT 1 FROM pairs WHERE b = ? LIMIT ?) AS pb)
+         + (SELECT COUNT(*) FROM (SELECT 1 FROM groups g1 JOIN groups g2 ON g2.name = g1.name
+                                  WHERE g1.member = ? LIMIT ?) AS gm)"""
+
 Rows = Callable[[str, Sequence[Any]], Iterable[Sequence[Any]]]
 
 
-def mates_of(rows: Rows, identity: str) -> list[str]:
-    """``identity``'s dialogue mates, sorted, revoked ones left out."""
-    return [
-        b if a == identity else a
-        for a, b in rows(PERMITTED_PAIRS + " AND ? IN (a, b) ORDER BY a, b", (identity,))
-    ]
+def mates_of(
+    rows: Rows, identity: str, limit: int | None = None, *, suspended: bool = False
+) -> list[str]:
+    """``identity``'s dialogue mates, sorted, revoked ones left out (none if it is revoked).
+
+    ``limit``: stop reading after that many (a head-end has a million); sorted here,
+    so that the store stops early instead of sorting them all first. ``suspended``:
+    leave suspended nodes out too (the AS's store has the column; a desk's may not).
+    """
+    bound = 2**62 if limit is None else limit  # SQLite and PostgreSQL both take a number
+    sql = MATES_OF.format(extra=" AND n.suspended_at IS NULL" if suspended else "")
+    return sorted(m for (m,) in rows(sql, (*(identity,) * 4, bound)))
+
+
+def surely_too_many_mates(rows: Rows, identity: str, limit: int) -> bool:
+    """True when ``identity`` has more mate entries than 3 x ``limit`` (reading at most that)."""
+    cap = 3 * limit + 1
+    ((entries,),) = list(rows(MATE_ENTRIES, (identity, cap) * 3))
+    return int(entries) > 3 * limit
 
 
 def discovery_key(secret: bytes, mission: Mission, epoch: Epoch) -> DiscoveryKey:
@@ -76,15 +120,17 @@ def build_bundle(
     wrap_key: bytes,
     discovery_secret: bytes,
     now: int,
+    suspended: bool = False,
 ) -> Bundle:
     """``identity``'s bundle from the store (not sealed: the caller seals it under its MAC key).
 
-    Raises ``ValueError`` for a node with more mates than a bundle may list.
+    ``suspended``: leave suspended mates out (and their CKs), as the AS's issuance does.
+    Raises ``ValueError`` for a node with more mates (or revoked ones) than a bundle lists.
     """
-    mates = mates_of(rows, identity)
-    if len(mates) > MAX_MATES:
-        raise ValueError(f"{identity} has {len(mates)} dialogue mates; a bundle lists {MAX_MATES}")
-    revoked = {r[0] for r in rows("SELECT identity FROM nodes WHERE revoked_at IS NOT NULL", ())}
+    mates = mates_of(rows, identity, MAX_MATES + 1, suspended=suspended)
+    revoked = {m for (m,) in rows(REVOKED_MATES, (identity,) * 3 + (MAX_MATES + 1,))}
+    if len(mates) > MAX_MATES or len(revoked) > MAX_MATES:
+        raise ValueError(f"{identity} has more dialogue mates than a bundle lists ({MAX_MATES})")
     roles = {}
     for mate in mates:  # one row each: a head-end's store may hold a million other nodes
         for name, mate_role in rows("SELECT identity, role FROM nodes WHERE identity = ?", (mate,)):

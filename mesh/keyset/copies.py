@@ -98,9 +98,7 @@ def _encrypt(wrap_key: jwk.JWK | bytes, header: dict[str, Any], secret: bytes) -
         raise KeysetError(f"cannot wrap for this key: {exc}") from None
 
 
-def wrap_copy(
-    ck: CommunicationKeyset, *, holder: str, kid: str, wrap_key: jwk.JWK | bytes
-) -> str:
+def wrap_copy(ck: CommunicationKeyset, *, holder: str, kid: str, wrap_key: jwk.JWK | bytes) -> str:
     """Wrap ``ck``'s pair key for ``holder`` under its token's ``WRAP`` slot key (raw or JWK)."""
     if not ck.involves(holder):
         raise KeysetError(f"{holder} is not a party of {ck!r}")

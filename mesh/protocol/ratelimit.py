@@ -22,20 +22,20 @@ MAX_SOURCES = 4096
 
 @dataclass(slots=True)
 class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` per second; ``take`` spends one."""
+    """``burst`` tokens, refilled at ``rate`` per second; ``take`` spends one (or ``cost``)."""
 
     rate: float
     burst: float
     tokens: float
     stamp: float
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, cost: float = 1.0) -> bool:
         elapsed = max(0.0, now - self.stamp)
         self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
         self.stamp = now
-        if self.tokens < 1.0:
+        if self.tokens < cost:
             return False
-        self.tokens -= 1.0
+        self.tokens -= cost
         return True
 
 

@@ -102,6 +102,7 @@ CREATE TABLE keysets (
     UNIQUE (a, b, epoch)
 );
 CREATE INDEX keysets_by_b ON keysets (b, epoch);
+CREATE INDEX pairs_by_b ON pairs (b, a);
 CREATE TABLE audit (
     seq    BIGSERIAL PRIMARY KEY,
     at     BIGINT NOT NULL,

@@ -47,7 +47,7 @@ from mesh.protocol import (
 )
 from mesh.protocol.events import ConnectionTerminated
 from mesh.token import SecureElement, Slot, TokenError
-from provisioning.authserver.cookies import Admission, AdmissionConfig
+from provisioning.authserver.cookies import BUNDLE_COST, Admission, AdmissionConfig
 from provisioning.authserver.errors import (
     AuthServerError,
     LocalAuthError,
@@ -499,7 +499,7 @@ class ServerSession:
         if self._requests > MAX_REQUESTS:
             raise MessageError("too many requests on one link")
         self._go(_S.REQUEST)
-        wait = service.admission.request(identity, now)
+        wait = service.admission.request(identity, now, BUNDLE_COST)
         if wait is not None:
             self._link.send(Refuse(Refusal.RATE_LIMITED, wait), now)
             return

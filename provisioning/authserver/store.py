@@ -41,7 +41,13 @@ from mesh.token import Slot, slot_kid
 from provisioning.authserver.errors import Refusal, RemoteAuthError, StoreUnavailable
 from provisioning.authserver.keystate import TokenKeys
 from provisioning.authserver.messages import MAX_LINK_BUNDLE
-from provisioning.bundles import DISCOVERY_SECRET, Rows, build_bundle, mates_of
+from provisioning.bundles import (
+    DISCOVERY_SECRET,
+    Rows,
+    build_bundle,
+    mates_of,
+    surely_too_many_mates,
+)
 from provisioning.desk import _rewrap as rewrap_copy
 from provisioning.desk import derive_slot_keys
 from provisioning.errors import DeskCorrupt
@@ -63,6 +69,7 @@ AS_SCHEMA_VERSION = 1
 OPENED_KEYS_CACHE = 4096  # opened slot-key sets per worker (a few hundred bytes each)
 CHECKPOINT_EVERY = 256  # commits between the sync thread's WAL checkpoints (SQLite)
 PAGE_CACHE_KIB = 65_536  # SQLite page cache per AS worker
+MAX_BUNDLE_MINTS = 512  # CKs one bundle request may mint (each one a short transaction)
 MAX_EPOCHS_AHEAD = 4  # a node may fetch the CKs of the next few epochs, not the whole mission
 MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN previous_keys BLOB",
@@ -72,6 +79,9 @@ MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN suspended_at INTEGER",
     "CREATE INDEX IF NOT EXISTS groups_by_member ON groups (member, name)",
 )
+# made at every open if missing (a store migrated before they existed gets them too): what a
+# bundle request reads (a node's mates, bundles.MATES_OF) by index, not by a scan
+INDEXES = ("CREATE INDEX IF NOT EXISTS pairs_by_b ON pairs (b, a)",)
 
 
 def key_columns(table: str = "") -> str:
@@ -501,44 +511,53 @@ class SqlKeyStateStore(KeyStateStore):
         last = min(current + min(ahead, MAX_EPOCHS_AHEAD), self.mission.epoch_count - 1)
         with self.reading() as cur:
             rows = self._rows(cur)
-            role = next(iter(rows("SELECT role FROM nodes WHERE identity = ?", (identity,))))[0]
-            mates = mates_of(rows, identity)
+            if surely_too_many_mates(rows, identity, MAX_MATES):
+                raise RemoteAuthError(Refusal.POLICY, "too many dialogue mates for a bundle")
+            mates = mates_of(rows, identity, MAX_MATES + 1, suspended=True)
             have = {
                 (a if b == identity else b, epoch)
                 for a, b, epoch in rows(
-                    "SELECT a, b, epoch FROM keysets WHERE (a = ? OR b = ?) "
+                    "SELECT a, b, epoch FROM keysets WHERE a = ? AND epoch BETWEEN ? AND ? "
+                    "UNION ALL SELECT a, b, epoch FROM keysets WHERE b = ? "
                     "AND epoch BETWEEN ? AND ?",
-                    (identity, identity, current, last),
+                    (identity, current, last, identity, current, last),
                 )
             }
-        if len(mates) > MAX_MATES:
-            raise RemoteAuthError(Refusal.POLICY, "too many dialogue mates for a bundle")
-        minted = 0
-        for mate in mates:
-            for epoch in range(current, last + 1):
-                if (mate, epoch) not in have:
-                    try:
-                        self.issue(identity, mate, "bundle", epoch, now)
-                    except RemoteAuthError as exc:
-                        if exc.refusal is not Refusal.POLICY:  # a suspended mate: left out
-                            raise
-                    else:
-                        minted += 1
-        me = self.load(identity)  # what the issuances saw: a suspension meanwhile counts
-        if me is None or me.suspended:
-            raise RemoteAuthError(Refusal.SUSPENDED, identity)
-        with self.transaction() as cur:
-            bundle = build_bundle(
-                self._rows(cur),
-                mission=self.mission,
-                identity=identity,
-                role=role,
-                token_id=me.token_id,
-                wrap_kid=slot_kid(me.token_id, Slot.WRAP, me.generation),
-                wrap_key=me.keys[Slot.WRAP],
-                discovery_secret=self._discovery_secret(),
-                now=now,
-            )
+        missing = [(m, e) for m in mates for e in range(current, last + 1) if (m, e) not in have]
+        if len(mates) > MAX_MATES or len(missing) > MAX_BUNDLE_MINTS:
+            # each CK is a transaction on the worker's loop: a node this large is the desk's job
+            raise RemoteAuthError(Refusal.POLICY, "too many keysets to mint for one bundle")
+        for mate, epoch in missing:
+            try:
+                self.issue(identity, mate, "bundle", epoch, now)
+            except RemoteAuthError as exc:
+                if exc.refusal is not Refusal.POLICY:  # a mate suspended meanwhile: left out
+                    raise
+        # built outside any write lock (a year of epochs wraps 366 discovery keys), then
+        # checked under the requestor's row lock: a key change committed meanwhile (by another
+        # worker) would have rewrapped the copies this bundle read, so it is built again
+        for _ in range(2):
+            me = self.load(identity)
+            if me is None or me.suspended:
+                raise RemoteAuthError(Refusal.SUSPENDED, identity)
+            with self.reading() as cur:
+                rows = self._rows(cur)
+                ((role,),) = rows("SELECT role FROM nodes WHERE identity = ?", (identity,))
+                try:
+                    bundle = build_bundle(
+                        rows,
+                        mission=self.mission,
+                        identity=identity,
+                        role=role,
+                        token_id=me.token_id,
+                        wrap_kid=slot_kid(me.token_id, Slot.WRAP, me.generation),
+                        wrap_key=me.keys[Slot.WRAP],
+                        discovery_secret=self._discovery_secret(),
+                        now=now,
+                        suspended=True,
+                    )
+                except ValueError:  # mates added meanwhile (the desk edits a SQLite store)
+                    raise RemoteAuthError(Refusal.POLICY, "too many dialogue mates") from None
             sealed = seal_bundle(
                 bundle,
                 kid=slot_kid(me.token_id, Slot.MAC, me.generation),
@@ -546,19 +565,26 @@ class SqlKeyStateStore(KeyStateStore):
             )
             if len(sealed) > MAX_LINK_BUNDLE:
                 raise RemoteAuthError(Refusal.POLICY, "bundle too large for a link")
-            self._audit(
-                cur,
-                now,
-                "as-bundle",
-                node=identity,
-                token=me.token_id.hex(),
-                generation=me.generation,
-                mates=len(bundle.mates),
-                keysets=len(bundle.keysets),
-                minted=minted,
-                epochs=[current, last],
-            )
-        return sealed
+            with self.transaction() as cur:
+                now_keys = self._locked(cur, identity)
+                if now_keys.suspended:
+                    raise RemoteAuthError(Refusal.SUSPENDED, identity)
+                if now_keys.generation != me.generation:
+                    continue  # rebuilt under the new keys
+                self._audit(
+                    cur,
+                    now,
+                    "as-bundle",
+                    node=identity,
+                    token=me.token_id.hex(),
+                    generation=me.generation,
+                    mates=len(bundle.mates),
+                    keysets=len(bundle.keysets),
+                    minted=len(missing),
+                    epochs=[current, last],
+                )
+            return sealed
+        raise RemoteAuthError(Refusal.UNAVAILABLE, "the token's keys keep changing")
 
     def _rows(self, cur: Any) -> Rows:
         """``rows(sql, params)`` on ``cur``, with this store's placeholders."""
@@ -675,6 +701,7 @@ def migrate_sqlite(db: sqlite3.Connection) -> None:
         return done is not None
 
     if migrated():
+        _indexes(db)
         return
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -691,6 +718,14 @@ def migrate_sqlite(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+    _indexes(db)
+
+
+def _indexes(db: sqlite3.Connection) -> None:
+    have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    for statement in INDEXES:
+        if statement.split()[5] not in have:  # CREATE INDEX IF NOT EXISTS <name>
+            db.execute(statement)
 
 
 class SqliteKeyStateStore(SqlKeyStateStore):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from jwcrypto.common import base64url_decode
 
 from mesh.agent.keyring import KeyRing
 from mesh.agent.store import AgentStore
-from mesh.keyset import BundleError, open_copy
-from mesh.keyset.bundle import open_bundle
+from mesh.keyset import BundleError, open_copy, read_copy_header
+from mesh.keyset.bundle import BundleKeyset, open_bundle
 from mesh.keyset.copies import open_discovery_key
 from mesh.token import SecureElement, Slot
 from provisioning.authserver import protocol
@@ -32,8 +34,16 @@ from provisioning.authserver.protocol import (
     ClientState,
     Refused,
 )
-from provisioning.authserver.store import KeyStateStore, SqlKeyStateStore
-from tests.authserver.conftest import NOW, Site, as_serve, cli_env, make_service, run
+from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
+from tests.authserver.conftest import (
+    NOW,
+    PASSPHRASE,
+    Site,
+    as_serve,
+    cli_env,
+    make_service,
+    run,
+)
 
 
 def _fetch(service: protocol.AuthService, token: SecureElement, ahead: int = 1) -> list[object]:
@@ -102,13 +112,60 @@ def test_a_bundle_leaves_revoked_mates_out_and_a_suspended_node_gets_none(
     events = _fetch(service, site.token("uav-1"))
     assert any(isinstance(e, Refused) and e.refusal is Refusal.SUSPENDED for e in events)
     assert not any(isinstance(e, BundleFetched) for e in events)
+    # nor does a suspended mate stay in others' bundles, with the CKs issuance now refuses
+    later = _fetch(make_service(store, key_lifetime=1e9), gs, ahead=0)
+    again = open_bundle(next(e for e in later if isinstance(e, BundleFetched)).data, gs)
+    assert "uav-1" not in {m.identity for m in again.mates}
+    assert "uav-1" not in {k.peer for k in again.keysets}
+
+
+def test_a_bundle_that_would_mint_too_many_keysets_is_refused_before_minting_any(
+    site: Site, store: KeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each CK is a transaction on the worker's loop: a bundle mints at most MAX_BUNDLE_MINTS."""
+    monkeypatch.setattr("provisioning.authserver.store.MAX_BUNDLE_MINTS", 5)
+    events = _fetch(make_service(store, key_lifetime=1e9), site.token("gs-1"))  # 23 mates
+    assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
+    assert isinstance(store, SqlKeyStateStore) and store.audit_log("as-keyset") == []
+
+
+def test_a_key_change_committed_while_a_bundle_is_built_gets_it_built_again(
+    site: Site, store: KeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sealed (MAC) and wrapped for one generation, never for two."""
+    assert isinstance(store, SqlKeyStateStore)
+    secret = store._discovery_secret
+    changed: list[int] = []
+
+    def with_a_key_change_meanwhile() -> bytes:
+        if not changed:  # another worker changes alpha-1's keys during the first build
+            changed.append(store.prepare_key_change("alpha-1", 1, NOW).generation)
+            store.commit_key_change("alpha-1", 2, NOW)
+        return secret()
+
+    monkeypatch.setattr(store, "_discovery_secret", with_a_key_change_meanwhile)
+    sealed = store.bundle("alpha-1", 1, NOW)
+    header = json.loads(base64url_decode(sealed.split(b".")[0].decode()))
+    assert header["kid"].endswith(".2")  # the MAC key of generation 2
+    bundle_kids = {read_copy_header(k.own).kid for k in _keysets_of(sealed)}
+    assert bundle_kids and all(kid.endswith(".2") for kid in bundle_kids)
+    (row,) = store.audit_log("as-bundle")
+    assert row["generation"] == 2
+
+
+def _keysets_of(sealed: bytes) -> list[BundleKeyset]:
+    payload = json.loads(base64url_decode(sealed.split(b".")[1].decode()))
+    return [
+        BundleKeyset(b"", k["peer"], k["nbf"], k["exp"], own=k["own"], ticket=k["ticket"])
+        for k in payload["keysets"]
+    ]
 
 
 def test_a_bundle_comes_in_parts_and_one_too_large_for_a_link_is_refused(
     site: Site, store: KeyStateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(protocol, "BUNDLE_PART_SIZE", 512)
-    service = make_service(store, key_lifetime=1e9)
+    service = make_service(store, key_lifetime=1e9, identity_burst=100)
     gs = site.token("gs-1")
     fetched = next(e for e in _fetch(service, gs) if isinstance(e, BundleFetched))
     assert len(fetched.data) > 20 * 512  # many parts, put back together
@@ -116,6 +173,21 @@ def test_a_bundle_comes_in_parts_and_one_too_large_for_a_link_is_refused(
     monkeypatch.setattr("provisioning.authserver.store.MAX_LINK_BUNDLE", 1000)
     events = _fetch(service, gs)
     assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
+
+
+def test_a_bundle_weighs_a_burst_of_keysets_against_the_identity_rate(
+    site: Site, store: KeyStateStore
+) -> None:
+    """A bundle costs the AS what ten keysets do or more: it spends BUNDLE_COST of the budget."""
+    service = make_service(store, key_lifetime=1e9)  # 1 keyset/s, bursts of 10
+    gs = site.token("gs-1")
+    assert any(isinstance(e, BundleFetched) for e in _fetch(service, gs))
+    again = _fetch(service, gs)
+    (refused,) = [e for e in again if isinstance(e, Refused)]
+    assert refused.refusal is Refusal.RATE_LIMITED and refused.retry_after is not None
+    assert 9 <= refused.retry_after <= 10  # the budget refills at 1/s
+    later = run(service, gs, [BundleRequest(b"c" * 16)], now=NOW + 10)
+    assert any(isinstance(e, BundleFetched) for e in later)
 
 
 def _requesting(site: Site) -> ClientSession:
@@ -188,3 +260,24 @@ def test_as_bundle_command_writes_a_bundle_the_token_opens(site: Site, tmp_path:
     bundle = open_bundle(out.read_bytes(), site.token("alpha-1"))
     assert bundle.identity == "alpha-1" and len(bundle.keysets) >= 2
     assert time.time() < bundle.keysets[-1].not_after
+
+
+def test_a_bundle_request_reads_the_sqlite_store_by_index_only(site: Site) -> None:
+    """Asked over the network, in a store of a million meters: no statement may scan a table."""
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        statements: list[str] = []
+        store.store.db.set_trace_callback(statements.append)
+        store.bundle("gs-1", 1, NOW)
+        store.store.db.set_trace_callback(None)
+        scans = []
+        for sql in statements:
+            if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+                continue
+            for row in store.store.db.execute("EXPLAIN QUERY PLAN " + sql):
+                detail = row[-1]
+                if re.match(r"SCAN (nodes|pairs|groups|keysets|audit)\b", detail):
+                    scans.append((detail, sql[:80]))
+        assert statements and not scans, scans
+    finally:
+        store.close()

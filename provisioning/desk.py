@@ -13,7 +13,6 @@ open, to be personalised again.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from provisioning.errors import (
 )
 from provisioning.issuance import CkJob, WrapTarget, mint_keysets
 from provisioning.plan import MissionPlan, check_role
-from provisioning.store import Store, audit_json
+from provisioning.store import Store, audit_entries, audit_json
 
 __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 
@@ -660,9 +659,7 @@ class Desk:
         rows = self._db.execute(
             query + (" LIMIT ?" if limit else ""), (limit,) if limit else ()
         ).fetchall()
-        return [
-            {"seq": s, "at": _ts(at), "op": op, **json.loads(d)} for s, at, op, d in reversed(rows)
-        ]
+        return [{**e, "at": _ts(e["at"])} for e in audit_entries(rows)]
 
     def summary(self, *, now: int) -> dict[str, Any]:
         m = self.mission

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassp
 __all__ = [
     "STORE_NAME",
     "Store",
+    "audit_entries",
     "audit_json",
     "open_node_keys",
     "open_sealer",
@@ -246,6 +247,33 @@ def audit_json(detail: dict[str, Any]) -> str:
     The desk, the fleet import and the AS (once per keyset issued) share it.
     """
     return _AUDIT_JSON.encode(detail)
+
+
+MAX_AUDIT_TIME = 2**40  # seconds: a time past that is no writer's (and no strftime's)
+
+
+def audit_entries(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Audit rows ``(seq, at, op, detail)``, newest first as read, as entries oldest first.
+
+    One parser for the desk's and the AS's audit readers: a row that is not what
+    the writers write (a tampered store) is :class:`DeskCorrupt`, not a traceback.
+    """
+    entries = []
+    for seq, at, op, detail in rows:
+        try:
+            parsed = json.loads(detail)
+        except (TypeError, ValueError, RecursionError):
+            parsed = None
+        if (
+            not isinstance(parsed, dict)
+            or type(at) is not int
+            or not 0 <= at < MAX_AUDIT_TIME
+            or not isinstance(op, str)
+        ):
+            raise DeskCorrupt(f"audit entry #{seq} is corrupt (store tampered?)")
+        entries.append({**parsed, "seq": seq, "at": at, "op": op})  # the columns win
+    entries.reverse()
+    return entries
 
 
 def seal_node_keys(

@@ -106,12 +106,17 @@ def _host(address: object) -> str:
     return str(address).rpartition(":")[0] or str(address)
 
 
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``) -> (host, port), with a clear error."""
+def parse_address(
+    text: str, default_port: int = DEFAULT_PORT, *, listening: bool = False
+) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``HOST``) -> (host, port), with a clear error.
+
+    ``listening``: port 0 is allowed (the system picks one), as ``--listen`` says.
+    """
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not (0 if listening else 1) <= int(port) < 65536:
         raise MeshError(f"bad address {text!r}: expected HOST:PORT")
     return host, int(port)
 

@@ -60,7 +60,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     state = Path(args.state or _default_state())
     config = AgentConfig(
         state_dir=state,
-        listen=parse_address(args.listen),
+        listen=parse_address(args.listen, listening=True),
         peers=tuple(args.peer),
         mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,

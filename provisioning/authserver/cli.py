@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ from mesh.token.open import open_token
 from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
-from provisioning.authserver.errors import LocalAuthError, RemoteAuthError
+from provisioning.authserver.errors import LocalAuthError, RemoteAuthError, explain
 from provisioning.authserver.keystate import KeyPolicy
 from provisioning.authserver.messages import (
     MAX_BUNDLE_AHEAD,
@@ -127,15 +128,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s snrmesh as: %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%SZ",
         stream=sys.stderr,
     )
+    logging.Formatter.converter = time.gmtime  # UTC, as the audit log and every other time
     host, port = _address(args.listen)
     if not 1 <= args.workers <= 64:
         raise LocalAuthError("--workers must be 1..64")
     if not (math.isfinite(args.key_lifetime) and args.key_lifetime >= 0):
         raise LocalAuthError("--key-lifetime must be a number of seconds >= 0")
+    if args.max_pending < 1:
+        raise LocalAuthError("--max-pending must be at least 1")
     if not 1 <= args.cookie_threshold <= args.max_pending:
-        raise LocalAuthError("--cookie-threshold must be 1..--max-pending")
+        raise LocalAuthError(f"--cookie-threshold must be 1..{args.max_pending} (--max-pending)")
     if not (math.isfinite(args.identity_rate) and args.identity_rate > 0):
         raise LocalAuthError("--identity-rate must be a positive number")
     _check_store_choice(args)
@@ -203,6 +208,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 CLONE_ALERT = "as-clone-alert"
+BUNDLE_MAGIC = b"eyJ"  # a JWS compact serialization: base64url of '{"'
 MAX_ATTEMPTS = 100  # tries of one 'as request' or 'as bundle'
 MAX_AUDIT_LIMIT = 100_000  # entries one 'as audit' holds in memory (a store may have millions)
 _PLAIN = re.compile(r"[A-Za-z0-9_.:@+-]+")
@@ -248,18 +254,37 @@ def _check_attempts(args: argparse.Namespace) -> None:
         raise LocalAuthError(f"--attempts must be 1..{MAX_ATTEMPTS}")
 
 
-def _check_out(path: str) -> None:
-    """Before the link: a keyset issued (or keys changed) with nowhere to write it is lost."""
+def _check_out(path: str, *, token: str, looks_like: bytes | None = None) -> None:
+    """Before the link: a keyset issued (or keys changed) with nowhere to write it is lost.
+
+    Refuses what it must not overwrite: the token itself, anything but a regular file
+    (a device, a folder), and -- with ``looks_like`` -- a file not of that kind (a bundle
+    over a desk's database). Then makes (and removes) a file beside it: the write will work.
+    """
+    if not path:
+        raise LocalAuthError("--out needs a file name")
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise LocalAuthError(f"--out {path} exists and is not a regular file")
+        if os.path.exists(token) and os.path.samefile(path, token):
+            raise LocalAuthError(f"--out {path} is the token file")
+        if looks_like is not None:
+            with open(path, "rb") as f:
+                if not f.read(len(looks_like)) == looks_like:
+                    raise LocalAuthError(f"--out {path} exists and is not a bundle: not replaced")
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise LocalAuthError(f"cannot write {path}: a folder, no such folder, or not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snrmesh-check-"):
+            pass
+    except OSError as exc:
+        raise LocalAuthError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def cmd_request(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     _check_attempts(args)
-    if args.out:
-        _check_out(args.out)
+    if args.out is not None:
+        _check_out(args.out, token=args.token)
     purpose = args.purpose
     if not (0 < len(purpose) <= MAX_PURPOSE_LENGTH and purpose.isascii() and purpose.isprintable()):
         raise LocalAuthError(f"--purpose is 1..{MAX_PURPOSE_LENGTH} printable ASCII characters")
@@ -278,8 +303,12 @@ def cmd_request(args: argparse.Namespace) -> int:
     auth = outcome.authenticated
     refused = [e for e in outcome.events if getattr(e, "request_id", None)]
     if not outcome.grants:
-        reason = refused[0].refusal.value if refused else "no answer"  # type: ignore[union-attr]
-        raise LocalAuthError(f"keyset for {args.target} refused: {reason}")
+        if not refused:  # pragma: no cover - request_keysets raises when nothing answered
+            raise LocalAuthError(f"keyset for {args.target}: no answer")
+        first = refused[0]
+        raise LocalAuthError(
+            f"keyset for {args.target} refused: {explain(first.refusal, first.retry_after)}"  # type: ignore[union-attr]
+        )
     grant = outcome.grants[0].grant
     data = {
         "ck": grant.ck_id.hex(),
@@ -314,7 +343,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if not 0 <= args.ahead <= MAX_BUNDLE_AHEAD:
         raise LocalAuthError(f"--ahead is 0..{MAX_BUNDLE_AHEAD} epochs")
     _check_attempts(args)
-    _check_out(args.out)  # before the link: a key change on it would leave no bundle that opens
+    # before the link: a key change on it would leave no bundle that opens
+    _check_out(args.out, token=args.token, looks_like=BUNDLE_MAGIC)
     token = open_token(args.token)
     identity = token.info().identity
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {identity}'s token: "))
@@ -325,8 +355,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     auth = outcome.authenticated
     if not outcome.bundles:
         refused = [e for e in outcome.events if getattr(e, "request_id", None)]
-        reason = refused[0].refusal.value if refused else "no answer"  # type: ignore[union-attr]
-        raise LocalAuthError(f"bundle for {identity} refused: {reason}")
+        if not refused:  # pragma: no cover - request_keysets raises when nothing answered
+            raise LocalAuthError(f"bundle for {identity}: no answer")
+        first = refused[0]
+        raise LocalAuthError(
+            f"bundle for {identity} refused: {explain(first.refusal, first.retry_after)}"  # type: ignore[union-attr]
+        )
     raw = outcome.bundles[0].data
     try:
         bundle = open_bundle(raw, token)  # sealed for the keys the token holds now
@@ -352,8 +386,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return _emit(
         args,
         data,
-        f"bundle for {identity} written to {args.out}: {len(bundle.mates)} mates, "
-        f"{len(bundle.keysets)} keysets"
+        f"bundle for {identity} written to {args.out}: {len(bundle.mates)} "
+        f"mate{'s' * (len(bundle.mates) != 1)}, {len(bundle.keysets)} "
+        f"keyset{'s' * (len(bundle.keysets) != 1)}"
         + (f" (epochs {epochs[0]}..{epochs[-1]})" if epochs else "")
         + (
             f"; token keys changed to generation {auth.generation} (older bundles no longer "
@@ -391,7 +426,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if failed:
         text += "; not served: " + ", ".join(f"{n} {why}" for why, n in sorted(failed.items()))
     _emit(args, report, text)
-    return 0 if report["served"] == report["meters"] else 1  # a fleet not all served fails
+    if report["served"] != report["meters"]:  # a fleet not all served fails, and says so
+        unserved = report["meters"] - report["served"]
+        raise LocalAuthError(f"{unserved} of {report['meters']} meters were not served")
+    return 0
 
 
 def cmd_import_meters(args: argparse.Namespace) -> int:
@@ -399,17 +437,24 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
     check_fleet(args.count, args.prefix, args.first)
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     with contextlib.closing(store), progress(not args.json, "enrolling meters") as tick:
-        seed = _factory_seed(args.factory_seed, create=True)  # once the desk opened: no stray seed
-        count = import_meters(
-            store,
-            seed=seed,
-            count=args.count,
-            now=int(time.time()),
-            prefix=args.prefix,
-            first=args.first,
-            head_end=args.head_end,
-            on_progress=lambda done: tick(done, args.count),
-        )
+        created = not os.path.exists(args.factory_seed)
+        seed = _factory_seed(args.factory_seed, create=True)  # once the desk opened
+        try:
+            count = import_meters(
+                store,
+                seed=seed,
+                count=args.count,
+                now=int(time.time()),
+                prefix=args.prefix,
+                first=args.first,
+                head_end=args.head_end,
+                on_progress=lambda done: tick(done, args.count),
+            )
+        except BaseException:  # nothing was enrolled with it: a new seed goes too
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(args.factory_seed)
+            raise
     return _emit(
         args,
         {

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from mesh.token import SecureElement
-from provisioning.authserver.errors import AuthRefused, AuthServerError, Refusal
+from provisioning.authserver.errors import AuthRefused, AuthServerError, Refusal, explain
 from provisioning.authserver.messages import BundleRequest, KeysetRequest
 from provisioning.authserver.protocol import (
     Authenticated,
@@ -67,7 +67,8 @@ class Outcome:
 
     @property
     def authenticated(self) -> Authenticated | None:
-        return next((e for e in self.events if isinstance(e, Authenticated)), None)
+        """The last authentication (a retry may have changed the keys again)."""
+        return next((e for e in reversed(self.events) if isinstance(e, Authenticated)), None)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -192,6 +193,14 @@ async def request_keysets(
             if isinstance(e, Refused) and e.request_id and e.refusal not in TEMPORARY
         ]
         outcome.events.extend(final)
+        last_failure = next(
+            (
+                explain(e.refusal, e.retry_after)
+                for e in events
+                if isinstance(e, Refused) and e.request_id and e.refusal in TEMPORARY
+            ),
+            last_failure,
+        )
         answered = (
             {e.grant.request_id for e in events if isinstance(e, Granted)}
             | {e.request_id for e in events if isinstance(e, BundleFetched)}

@@ -17,6 +17,7 @@ from enum import Enum
 from provisioning.errors import DeskError
 
 __all__ = [
+    "REFUSAL_HINTS",
     "AuthRefused",
     "AuthServerError",
     "LocalAuthError",
@@ -24,6 +25,7 @@ __all__ = [
     "Refusal",
     "RemoteAuthError",
     "StoreUnavailable",
+    "explain",
 ]
 
 
@@ -61,12 +63,32 @@ class RemoteAuthError(AuthServerError):
         self.detail = detail
 
 
+# what an operator reads for each refusal (the AS says only the code: why exactly is in its
+# audit log and counters, not for whoever asks)
+REFUSAL_HINTS = {
+    Refusal.MALFORMED: "a message the AS could not read (versions differ?)",
+    Refusal.UNKNOWN: "this token or its key generation is unknown to the AS",
+    Refusal.AUTH_FAILED: "the token's answer did not verify",
+    Refusal.SUSPENDED: "this node is suspended (a copy of its token was seen) or revoked",
+    Refusal.POLICY: "not a dialogue mate, a mate revoked or suspended, an epoch past the next "
+    "4 or outside the mission, or more than one bundle may hold",
+    Refusal.RATE_LIMITED: "too many requests from this node or address",
+    Refusal.BUSY: "the AS is busy",
+    Refusal.UNAVAILABLE: "the AS's store failed",
+}
+
+
+def explain(refusal: Refusal, retry_after: float | None = None) -> str:
+    """``policy (not a dialogue mate, ...)``, with when to retry if the AS said."""
+    suffix = f"; retry after {retry_after:g} s" if retry_after is not None else ""
+    return f"{refusal.value} ({REFUSAL_HINTS[refusal]}{suffix})"
+
+
 class AuthRefused(AuthServerError):
     """The server refused this client; temporary when ``retry_after`` is set."""
 
     def __init__(self, refusal: Refusal, retry_after: float | None = None) -> None:
-        suffix = f" (retry after {retry_after:g} s)" if retry_after is not None else ""
-        super().__init__(f"the Authentication Server refused: {refusal.value}{suffix}")
+        super().__init__(f"the Authentication Server refused: {explain(refusal, retry_after)}")
         self.refusal = refusal
         self.retry_after = retry_after
 

@@ -19,7 +19,6 @@ lock and spell placeholders.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -51,7 +50,14 @@ from provisioning.bundles import (
 from provisioning.desk import _rewrap as rewrap_copy
 from provisioning.desk import derive_slot_keys
 from provisioning.errors import DeskCorrupt
-from provisioning.store import Store, audit_json, open_node_keys, open_secret, seal_node_keys
+from provisioning.store import (
+    Store,
+    audit_entries,
+    audit_json,
+    open_node_keys,
+    open_secret,
+    seal_node_keys,
+)
 
 __all__ = [
     "AS_SCHEMA_VERSION",
@@ -451,26 +457,21 @@ class SqlKeyStateStore(KeyStateStore):
                 cur, f"SELECT seq, at, op, detail FROM audit{where} ORDER BY seq DESC{tail}", params
             )
             rows = cur.fetchall()
-        entries = []
-        for seq, at, op_, detail in reversed(rows):
-            try:
-                parsed = json.loads(detail)
-            except (TypeError, ValueError, RecursionError):
-                parsed = None
-            if not isinstance(parsed, dict) or type(at) is not int or not isinstance(op_, str):
-                raise DeskCorrupt(f"audit entry #{seq} is corrupt (store tampered?)")
-            entries.append({"seq": seq, "at": at, "op": op_, **parsed})
-        return entries
+        return audit_entries(rows)
 
     def _epoch(self, epoch: int | None, now: int) -> Epoch:
-        current = self.mission.epoch_at(now)
+        """The epoch asked (None: the current one; before the mission, its first: the
+        preparatory phase is when nodes fetch their keysets), within the window."""
+        m = self.mission
+        current = m.epoch_at(now)
         if current is None:
-            raise RemoteAuthError(Refusal.POLICY, "outside the mission window")
+            if now >= m.end:
+                raise RemoteAuthError(Refusal.POLICY, "the mission is over")
+            current = Epoch(0, m.start, min(m.start + m.epoch_seconds, m.end))
         if epoch is None:
             return current
         if not current.index <= epoch <= current.index + MAX_EPOCHS_AHEAD:
             raise RemoteAuthError(Refusal.POLICY, f"epoch {epoch} not available")
-        m = self.mission
         start = m.start + epoch * m.epoch_seconds
         if start >= m.end:
             raise RemoteAuthError(Refusal.POLICY, "epoch after the mission's end")

@@ -281,3 +281,14 @@ def test_a_bundle_request_reads_the_sqlite_store_by_index_only(site: Site) -> No
         assert statements and not scans, scans
     finally:
         store.close()
+
+
+def test_before_the_mission_a_bundle_carries_its_first_epochs(
+    site: Site, store: KeyStateStore
+) -> None:
+    """The preparatory phase is when field nodes fetch their bundles: epoch 0 counts as current."""
+    assert isinstance(store, SqlKeyStateStore)
+    early = store.mission.start - 3600
+    bundle = open_bundle(store.bundle("alpha-1", 1, early), site.token("alpha-1"))
+    start, length = bundle.mission.start, bundle.mission.epoch_seconds
+    assert sorted((k.not_before - start) // length for k in bundle.keysets) == [0, 1]

@@ -233,7 +233,7 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
       "--out", "no/such/folder/k.json"), ("cannot write",), {}),
     ("as-request-out-a-folder", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
-      "--out", "desk"), ("cannot write",), {}),
+      "--out", "desk"), ("not a regular file",), {}),
     ("as-request-attempts-huge", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
       "--attempts", "1000000"), ("--attempts",), {}),
@@ -260,6 +260,23 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
       "--first", "-3"), ("--first",), {}),
     ("import-meters-no-desk-leaves-no-seed", _nothing,
      ("desk", "import-meters", "no-desk", "--count", "5", "--factory-seed", "new.seed"), (), {}),
+    ("as-bundle-out-is-the-token", _nothing,
+     ("as", "bundle", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--out",
+      "alpha-1.token"), ("is the token file",), {}),
+    ("as-bundle-out-a-device", _nothing,
+     ("as", "bundle", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--out", "/dev/null"),
+     ("not a regular file",), {}),
+    ("as-bundle-out-the-desk", _nothing,
+     ("as", "bundle", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--out",
+      "desk/desk.sqlite"), ("not a bundle",), {}),
+    ("as-request-out-empty", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--out", ""), ("--out needs a file name",), {}),
+    ("as-serve-max-pending-zero", _nothing,
+     ("as", "serve", "--store", "desk", "--max-pending", "0"), ("--max-pending",), {}),
+    ("import-meters-unknown-head-end-leaves-no-seed", _nothing,
+     ("desk", "import-meters", "desk", "--count", "5", "--factory-seed", "new.seed",
+      "--head-end", "nosuch"), ("head-end nosuch",), {}),
     # secrets nobody can type: no variable, no terminal
     ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
      {"passphrase": None}),
@@ -296,8 +313,15 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(
 def test_as_commands_on_the_desk_refuse_in_one_line(site: Site) -> None:
     """``as revoke``/``as audit`` add the AS's columns to a desk file (docs), so only the line."""
     assert_refused(snrmesh("as", "revoke", "ghost", "--store", "desk", cwd=site.root), "ghost")
+    with contextlib.closing(sqlite3.connect(site.desk_dir / "desk.sqlite")) as db:
+        # a detail naming the columns cannot pass for another entry
+        db.execute("""INSERT INTO audit (at, op, detail) VALUES (1, 'x', '{"op": "fake"}')""")
+        db.commit()
+    shown = snrmesh("as", "audit", "--store", "desk", "--limit", "1", cwd=site.root)
+    assert shown.returncode == 0 and " x " in shown.stdout and "fake" not in shown.stdout.split()[2]
     _corrupt_audit_row(site)
     assert_refused(snrmesh("as", "audit", "--store", "desk", cwd=site.root), "corrupt")
+    assert_refused(snrmesh("desk", "audit", "desk", cwd=site.root), "corrupt")
     first = snrmesh("as", "revoke", "alpha-2", "--store", "desk", cwd=site.root)
     again = snrmesh("as", "revoke", "alpha-2", "--store", "desk", "--json", cwd=site.root)
     assert first.returncode == 0 and again.returncode == 0, again.stderr

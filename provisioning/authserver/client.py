@@ -208,6 +208,8 @@ async def request_keysets(
         )
         wanted = [r for r in wanted if r.request_id not in answered]
         failed = any(isinstance(e, LinkFailed) for e in events)
+        if any(isinstance(e, LinkFailed) and e.refused for e in events):
+            raise AuthRefused(Refusal.AUTH_FAILED)  # the same token gets the same refusal
         last_failure = next((e.reason for e in events if isinstance(e, LinkFailed)), last_failure)
         if refusal is None and not failed and any(isinstance(e, Authenticated) for e in events):
             retry_after = max(

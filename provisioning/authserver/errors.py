@@ -68,7 +68,8 @@ class RemoteAuthError(AuthServerError):
 REFUSAL_HINTS = {
     Refusal.MALFORMED: "a message the AS could not read (versions differ?)",
     Refusal.UNKNOWN: "this token or its key generation is unknown to the AS",
-    Refusal.AUTH_FAILED: "the token's answer did not verify",
+    Refusal.AUTH_FAILED: "the AS does not know this token at its key generation, or the "
+    "token's keys differ: a copy left behind by a key change?",
     Refusal.SUSPENDED: "this node is suspended (a copy of its token was seen) or revoked",
     Refusal.POLICY: "not a dialogue mate, a mate revoked or suspended, an epoch past the next "
     "4 or outside the mission, or more than one bundle may hold",

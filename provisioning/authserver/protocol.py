@@ -45,7 +45,7 @@ from mesh.protocol import (
     SessionConfig,
     State,
 )
-from mesh.protocol.events import ConnectionTerminated
+from mesh.protocol.events import ConnectionTerminated, Termination
 from mesh.token import SecureElement, Slot, TokenError
 from provisioning.authserver.cookies import BUNDLE_COST, Admission, AdmissionConfig
 from provisioning.authserver.errors import (
@@ -616,9 +616,15 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class LinkFailed:
-    """The link broke: bad answer from the AS, a token error, or the handshake failed."""
+    """The link broke: bad answer from the AS, a token error, or the handshake failed.
+
+    ``refused``: the AS refused the handshake -- it does not know this token at the
+    generation it named, or its keys differ (a copy left behind by a key change). A
+    retry gets the same answer, so clients do not retry it.
+    """
 
     reason: str
+    refused: bool = False
 
 
 ClientEvent = Authenticated | Granted | BundleFetched | Refused | LinkFailed
@@ -770,7 +776,11 @@ class ClientSession:
             if isinstance(event, DataReceived):
                 self._on_message(decode(event.data), now)
             elif isinstance(event, ConnectionTerminated):
-                self._fail(f"link ended ({event.reason or event.termination})")
+                refused = (
+                    self.state is ClientState.HANDSHAKE
+                    and event.termination is Termination.PEER_REFUSED
+                )
+                self._fail(f"link ended ({event.reason or event.termination})", refused=refused)
 
     def _on_message(self, message: Message, now: float) -> None:
         if isinstance(message, Refuse):
@@ -845,7 +855,7 @@ class ClientSession:
         if not self._pending and self.state is ClientState.REQUESTING:
             self._go(_C.ALL_ANSWERED)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, *, refused: bool = False) -> None:
         if not self.finished:
-            self._events.append(LinkFailed(reason))
+            self._events.append(LinkFailed(reason, refused))
             self._go(_C.FAIL)

@@ -660,3 +660,31 @@ def test_the_client_retries_a_request_refused_rate_limited_after_its_retry_after
     events = asyncio.run(main())
     assert sum(isinstance(e, Granted) for e in events) == 2
     assert slept and slept[0] >= 0.25
+
+
+def test_a_token_the_as_refuses_at_the_handshake_is_not_retried(
+    sqlite_store: SqliteKeyStateStore,
+) -> None:
+    """A refused handshake (unknown token or generation, other keys) gets the same refusal on
+    every retry: the client says auth-failed after one attempt instead of 'no answer'."""
+    from provisioning.authserver.errors import AuthRefused
+
+    stranger = meter_token(bytes(32), meter_identity("meter", 1))  # another factory's keys
+
+    service = make_service(sqlite_store, key_lifetime=1e9)
+
+    async def main() -> None:
+        server = AuthServer(service)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            with pytest.raises(AuthRefused) as refused:
+                await request_keysets(
+                    host, port, stranger, [request("gs-1")], backoff=Backoff(base=0.001)
+                )
+            assert refused.value.refusal is Refusal.AUTH_FAILED
+            assert "copy left behind" in str(refused.value)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    assert service.counters["link_failed"] == 1  # one attempt, not eight with backoff

@@ -525,8 +525,18 @@ class Desk:
         """The mission's discovery key for ``epoch``: HKDF of the desk's discovery secret."""
         return discovery_key(self.store.secret(DISCOVERY_SECRET), self.mission, epoch)
 
+    def _not_imported(self, what: str) -> None:
+        """After 'as import-desk', token keys change in PostgreSQL: this file is stale for them."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'as_imported_at'").fetchone()
+        if row is not None:
+            raise PolicyError(
+                f"this desk was imported into PostgreSQL ({_ts(row[0])}): token keys change "
+                f"there, so {what} from this file would not match them; use 'snrmesh as bundle'"
+            )
+
     def export(self, identity: str, out: str | os.PathLike[str], *, now: int) -> Bundle:
         """Write ``identity``'s bundle to ``out`` (atomically) and return it."""
+        self._not_imported("a bundle")
         node = self._active(identity)
         target = self._wrap_target(identity)
         try:
@@ -577,6 +587,7 @@ class Desk:
         MAC key and wrap key are gone); mates' bundles carry stale tickets for
         this node until they are exported again.
         """
+        self._not_imported("a key change")
         node = self._active(identity)
         info = token.info()
         if info.token_id != node.token_id or info.identity != identity:

@@ -565,7 +565,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(func=cmd_import_desk)
     p.add_argument("dir", metavar="DIR", help="desk directory (holds desk.sqlite)")
     p.add_argument("--postgres", required=True, metavar="DSN", help="e.g. 'host=/run/pg dbname=as'")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(
         "revoke",
@@ -579,7 +579,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("node", metavar="NODE")
     p.add_argument("--store", metavar="DIR", help="desk directory")
     p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(
         "audit",
@@ -640,7 +640,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="tries with backoff (1..100, default 6)",
     )
     p.add_argument("--out", metavar="FILE", help="also write the keyset (JSON) to FILE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(
         "bundle",
@@ -680,7 +680,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="N",
         help="tries with backoff (1..100, default 6)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     meters = commands.add_parser("meters", help="smart-meter fleets: simulation")
     msub = meters.add_subparsers(title="meters commands", metavar="COMMAND", required=True)
@@ -711,4 +711,4 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="K",
         help="loopback source addresses, data concentrators (default 8)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -48,6 +48,7 @@ from provisioning.store import Store, audit_json, open_sealer
 __all__ = ["MAX_DSN_LENGTH", "SCHEMA", "PostgresKeyStateStore", "import_desk"]
 
 MAX_DSN_LENGTH = 1024
+IMPORTED_META = "as_imported_at"  # in the desk's meta: when 'as import-desk' copied it
 CONNECT_TIMEOUT = 10  # seconds; a database that does not answer is "unavailable", not a hang
 SCHEMA = """
 CREATE TABLE mission (
@@ -252,6 +253,12 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
             raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
         except sqlite3.Error as exc:
             raise DeskCorrupt(f"cannot read the desk store: {exc}") from None
+    # the desk's file no longer tracks token keys: its export and rekey refuse from now on
+    try:
+        with store.transaction():
+            desk_db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (IMPORTED_META, now))
+    except sqlite3.Error as exc:
+        raise DeskCorrupt(f"imported, but cannot mark the desk as imported: {exc}") from None
     return counts
 
 

@@ -149,10 +149,18 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
-def postgres_template(postgres: PostgresServer, site_template: Path) -> str:
-    """A database holding ``site_template``'s desk, cloned per test (CREATE ... TEMPLATE)."""
+def postgres_template(
+    postgres: PostgresServer, site_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A database holding ``site_template``'s desk, cloned per test (CREATE ... TEMPLATE).
+
+    Imported from a copy: an import marks its desk (whose export then refuses), and the
+    ``site`` fixture's files are copies of the template's.
+    """
     dsn = postgres.create_database("as_site")
-    with contextlib.closing(Store.open(site_template / "desk", PASSPHRASE)) as desk_store:
+    copy = tmp_path_factory.mktemp("imported") / "desk"
+    shutil.copytree(site_template / "desk", copy)
+    with contextlib.closing(Store.open(copy, PASSPHRASE)) as desk_store:
         import_desk(desk_store, dsn, now=NOW, source="site")
     return "as_site"
 

@@ -27,7 +27,7 @@ from provisioning.authserver.errors import AuthRefused, LocalAuthError, Refusal,
 from provisioning.authserver.meters import MemoryToken, meter_identity, meter_token
 from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import Authenticated
-from provisioning.errors import WrongPassphrase
+from provisioning.errors import PolicyError, WrongPassphrase
 from provisioning.store import Store
 from tests.authserver.conftest import NOW, PASSPHRASE, SEED, Site, as_serve, cli_env, request
 from tests.authserver.pgserver import PostgresServer
@@ -236,3 +236,19 @@ def test_issuance_never_wraps_for_a_key_the_target_just_replaced(postgres_dsn: s
     finally:
         store.close()
         other.close()
+
+
+def test_after_an_import_the_desk_refuses_to_export_or_rekey(
+    site: Site, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Token keys change in PostgreSQL from the import on: the desk's file would not match."""
+
+    dsn = postgres.create_database("as_marks_the_desk")
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    with site.open() as desk:
+        with pytest.raises(PolicyError, match="as bundle"):
+            desk.export("alpha-1", tmp_path / "b", now=NOW)
+        with pytest.raises(PolicyError, match="as bundle"):
+            desk.rekey("alpha-1", site.token("alpha-1"), now=NOW)
+    assert not (tmp_path / "b").exists()

@@ -27,6 +27,7 @@ import psycopg
 from mesh.crypto.primitives import CryptoError
 from mesh.keyset import KeysetError
 from mesh.keyset.mission import Mission
+from mesh.timefmt import utc_iso
 from provisioning.authserver.errors import (
     LocalAuthError,
     Refusal,
@@ -211,6 +212,12 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
     few. Returns the rows copied per table.
     """
     desk_db = store.db
+    marked = desk_db.execute("SELECT value FROM meta WHERE key = ?", (IMPORTED_META,)).fetchone()
+    if marked is not None:  # a second database would fork every token's key state
+        raise LocalAuthError(
+            f"this desk was imported into PostgreSQL already ({utc_iso(marked[0])}); "
+            "serve that database"
+        )
     mission = [store.meta(k) for k in ("mission_id", "name", "start", "end", "epoch_seconds")]
     kdf, canary = store.meta("kdf"), store.meta("canary")
     discovery = store.meta(f"sealed:{DISCOVERY_SECRET}")

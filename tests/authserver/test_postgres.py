@@ -252,3 +252,8 @@ def test_after_an_import_the_desk_refuses_to_export_or_rekey(
         with pytest.raises(PolicyError, match="as bundle"):
             desk.rekey("alpha-1", site.token("alpha-1"), now=NOW)
     assert not (tmp_path / "b").exists()
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(LocalAuthError, match="imported into PostgreSQL already"),
+    ):
+        import_desk(desk_store, postgres.create_database("as_second"), now=NOW, source="again")

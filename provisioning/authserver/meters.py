@@ -53,7 +53,7 @@ from mesh.token import (
 from mesh.token.interface import DERIVE_INFO, MAX_DERIVE_CONTEXT, MAX_PIN_TRIES
 from mesh.token.keychange import check_newer, key_change_kid, open_key_change
 from provisioning.authserver.client import Backoff, request_keysets
-from provisioning.authserver.errors import AuthServerError, LocalAuthError
+from provisioning.authserver.errors import AuthRefused, AuthServerError, LocalAuthError
 from provisioning.authserver.messages import KeysetRequest
 from provisioning.store import Store, audit_json
 
@@ -346,7 +346,8 @@ async def simulate_fleet(
                 local_addr=(meter_source(index, sources), 0),
             )
         except AuthServerError as exc:
-            key = type(exc).__name__
+            # the refusal's code when the AS refused, else why the attempts ran out
+            key = exc.refusal.value if isinstance(exc, AuthRefused) else "no-answer"
             failures[key] = failures.get(key, 0) + 1
             return
         totals["attempts"] += outcome.attempts

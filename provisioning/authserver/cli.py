@@ -472,6 +472,26 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
 # -- parsers ----------------------------------------------------------------------------------
 
 
+def _link_arguments(p: argparse.ArgumentParser) -> None:
+    """What every command that authenticates to an AS takes."""
+    p.add_argument(
+        "--as", dest="as_address", required=True, metavar="HOST:PORT", help="the AS's address"
+    )
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="TOKEN",
+        help="the node's token: a token file, or pcsc:READER for a smartcard",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=6,
+        metavar="N",
+        help=f"tries with backoff (1..{MAX_ATTEMPTS}, default 6)",
+    )
+
+
 def _fleet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, required=True, metavar="N", help="number of meters")
     p.add_argument(
@@ -618,27 +638,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--target gs-1 --epoch 3",
     )
     p.set_defaults(func=cmd_request)
-    p.add_argument(
-        "--as", dest="as_address", required=True, metavar="HOST:PORT", help="the AS's address"
-    )
-    p.add_argument(
-        "--token",
-        required=True,
-        metavar="TOKEN",
-        help="the node's token: a token file, or pcsc:READER for a smartcard",
-    )
+    _link_arguments(p)
     p.add_argument("--target", required=True, metavar="NODE", help="the dialogue mate")
     p.add_argument(
         "--purpose", default="session", help="recorded in the audit log (default: session)"
     )
     p.add_argument("--epoch", type=int, metavar="E", help="a later epoch (default: current)")
-    p.add_argument(
-        "--attempts",
-        type=int,
-        default=6,
-        metavar="N",
-        help="tries with backoff (1..100, default 6)",
-    )
     p.add_argument("--out", metavar="FILE", help="also write the keyset (JSON) to FILE")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -656,15 +661,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--out alpha-1.bundle",
     )
     p.set_defaults(func=cmd_bundle)
-    p.add_argument(
-        "--as", dest="as_address", required=True, metavar="HOST:PORT", help="the AS's address"
-    )
-    p.add_argument(
-        "--token",
-        required=True,
-        metavar="TOKEN",
-        help="the node's token: a token file, or pcsc:READER for a smartcard",
-    )
+    _link_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the bundle")
     p.add_argument(
         "--ahead",
@@ -672,13 +669,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=1,
         metavar="N",
         help=f"epochs past the current one to get CKs for (0..{MAX_BUNDLE_AHEAD}, default 1)",
-    )
-    p.add_argument(
-        "--attempts",
-        type=int,
-        default=6,
-        metavar="N",
-        help="tries with backoff (1..100, default 6)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

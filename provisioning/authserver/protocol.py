@@ -448,14 +448,18 @@ class ServerSession:
         self._go(_S.ANSWERED)
         self._link.send(Ready(key.generation), now)
 
-    def _on_request(self, request: KeysetRequest, now: float) -> None:
-        service, identity = self._service, self.identity
-        assert identity is not None and self._link is not None
+    def _next_request(self) -> str:
+        """Count one more request of this link (bounded); the authenticated identity."""
+        assert self.identity is not None and self._link is not None
         self._requests += 1
         if self._requests > MAX_REQUESTS:
             raise MessageError("too many requests on one link")
         self._go(_S.REQUEST)
-        assert self._key is not None
+        return self.identity
+
+    def _on_request(self, request: KeysetRequest, now: float) -> None:
+        service, identity = self._service, self._next_request()
+        assert self._key is not None and self._link is not None
         # keyed by the generation too: a reply holds our copy wrapped under that generation's
         # WRAP key, useless to a token whose retry changed its keys again (the store rewraps)
         cache_key = (identity, self._key.generation, request.request_id)
@@ -493,12 +497,8 @@ class ServerSession:
 
     def _on_bundle(self, request: BundleRequest, now: float) -> None:
         """The node's bundle, in parts; not cached: a retry builds it again (same CKs)."""
-        service, identity = self._service, self.identity
-        assert identity is not None and self._link is not None
-        self._requests += 1
-        if self._requests > MAX_REQUESTS:
-            raise MessageError("too many requests on one link")
-        self._go(_S.REQUEST)
+        service, identity = self._service, self._next_request()
+        assert self._link is not None
         wait = service.admission.request(identity, now, BUNDLE_COST)
         if wait is not None:
             self._link.send(Refuse(Refusal.RATE_LIMITED, wait), now)

@@ -19,7 +19,7 @@ from mesh.keyset.bundle import BundleKeyset, open_bundle
 from mesh.keyset.copies import open_discovery_key
 from mesh.token import SecureElement, Slot
 from provisioning.authserver import protocol
-from provisioning.authserver.errors import MessageError, Refusal
+from provisioning.authserver.errors import MessageError, Refusal, RemoteAuthError
 from provisioning.authserver.messages import (
     BUNDLE_PART_SIZE,
     BundlePart,
@@ -292,3 +292,27 @@ def test_before_the_mission_a_bundle_carries_its_first_epochs(
     bundle = open_bundle(store.bundle("alpha-1", 1, early), site.token("alpha-1"))
     start, length = bundle.mission.start, bundle.mission.epoch_seconds
     assert sorted((k.not_before - start) // length for k in bundle.keysets) == [0, 1]
+
+
+def test_a_node_with_more_mates_than_a_bundle_lists_is_refused_before_minting(
+    site: Site, store: KeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too many mates (a head-end's million) is refused from a bounded count, nothing minted."""
+    monkeypatch.setattr("provisioning.authserver.store.MAX_MATES", 2)  # gs-1 has 23
+    events = _fetch(make_service(store, key_lifetime=1e9), site.token("gs-1"))
+    assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
+    assert isinstance(store, SqlKeyStateStore) and store.audit_log("as-keyset") == []
+
+
+def test_before_the_mission_a_keyset_request_gets_the_first_epoch(
+    site: Site, store: KeyStateStore
+) -> None:
+    """The preparatory phase: with no epoch given, the mission's first one is issued."""
+    early = store.mission.start - 3600
+    issued = store.issue("alpha-1", "gs-1", "prep", None, early)
+    assert issued.epoch == 0 and issued.not_before == store.mission.start
+    assert store.issue("alpha-1", "gs-1", "prep", 4, early).epoch == 4
+    with pytest.raises(RemoteAuthError):
+        store.issue("alpha-1", "gs-1", "prep", 5, early)
+    with pytest.raises(RemoteAuthError):  # once the mission is over, nothing
+        store.issue("alpha-1", "gs-1", "late", None, store.mission.end)

@@ -24,10 +24,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -51,6 +53,7 @@ SEED = bytes(range(32))
 METERS = 20
 NODES = {"gs-1": "ground-station", "alpha-1": "soldier", "alpha-2": "soldier", "uav-1": "uav"}
 NOW = int(time.time())
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,29 @@ def store(request: pytest.FixtureRequest, site: Site) -> Iterator[SqlKeyStateSto
         opened = PostgresKeyStateStore.open(request.getfixturevalue("postgres_dsn"), PASSPHRASE)
     yield opened
     opened.close()
+
+
+def in_threads(count: int, one: Callable[[int], T]) -> list[T]:
+    """``one(i)`` for i in range(count), each in a thread of its own; their results in order.
+
+    Any exception a call raised fails the caller's test, listed with the others.
+    """
+    results: list[T | BaseException] = [RuntimeError("not run")] * count
+
+    def run(i: int) -> None:
+        try:
+            results[i] = one(i)
+        except BaseException as exc:  # reported by the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    return results  # type: ignore[return-value]
 
 
 def make_service(

@@ -38,7 +38,16 @@ from provisioning.authserver.store import (
     SqlKeyStateStore,
 )
 from provisioning.errors import DeskCorrupt
-from tests.authserver.conftest import NOW, PASSPHRASE, SEED, Site, make_service, request, run
+from tests.authserver.conftest import (
+    NOW,
+    PASSPHRASE,
+    SEED,
+    Site,
+    in_threads,
+    make_service,
+    request,
+    run,
+)
 from tests.authserver.pgserver import PostgresServer
 
 T = TypeVar("T")
@@ -264,31 +273,20 @@ ROUNDS = 4
 def _sqlite_race(directory: Path, call: Callable[[SqliteKeyStateStore, int], T]) -> list[T]:
     """``call`` at once in SQLITE_WORKERS threads, each on a connection of its own."""
     opened = threading.Barrier(SQLITE_WORKERS)
-    results: list[T | BaseException] = [RuntimeError("not run")] * SQLITE_WORKERS
 
-    def one(i: int) -> None:
+    def one(i: int) -> T:
         try:
             store = SqliteKeyStateStore.open(directory, PASSPHRASE)  # its own connection
-        except BaseException as exc:
-            results[i] = exc
+        except BaseException:
             opened.abort()
-            return
+            raise
         try:
             opened.wait()
-            results[i] = call(store, i)
-        except BaseException as exc:  # reported by the assertion below
-            results[i] = exc
+            return call(store, i)
         finally:
             store.close()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(SQLITE_WORKERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors
-    return results  # type: ignore[return-value]
+    return in_threads(SQLITE_WORKERS, one)
 
 
 def test_sqlite_workers_racing_one_token_never_fork_its_generations(site: Site) -> None:

@@ -29,7 +29,16 @@ from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import Authenticated
 from provisioning.errors import PolicyError, WrongPassphrase
 from provisioning.store import Store
-from tests.authserver.conftest import NOW, PASSPHRASE, SEED, Site, as_serve, cli_env, request
+from tests.authserver.conftest import (
+    NOW,
+    PASSPHRASE,
+    SEED,
+    Site,
+    as_serve,
+    cli_env,
+    in_threads,
+    request,
+)
 from tests.authserver.pgserver import PostgresServer
 
 T = TypeVar("T")
@@ -42,25 +51,14 @@ def _race(
 ) -> list[T]:
     """Run ``call`` CALLERS times at once, spread over the workers' stores (one thread each)."""
     barrier = threading.Barrier(CALLERS)
-    results: list[T | BaseException] = [RuntimeError("not run")] * CALLERS
     locks = [threading.Lock() for _ in stores]  # a worker's connection serves one call at a time
 
-    def one(i: int) -> None:
+    def one(i: int) -> T:
         barrier.wait()
         with locks[i % len(stores)]:
-            try:
-                results[i] = call(stores[i % len(stores)])
-            except BaseException as exc:  # reported by the assertion below
-                results[i] = exc
+            return call(stores[i % len(stores)])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(CALLERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors
-    return results  # type: ignore[return-value]
+    return in_threads(CALLERS, one)
 
 
 def test_two_workers_racing_one_token_never_fork_its_generations(postgres_dsn: str) -> None:

@@ -59,7 +59,7 @@ from provisioning.errors import (
 )
 from provisioning.issuance import CkJob, WrapTarget, mint_keysets
 from provisioning.plan import MissionPlan, check_role
-from provisioning.store import Store, audit_entries, audit_json
+from provisioning.store import IMPORTED_META, IMPORTING_META, Store, audit_entries, audit_json
 
 __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 
@@ -525,13 +525,32 @@ class Desk:
         """The mission's discovery key for ``epoch``: HKDF of the desk's discovery secret."""
         return discovery_key(self.store.secret(DISCOVERY_SECRET), self.mission, epoch)
 
+    def imported(self) -> str | None:
+        """Where 'as import-desk' took this desk's key state, if it did: then it is stale.
+
+        From the moment an import begins: should it crash after its copy
+        committed, keys may change there before the desk learns of it.
+        """
+        done, going = (
+            self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            for key in (IMPORTED_META, IMPORTING_META)
+        )
+        if done is not None:
+            return f"this desk was imported into PostgreSQL ({_ts(done[0])})"
+        if going is not None:
+            return (
+                f"an import of this desk into {going[0]} began and is not confirmed (finish it "
+                "with the same 'snrmesh as import-desk': it resumes or completes)"
+            )
+        return None
+
     def _not_imported(self, what: str) -> None:
         """After 'as import-desk', token keys change in PostgreSQL: this file is stale for them."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'as_imported_at'").fetchone()
-        if row is not None:
+        where = self.imported()
+        if where is not None:
             raise PolicyError(
-                f"this desk was imported into PostgreSQL ({_ts(row[0])}): token keys change "
-                f"there, so {what} from this file would not match them; use 'snrmesh as bundle'"
+                f"{where}: token keys change there, so {what} from this file would not match "
+                "them; use 'snrmesh as bundle'"
             )
 
     def export(self, identity: str, out: str | os.PathLike[str], *, now: int) -> Bundle:

@@ -26,6 +26,8 @@ from mesh.crypto.primitives import CryptoError
 from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassphrase
 
 __all__ = [
+    "IMPORTED_META",
+    "IMPORTING_META",
     "STORE_NAME",
     "Store",
     "audit_entries",
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 STORE_NAME = "desk.sqlite"
+# 'as import-desk' marks the desk's meta: the database a copy went to (before it commits), then
+# when it was confirmed; with either mark, token keys may change there, not in this file
+IMPORTING_META = "as_importing_into"
+IMPORTED_META = "as_imported_at"
 SCHEMA_VERSION = 1
 CANARY = b"snrmesh desk canary v1"
 

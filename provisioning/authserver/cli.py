@@ -181,11 +181,16 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
         from provisioning.authserver.postgres import import_desk
 
         counts = import_desk(store, args.postgres, now=int(time.time()), source=str(args.dir))
+    done = (
+        "the import had committed in PostgreSQL; marked the desk imported now"
+        if counts.get("resumed")
+        else "imported"
+    )
     return _emit(
         args,
         counts,
-        f"imported {counts['nodes']} nodes, {counts['keysets']} keysets and "
-        f"{counts['audit']} audit rows into PostgreSQL; serve it with "
+        f"{done}: {counts.get('nodes', 0)} nodes, {counts.get('keysets', 0)} keysets and "
+        f"{counts.get('audit', 0)} audit rows; serve it with "
         "'snrmesh as serve --postgres DSN' (the desk's file no longer tracks token keys)",
     )
 
@@ -580,7 +585,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="copy a desk's mission into an empty PostgreSQL database (once)",
         description="Copy the desk in DIR (nodes, sealed keys, groups, pairs, keysets, "
         "audit log) into the empty PostgreSQL database DSN, for 'as serve --postgres'. "
-        "From then on token keys change in PostgreSQL only.",
+        "From then on token keys change in PostgreSQL only: the desk's file is marked, its "
+        "'desk export' and 'desk rekey' refuse, and 'as serve --store' refuses it. The mark "
+        "is written before the copy commits: if the import stops half way (a crash, a lost "
+        "connection), run the same command again against the same database; it copies "
+        "again or only confirms the copy that committed. Any other database is refused.",
     )
     p.set_defaults(func=cmd_import_desk)
     p.add_argument("dir", metavar="DIR", help="desk directory (holds desk.sqlite)")

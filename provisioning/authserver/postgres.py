@@ -17,9 +17,10 @@ transaction, which serialises every change of one token across workers.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import cbor2
 import psycopg
@@ -44,12 +45,13 @@ from provisioning.authserver.store import (
 )
 from provisioning.bundles import DISCOVERY_SECRET
 from provisioning.errors import DeskCorrupt
-from provisioning.store import Store, audit_json, open_sealer
+from provisioning.store import IMPORTED_META, IMPORTING_META, Store, audit_json, open_sealer
 
 __all__ = ["MAX_DSN_LENGTH", "SCHEMA", "PostgresKeyStateStore", "import_desk"]
 
 MAX_DSN_LENGTH = 1024
-IMPORTED_META = "as_imported_at"  # in the desk's meta: when 'as import-desk' copied it
+T = TypeVar("T")
+_UNKNOWN = b"?"  # what a database holds when it cannot say (mission ids are 16 bytes)
 CONNECT_TIMEOUT = 10  # seconds; a database that does not answer is "unavailable", not a hang
 SCHEMA = """
 CREATE TABLE mission (
@@ -209,64 +211,165 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
     Refuses a database that already holds a mission: importing twice would fork
     the key state (the AS changes keys in PostgreSQL, not in the desk's file).
     Rows are streamed (``COPY``), so a million meters need no more memory than a
-    few. Returns the rows copied per table.
+    few. Returns the rows copied per table (``resumed``: 1 when it only finished
+    an import whose copy had committed).
+
+    Crash-safe: the desk is marked with the database it goes to
+    (:data:`IMPORTING_META`) *before* the copy commits, and marked imported
+    (:data:`IMPORTED_META`) after. Whatever point a crash stops at, the desk
+    refuses to export or rekey, and only the same database may be imported
+    into again: this call then copies again (the copy had not committed) or
+    only marks the desk (it had).
     """
     desk_db = store.db
-    marked = desk_db.execute("SELECT value FROM meta WHERE key = ?", (IMPORTED_META,)).fetchone()
-    if marked is not None:  # a second database would fork every token's key state
+    done = _desk_mark(desk_db, IMPORTED_META)
+    if done is not None:  # a second database would fork every token's key state
         raise LocalAuthError(
-            f"this desk was imported into PostgreSQL already ({utc_iso(marked[0])}); "
+            f"this desk was imported into PostgreSQL already ({utc_iso(int(done))}); "
             "serve that database"
+        )
+    with contextlib.closing(_connect(dsn)) as conn:
+        into = _database_name(conn)
+        started = _desk_mark(desk_db, IMPORTING_META)
+        if started is not None and started != into:
+            raise LocalAuthError(
+                f"an import of this desk into {started} began and did not finish: run it "
+                "again against that database (it resumes); another one would fork the key state"
+            )
+        mission_id = store.meta("mission_id")
+        held = _read(conn, _held_mission)
+        if held == mission_id and started is not None:  # the copy committed, the mark did not
+            counts = {**_read(conn, _imported_counts), "resumed": 1}
+            _mark_desk(store, {IMPORTED_META: now, IMPORTING_META: None})
+            return counts
+        if held is not None:  # another mission: none of this desk's copies committed there
+            _mark_desk(store, {IMPORTING_META: None})
+            raise LocalAuthError(
+                "this PostgreSQL database already holds a mission; "
+                "import a desk into an empty database"
+            )
+        _mark_desk(store, {IMPORTING_META: into})  # before anything can commit there
+        committing = False
+        try:
+            with conn.transaction():
+                counts = _copy_mission(conn, store, now=now, source=source)
+                committing = True  # past the body: only the COMMIT can fail now
+        except (psycopg.Error, sqlite3.Error, LocalAuthError) as exc:
+            held = None if not committing else _UNKNOWN
+            if held is None:
+                try:
+                    held = _held_mission(conn)
+                except psycopg.Error:
+                    held = _UNKNOWN  # cannot tell: the safe side keeps the mark
+            if held in (mission_id, _UNKNOWN):
+                raise StoreUnavailable(
+                    f"the import into {into} is not confirmed ({_first_line(exc)}): run the "
+                    "same command again, which finishes it"
+                ) from None
+            _mark_desk(store, {IMPORTING_META: None})  # nothing of ours committed there
+            if isinstance(exc, sqlite3.Error):
+                raise DeskCorrupt(f"cannot read the desk store: {exc}") from None
+            if isinstance(exc, LocalAuthError):
+                raise
+            raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
+    # the desk's file no longer tracks token keys: its export and rekey refuse from now on
+    _mark_desk(store, {IMPORTED_META: now, IMPORTING_META: None})
+    return counts
+
+
+def _copy_mission(
+    conn: psycopg.Connection[Any], store: Store, *, now: int, source: str
+) -> dict[str, int]:
+    """The body of the import's transaction: schema, mission row, tables, the audit row."""
+    desk_db = store.db
+    present = conn.execute("SELECT to_regclass('mission')").fetchone()
+    if present is not None and present[0] is not None:  # another import won meanwhile
+        raise LocalAuthError(
+            "this PostgreSQL database already holds a mission; import a desk into an empty database"
         )
     mission = [store.meta(k) for k in ("mission_id", "name", "start", "end", "epoch_seconds")]
     kdf, canary = store.meta("kdf"), store.meta("canary")
     discovery = store.meta(f"sealed:{DISCOVERY_SECRET}")
+    conn.execute(SCHEMA)
+    conn.execute(
+        "INSERT INTO mission (as_schema, mission_id, name, start_at, end_at, "
+        "epoch_seconds, kdf, canary, discovery) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (AS_SCHEMA_VERSION, *mission, kdf, canary, discovery),
+    )
     counts: dict[str, int] = {}
-    with contextlib.closing(_connect(dsn)) as conn:
-        try:
-            with conn.transaction():
-                present = conn.execute("SELECT to_regclass('mission')").fetchone()
-                if present is not None and present[0] is not None:
-                    raise LocalAuthError(
-                        "this PostgreSQL database already holds a mission; "
-                        "import a desk into an empty database"
-                    )
-                conn.execute(SCHEMA)
-                conn.execute(
-                    "INSERT INTO mission (as_schema, mission_id, name, start_at, end_at, "
-                    "epoch_seconds, kdf, canary, discovery) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (AS_SCHEMA_VERSION, *mission, kdf, canary, discovery),
-                )
-                cur = conn.cursor()
-                for table, columns in TABLES:
-                    have = {r[1] for r in desk_db.execute(f"PRAGMA table_info({table})")}
-                    select = ", ".join(c if c in have else "NULL" for c in columns)
-                    n = 0
-                    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                        for row in desk_db.execute(f"SELECT {select} FROM {table}"):
-                            copy.write_row(row)
-                            n += 1
-                    counts[table] = n
-                conn.execute(
-                    "SELECT setval(pg_get_serial_sequence('audit', 'seq'), MAX(seq)) "
-                    "FROM audit HAVING MAX(seq) IS NOT NULL"
-                )
-                conn.execute(
-                    "INSERT INTO audit (at, op, detail) VALUES (%s, %s, %s)",
-                    (now, "as-import", audit_json({"source": source, **counts})),
-                )
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
-        except sqlite3.Error as exc:
-            raise DeskCorrupt(f"cannot read the desk store: {exc}") from None
-    # the desk's file no longer tracks token keys: its export and rekey refuse from now on
-    try:
-        with store.transaction():
-            desk_db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (IMPORTED_META, now))
-    except sqlite3.Error as exc:
-        raise DeskCorrupt(f"imported, but cannot mark the desk as imported: {exc}") from None
+    cur = conn.cursor()
+    for table, columns in TABLES:
+        have = {r[1] for r in desk_db.execute(f"PRAGMA table_info({table})")}
+        select = ", ".join(c if c in have else "NULL" for c in columns)
+        n = 0
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in desk_db.execute(f"SELECT {select} FROM {table}"):
+                copy.write_row(row)
+                n += 1
+        counts[table] = n
+    conn.execute(
+        "SELECT setval(pg_get_serial_sequence('audit', 'seq'), MAX(seq)) "
+        "FROM audit HAVING MAX(seq) IS NOT NULL"
+    )
+    conn.execute(
+        "INSERT INTO audit (at, op, detail) VALUES (%s, %s, %s)",
+        (now, "as-import", audit_json({"source": source, **counts})),
+    )
     return counts
+
+
+def _database_name(conn: psycopg.Connection[Any]) -> str:
+    """Which database a connection reached, as the desk's mark names it (never a password)."""
+    info = conn.info
+    return f"PostgreSQL {info.host}:{info.port}/{info.dbname}"
+
+
+def _held_mission(conn: psycopg.Connection[Any]) -> bytes | None:
+    """The mission id a database holds, or None for a database with no mission table."""
+    present = conn.execute("SELECT to_regclass('mission')").fetchone()
+    if present is None or present[0] is None:
+        return None
+    row = conn.execute("SELECT mission_id FROM mission").fetchone()
+    return b"" if row is None else bytes(row[0])
+
+
+def _imported_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """The rows the committed import copied, from its ``as-import`` audit row."""
+    row = conn.execute(
+        "SELECT detail FROM audit WHERE op = 'as-import' ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    try:
+        detail = json.loads(row[0]) if row is not None else {}
+    except ValueError:
+        detail = {}
+    return {table: detail[table] for table, _ in TABLES if type(detail.get(table)) is int}
+
+
+def _read(conn: psycopg.Connection[Any], query: Callable[[psycopg.Connection[Any]], T]) -> T:
+    """``query(conn)``; a database that cannot answer is ``unavailable``."""
+    try:
+        return query(conn)
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from None
+
+
+def _desk_mark(desk_db: sqlite3.Connection, key: str) -> Any:
+    row = desk_db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _mark_desk(store: Store, marks: dict[str, Any]) -> None:
+    """Set (or, for None, remove) the desk's import marks, in one durable transaction."""
+    try:
+        with store.transaction() as db:
+            for key, value in marks.items():
+                if value is None:
+                    db.execute("DELETE FROM meta WHERE key = ?", (key,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+    except sqlite3.Error as exc:
+        raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
 
 
 class PostgresKeyStateStore(SqlKeyStateStore):

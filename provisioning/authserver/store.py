@@ -37,7 +37,12 @@ from mesh.keyset.bundle import MAX_MATES, seal_bundle
 from mesh.keyset.keyset import CK_ID_SIZE, PAIR_KEY_SIZE
 from mesh.keyset.mission import Epoch, Mission
 from mesh.token import Slot, slot_kid
-from provisioning.authserver.errors import Refusal, RemoteAuthError, StoreUnavailable
+from provisioning.authserver.errors import (
+    LocalAuthError,
+    Refusal,
+    RemoteAuthError,
+    StoreUnavailable,
+)
 from provisioning.authserver.keystate import TokenKeys
 from provisioning.authserver.messages import MAX_LINK_BUNDLE
 from provisioning.bundles import (
@@ -809,7 +814,18 @@ class SqliteKeyStateStore(SqlKeyStateStore):
     def open(cls, directory: str | os.PathLike[str], passphrase: str) -> SqliteKeyStateStore:
         from provisioning.desk import Desk  # the desk parses and checks the mission record
 
-        desk = Desk(Store.open(directory, passphrase))
+        store = Store.open(directory, passphrase)
+        try:
+            desk = Desk(store)
+            where = desk.imported()
+        except BaseException:
+            store.close()
+            raise
+        if where is not None:  # two AS stores would fork every token's key state
+            store.close()
+            raise LocalAuthError(
+                f"{where}: serve that database ('snrmesh as serve --postgres DSN'), not this file"
+            )
         return cls(desk.store, desk.mission)
 
     def _discovery_secret(self) -> bytes:

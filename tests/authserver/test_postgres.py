@@ -22,13 +22,21 @@ import pytest
 
 from mesh.keyset.copies import read_wrapped_kid
 from mesh.token import Slot, slot_kid
+from provisioning.authserver import postgres as postgres_module
 from provisioning.authserver.client import Backoff, request_keysets
-from provisioning.authserver.errors import AuthRefused, LocalAuthError, Refusal, RemoteAuthError
+from provisioning.authserver.errors import (
+    AuthRefused,
+    LocalAuthError,
+    Refusal,
+    RemoteAuthError,
+    StoreUnavailable,
+)
 from provisioning.authserver.meters import MemoryToken, meter_identity, meter_token
 from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
 from provisioning.authserver.protocol import Authenticated
+from provisioning.authserver.store import SqliteKeyStateStore
 from provisioning.errors import PolicyError, WrongPassphrase
-from provisioning.store import Store
+from provisioning.store import IMPORTED_META, Store
 from tests.authserver.conftest import (
     NOW,
     PASSPHRASE,
@@ -255,3 +263,102 @@ def test_after_an_import_the_desk_refuses_to_export_or_rekey(
         pytest.raises(LocalAuthError, match="imported into PostgreSQL already"),
     ):
         import_desk(desk_store, postgres.create_database("as_second"), now=NOW, source="again")
+
+
+def _refuses_until_confirmed(site: Site, tmp_path: Path) -> None:
+    """A desk whose import is not confirmed: no export, no rekey, no AS on its file."""
+    with site.open() as desk:
+        with pytest.raises(PolicyError, match="not confirmed"):
+            desk.export("alpha-1", tmp_path / "b", now=NOW)
+        with pytest.raises(PolicyError, match="not confirmed"):
+            desk.rekey("alpha-1", site.token("alpha-1"), now=NOW)
+    with pytest.raises(LocalAuthError, match="not confirmed"):
+        SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+
+
+def _imports(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM audit WHERE op = 'as-import'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_an_import_stopped_after_its_copy_committed_is_finished_by_running_it_again(
+    site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash window between PostgreSQL's commit and the desk's mark: no fork either way."""
+    dsn = postgres.create_database("as_stopped_after_commit")
+    real = postgres_module._mark_desk
+
+    def crash_at_the_final_mark(store: Store, marks: dict[str, Any]) -> None:
+        if IMPORTED_META in marks:
+            raise KeyboardInterrupt  # the process dies here: the copy has committed
+        real(store, marks)
+
+    monkeypatch.setattr(postgres_module, "_mark_desk", crash_at_the_final_mark)
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    monkeypatch.setattr(postgres_module, "_mark_desk", real)
+    assert _imports(dsn) == 1  # the database holds the mission, the desk does not know it
+    _refuses_until_confirmed(site, tmp_path)
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        # another database would be a second key state
+        with pytest.raises(LocalAuthError, match="began and did not finish"):
+            import_desk(desk_store, postgres.create_database("as_other"), now=NOW, source="x")
+        counts = import_desk(desk_store, dsn, now=NOW, source="site")
+    assert counts["resumed"] == 1 and counts["nodes"] == 24
+    assert _imports(dsn) == 1  # finished, not copied twice
+    with site.open() as desk, pytest.raises(PolicyError, match="imported into PostgreSQL"):
+        desk.export("alpha-1", tmp_path / "b", now=NOW)
+    with pytest.raises(LocalAuthError, match="imported into PostgreSQL"):
+        SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+
+
+def test_an_import_stopped_before_its_copy_committed_copies_again(
+    site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dsn = postgres.create_database("as_stopped_before_commit")
+    real = postgres_module._copy_mission
+
+    def crash_inside_the_copy(*args: Any, **kwargs: Any) -> dict[str, int]:
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # the process dies before COMMIT: PostgreSQL rolls back
+
+    monkeypatch.setattr(postgres_module, "_copy_mission", crash_inside_the_copy)
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    monkeypatch.undo()
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regclass('mission')").fetchone() == (None,)
+    _refuses_until_confirmed(site, tmp_path)  # the desk cannot tell how far it went
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        counts = import_desk(desk_store, dsn, now=NOW, source="site")
+    assert "resumed" not in counts and counts["nodes"] == 24 and _imports(dsn) == 1
+    store = PostgresKeyStateStore.open(dsn, PASSPHRASE)
+    try:
+        assert store.load("alpha-1") is not None
+    finally:
+        store.close()
+
+
+def test_an_import_the_database_refused_leaves_the_desk_as_it_was(
+    site: Site, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A failure PostgreSQL reports inside the copy: nothing committed, so no mark stays."""
+    dsn = postgres.create_database("as_refusing")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE groups (x INTEGER)")  # the schema's CREATE TABLE fails
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(StoreUnavailable, match="import into PostgreSQL failed"),
+    ):
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    with site.open() as desk:
+        assert desk.imported() is None
+        desk.export("alpha-1", tmp_path / "b", now=NOW)
+    SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE).close()

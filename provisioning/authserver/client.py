@@ -165,15 +165,17 @@ async def request_keysets(
     rng: random.Random | None = None,
     local_addr: tuple[str, int] | None = None,
     timeout: float = 30.0,
+    outcome: Outcome | None = None,
 ) -> Outcome:
     """Authenticate and fetch ``requests``, retrying temporary refusals with full jitter.
 
     Raises :class:`AuthRefused` for a permanent refusal of the link (a request
     refused by policy is an event, not an error) and :class:`AuthServerError`
-    when the attempts run out.
+    when the attempts run out. ``outcome``, if given, is filled in as the
+    attempts go, so a caller also learns what a run that raised cost.
     """
     rng = rng or random.Random()
-    outcome = Outcome()
+    outcome = Outcome() if outcome is None else outcome
     if backoff.startup_delay > 0:
         await asyncio.sleep(rng.uniform(0.0, backoff.startup_delay))
     wanted = list(requests)

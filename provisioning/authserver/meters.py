@@ -52,7 +52,7 @@ from mesh.token import (
 )
 from mesh.token.interface import DERIVE_INFO, MAX_DERIVE_CONTEXT, MAX_PIN_TRIES
 from mesh.token.keychange import check_newer, key_change_kid, open_key_change
-from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.client import Backoff, Outcome, request_keysets
 from provisioning.authserver.errors import AuthRefused, AuthServerError, LocalAuthError
 from provisioning.authserver.messages import KeysetRequest
 from provisioning.store import Store, audit_json
@@ -335,8 +335,9 @@ async def simulate_fleet(
         identity = meter_identity(prefix, index)
         token = meter_token(seed, identity)
         t0 = time.perf_counter()
+        outcome = Outcome()  # what it cost, counted for the meters not served too
         try:
-            outcome = await request_keysets(
+            await request_keysets(
                 host,
                 port,
                 token,
@@ -344,18 +345,20 @@ async def simulate_fleet(
                 backoff=policy,
                 rng=random.Random(rng.random()),
                 local_addr=(meter_source(index, sources), 0),
+                outcome=outcome,
             )
         except AuthServerError as exc:
             # the refusal's code when the AS refused, else why the attempts ran out
             key = exc.refusal.value if isinstance(exc, AuthRefused) else "no-answer"
             failures[key] = failures.get(key, 0) + 1
             return
-        totals["attempts"] += outcome.attempts
-        totals["cookies"] += outcome.cookies
-        totals["busy"] += sum(r.value == "busy" for r in outcome.refusals)
-        totals["rate_limited"] += sum(r.value == "rate-limited" for r in outcome.refusals)
-        auth = outcome.authenticated
-        totals["key_changes"] += bool(auth and auth.key_changed)
+        finally:
+            totals["attempts"] += outcome.attempts
+            totals["cookies"] += outcome.cookies
+            totals["busy"] += sum(r.value == "busy" for r in outcome.refusals)
+            totals["rate_limited"] += sum(r.value == "rate-limited" for r in outcome.refusals)
+            auth = outcome.authenticated
+            totals["key_changes"] += bool(auth and auth.key_changed)
         if outcome.grants:
             latencies.append(time.perf_counter() - t0)
         else:

@@ -81,6 +81,12 @@ def test_asyncio_server_and_client_with_key_change(
             )
             assert report["served"] == 10 and report["key_changes"] == 10
             assert ticks == list(range(1, 11))  # one tick per meter done, for the progress bar
+            # meters the AS does not know: not served, and what they cost is counted all the same
+            unknown = await simulate_fleet(
+                host, port, seed=SEED, count=3, head_end="gs-1", first=5000, storm=True
+            )
+            assert unknown["served"] == 0 and unknown["failed"] == {"auth-failed": 3}
+            assert unknown["attempts"] == 3  # refused for good at the first attempt each
         finally:
             await server.stop()
 

@@ -46,7 +46,7 @@ from provisioning.authserver.meters import (
 )
 from provisioning.authserver.protocol import AuthService
 from provisioning.authserver.server import bound_socket, serve_forever
-from provisioning.authserver.store import SqliteKeyStateStore, SqlKeyStateStore
+from provisioning.authserver.store import CLONE_ALERT, SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.store import Store
 
 __all__ = ["add_import_meters_arguments", "cmd_import_meters", "register"]
@@ -212,7 +212,6 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     )
 
 
-CLONE_ALERT = "as-clone-alert"
 BUNDLE_MAGIC = b"eyJ"  # a JWS compact serialization: base64url of '{"'
 MAX_ATTEMPTS = 100  # tries of one 'as request' or 'as bundle'
 MAX_AUDIT_LIMIT = 100_000  # entries one 'as audit' holds in memory (a store may have millions)

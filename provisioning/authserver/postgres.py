@@ -113,6 +113,7 @@ CREATE TABLE audit (
     op     TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+CREATE INDEX audit_alerts ON audit (seq) WHERE op = 'as-clone-alert';
 CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
 CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit

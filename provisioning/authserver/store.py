@@ -66,6 +66,7 @@ from provisioning.store import (
 
 __all__ = [
     "AS_SCHEMA_VERSION",
+    "CLONE_ALERT",
     "MAX_EPOCHS_AHEAD",
     "IssuedKeyset",
     "KeyStateStore",
@@ -90,9 +91,15 @@ MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN suspended_at INTEGER",
     "CREATE INDEX IF NOT EXISTS groups_by_member ON groups (member, name)",
 )
+CLONE_ALERT = "as-clone-alert"  # the audit op of a cloned token found (and suspended)
 # made at every open if missing (a store migrated before they existed gets them too): what a
-# bundle request reads (a node's mates, bundles.MATES_OF) by index, not by a scan
-INDEXES = ("CREATE INDEX IF NOT EXISTS pairs_by_b ON pairs (b, a)",)
+# bundle request reads (a node's mates, bundles.MATES_OF) by index, not by a scan; and the
+# clone alerts among a year of audit rows (one per keyset issued), by a partial index that
+# only they enter
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS pairs_by_b ON pairs (b, a)",
+    f"CREATE INDEX IF NOT EXISTS audit_alerts ON audit (seq) WHERE op = '{CLONE_ALERT}'",
+)
 
 
 def key_columns(table: str = "") -> str:
@@ -416,7 +423,7 @@ class SqlKeyStateStore(KeyStateStore):
             self._audit(
                 cur,
                 now,
-                "as-clone-alert",
+                CLONE_ALERT,
                 node=identity,
                 token=record.token_id.hex(),
                 presented_generation=presented,
@@ -454,7 +461,7 @@ class SqlKeyStateStore(KeyStateStore):
         As the desk's ``audit_log`` shows them. ``limit`` bounds what a store
         with millions of issuances hands an operator.
         """
-        where = "" if op is None else " WHERE op = ?"
+        where = "" if op is None else " WHERE op = ?"  # alerts: by the partial index
         tail = "" if limit is None else " LIMIT ?"
         params = (() if op is None else (op,)) + (() if limit is None else (limit,))
         with self.reading() as cur:
@@ -823,9 +830,7 @@ class SqliteKeyStateStore(SqlKeyStateStore):
             raise
         if where is not None:  # two AS stores would fork every token's key state
             store.close()
-            raise LocalAuthError(
-                f"{where}: serve that database ('snrmesh as serve --postgres DSN'), not this file"
-            )
+            raise LocalAuthError(f"{where}: use that database (--postgres DSN), not this file")
         return cls(desk.store, desk.mission)
 
     def _discovery_secret(self) -> bytes:

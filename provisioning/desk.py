@@ -537,10 +537,12 @@ class Desk:
         )
         if done is not None:
             return f"this desk was imported into PostgreSQL ({_ts(done[0])})"
-        if going is not None:
+        if going is not None:  # "<database>#<run>"
+            into = str(going[0]).rpartition("#")[0] or going[0]
             return (
-                f"an import of this desk into {going[0]} began and is not confirmed (finish it "
-                "with the same 'snrmesh as import-desk': it resumes or completes)"
+                f"an import of this desk into {into} began and is not confirmed (finish it "
+                "with the same 'snrmesh as import-desk': it resumes or completes; or abandon it "
+                "with 'snrmesh as import-desk --abandon')"
             )
         return None
 
@@ -648,6 +650,7 @@ class Desk:
         new_wrap = jwk.JWK(kty="oct", k=base64url_encode(new_keys[Slot.WRAP]))
         new_kid = slot_kid(node.token_id, Slot.WRAP, new_generation)
         with self.store.transaction():
+            self._not_imported("a key change")  # again: 'as import-desk' may have begun meanwhile
             rewrapped = 0
             for column in ("copy_a", "copy_b"):
                 party = "a" if column == "copy_a" else "b"

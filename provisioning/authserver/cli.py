@@ -61,6 +61,7 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
   export SNRMESH_DESK_PASSPHRASE=... SNRMESH_PIN=...
   snrmesh as serve --store desk --listen 127.0.0.1:7450 &
   snrmesh as import-desk desk --postgres "host=/run/postgresql dbname=as"   # once
+  snrmesh as import-desk desk --abandon --postgres DSN   # an import that never committed
   snrmesh as serve --postgres "host=/run/postgresql dbname=as" --workers 4 &
   snrmesh as request --as 127.0.0.1:7450 --token alpha-1.token --target gs-1
   snrmesh as bundle --as 127.0.0.1:7450 --token alpha-1.token --out alpha-1.bundle
@@ -176,10 +177,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_import_desk(args: argparse.Namespace) -> int:
     """``snrmesh as import-desk DIR --postgres DSN``: the desk's mission into PostgreSQL, once."""
+    if args.force and not args.abandon:
+        raise LocalAuthError("--force only goes with --abandon")
+    if args.postgres is None and not (args.abandon and args.force):
+        raise LocalAuthError("--postgres DSN is needed (without it only '--abandon --force')")
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     with contextlib.closing(store):
-        from provisioning.authserver.postgres import import_desk
+        from provisioning.authserver.postgres import abandon_import, import_desk
 
+        if args.abandon:
+            into = abandon_import(
+                store, None if args.force else args.postgres, now=int(time.time())
+            )
+            return _emit(
+                args,
+                {"abandoned": into},
+                f"abandoned the import into {into}: the desk's file is the key state again",
+            )
         counts = import_desk(store, args.postgres, now=int(time.time()), source=str(args.dir))
     done = (
         "the import had committed in PostgreSQL; marked the desk imported now"
@@ -588,11 +602,23 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "'desk export' and 'desk rekey' refuse, and 'as serve --store' refuses it. The mark "
         "is written before the copy commits: if the import stops half way (a crash, a lost "
         "connection), run the same command again against the same database; it copies "
-        "again or only confirms the copy that committed. Any other database is refused.",
+        "again or only confirms the copy that committed. Any other database is refused. "
+        "To give up an import that never committed: --abandon with the same DSN (it checks "
+        "that database holds no copy), or --abandon --force if that database is gone.",
     )
     p.set_defaults(func=cmd_import_desk)
     p.add_argument("dir", metavar="DIR", help="desk directory (holds desk.sqlite)")
-    p.add_argument("--postgres", required=True, metavar="DSN", help="e.g. 'host=/run/pg dbname=as'")
+    p.add_argument("--postgres", metavar="DSN", help="e.g. 'host=/run/pg dbname=as' (required)")
+    p.add_argument(
+        "--abandon",
+        action="store_true",
+        help="clear the mark of a pending import whose copy did not commit",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --abandon: without checking the database (it is gone); noted in the audit",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import cbor2
 import psycopg
 
+from mesh.crypto import random_bytes
 from mesh.crypto.primitives import CryptoError
 from mesh.keyset import KeysetError
 from mesh.keyset.mission import Mission
@@ -47,7 +48,7 @@ from provisioning.bundles import DISCOVERY_SECRET
 from provisioning.errors import DeskCorrupt
 from provisioning.store import IMPORTED_META, IMPORTING_META, Store, audit_json, open_sealer
 
-__all__ = ["MAX_DSN_LENGTH", "SCHEMA", "PostgresKeyStateStore", "import_desk"]
+__all__ = ["MAX_DSN_LENGTH", "SCHEMA", "PostgresKeyStateStore", "abandon_import", "import_desk"]
 
 MAX_DSN_LENGTH = 1024
 T = TypeVar("T")
@@ -211,51 +212,35 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
 
     Refuses a database that already holds a mission: importing twice would fork
     the key state (the AS changes keys in PostgreSQL, not in the desk's file).
-    Rows are streamed (``COPY``), so a million meters need no more memory than a
-    few. Returns the rows copied per table (``resumed``: 1 when it only finished
-    an import whose copy had committed).
+    Rows are streamed (``COPY``) from one snapshot of the desk, so a million
+    meters need no more memory than a few. Returns the rows copied per table
+    (``resumed``: 1 when it only confirmed an import whose copy had committed).
 
     Crash-safe: the desk is marked with the database it goes to
-    (:data:`IMPORTING_META`) *before* the copy commits, and marked imported
-    (:data:`IMPORTED_META`) after. Whatever point a crash stops at, the desk
-    refuses to export or rekey, and only the same database may be imported
-    into again: this call then copies again (the copy had not committed) or
-    only marks the desk (it had).
+    (:data:`IMPORTING_META`, checked and set in one write transaction of the
+    desk, so two runs cannot both claim it) *before* the copy can commit, and
+    marked imported (:data:`IMPORTED_META`) after. Whatever point a crash stops
+    at, the desk refuses to export, rekey or serve (an AS already serving it
+    refuses every write from the mark on), and only the same database may be
+    imported into again: this call then copies again (the copy had not
+    committed) or only confirms it (it had). :func:`abandon_import` clears a
+    mark whose database holds no copy.
     """
-    desk_db = store.db
-    done = _desk_mark(desk_db, IMPORTED_META)
-    if done is not None:  # a second database would fork every token's key state
-        raise LocalAuthError(
-            f"this desk was imported into PostgreSQL already ({utc_iso(int(done))}); "
-            "serve that database"
-        )
+    meta = _mission_meta(store)  # the desk's part read first: a desk that cannot say marks nothing
     with contextlib.closing(_connect(dsn)) as conn:
         into = _database_name(conn)
-        started = _desk_mark(desk_db, IMPORTING_META)
-        if started is not None and started != into:
-            raise LocalAuthError(
-                f"an import of this desk into {started} began and did not finish: run it "
-                "again against that database (it resumes); another one would fork the key state"
-            )
-        mission_id = store.meta("mission_id")
+        mission_id = meta[0]
         held = _read(conn, _held_mission)
-        if held == mission_id and started is not None:  # the copy committed, the mark did not
-            counts = {**_read(conn, _imported_counts), "resumed": 1}
-            _mark_desk(store, {IMPORTED_META: now, IMPORTING_META: None})
-            return counts
-        if held is not None:  # another mission: none of this desk's copies committed there
-            _mark_desk(store, {IMPORTING_META: None})
-            raise LocalAuthError(
-                "this PostgreSQL database already holds a mission; "
-                "import a desk into an empty database"
-            )
-        _mark_desk(store, {IMPORTING_META: into})  # before anything can commit there
+        run = f"{into}#{random_bytes(6).hex()}"  # this run's mark: a failure clears only its own
+        claim = _claim(store, into, run, held=held, mission_id=mission_id, now=now)
+        if claim == "confirmed":
+            return {**_read(conn, _imported_counts), "resumed": 1}
         committing = False
         try:
             with conn.transaction():
-                counts = _copy_mission(conn, store, now=now, source=source)
+                counts = _copy_mission(conn, store, meta, now=now, source=source)
                 committing = True  # past the body: only the COMMIT can fail now
-        except (psycopg.Error, sqlite3.Error, LocalAuthError) as exc:
+        except (psycopg.Error, sqlite3.Error, LocalAuthError, DeskCorrupt) as exc:
             held = None if not committing else _UNKNOWN
             if held is None:
                 try:
@@ -267,10 +252,10 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
                     f"the import into {into} is not confirmed ({_first_line(exc)}): run the "
                     "same command again, which finishes it"
                 ) from None
-            _mark_desk(store, {IMPORTING_META: None})  # nothing of ours committed there
+            _unmark(store, run)  # nothing of ours committed there
             if isinstance(exc, sqlite3.Error):
                 raise DeskCorrupt(f"cannot read the desk store: {exc}") from None
-            if isinstance(exc, LocalAuthError):
+            if isinstance(exc, LocalAuthError | DeskCorrupt):
                 raise
             raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
     # the desk's file no longer tracks token keys: its export and rekey refuse from now on
@@ -278,37 +263,153 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
     return counts
 
 
+def abandon_import(store: Store, dsn: str | None, *, now: int) -> str:
+    """Clear the mark of an import that never committed; returns the database it named.
+
+    With ``dsn``: only once that database is reached under the name the mark
+    gives and found to hold no copy of this mission. Without (``--force``: the
+    database is gone for good): on the operator's word, noted in the desk's
+    audit log. Refuses a desk whose import was confirmed.
+    """
+    started = _desk_mark(store.db, IMPORTING_META)
+    if _desk_mark(store.db, IMPORTED_META) is not None:
+        raise LocalAuthError(
+            "this desk's import into PostgreSQL was confirmed: serve that database"
+        )
+    if started is None:
+        raise LocalAuthError("no import of this desk is pending: nothing to abandon")
+    into = str(started).rpartition("#")[0] or str(started)
+    if dsn is not None:
+        with contextlib.closing(_connect(dsn)) as conn:
+            reached = _database_name(conn)
+            if reached != into:
+                raise LocalAuthError(f"the pending import went to {into}, not {reached}")
+            if _read(conn, _held_mission) == _mission_meta(store)[0]:
+                raise LocalAuthError(
+                    f"{into} holds this desk's mission (the copy committed): finish the import "
+                    "with the same 'snrmesh as import-desk', or drop that database first"
+                )
+    try:
+        with store.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (IMPORTING_META,))
+            db.execute(
+                "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
+                (
+                    now,
+                    "as-import-abandoned",
+                    audit_json({"into": into, "checked": dsn is not None}),
+                ),
+            )
+    except sqlite3.Error as exc:
+        raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
+    return into
+
+
+def _mission_meta(store: Store) -> tuple[Any, ...]:
+    """What the ``mission`` row takes from the desk: id, name, times, kdf, canary, discovery."""
+    return tuple(
+        store.meta(k)
+        for k in (
+            "mission_id",
+            "name",
+            "start",
+            "end",
+            "epoch_seconds",
+            "kdf",
+            "canary",
+            f"sealed:{DISCOVERY_SECRET}",
+        )
+    )
+
+
+def _claim(
+    store: Store, into: str, run: str, *, held: bytes | None, mission_id: Any, now: int
+) -> str:
+    """Check and set the desk's import mark in one write transaction: ``copy`` or ``confirmed``.
+
+    ``held``: the mission the database holds (None: none). Raises, with the
+    desk marked as the database's content requires, when no copy may start.
+    """
+    refusal: LocalAuthError | None = None
+    try:
+        with store.transaction() as db:
+            if _desk_mark(db, IMPORTED_META) is not None:  # a second database: a second key state
+                done = _desk_mark(db, IMPORTED_META)
+                raise LocalAuthError(
+                    f"this desk was imported into PostgreSQL already ({utc_iso(int(done))}); "
+                    "serve that database"
+                )
+            started = _desk_mark(db, IMPORTING_META)
+            going = None if started is None else str(started).rpartition("#")[0]
+            if going is not None and going != into:
+                raise LocalAuthError(
+                    f"an import of this desk into {going} began and did not finish: run it "
+                    "again against that database (it resumes), or abandon it ('--abandon'); "
+                    "another database would fork the key state"
+                )
+            if held == mission_id:  # this desk's mission is there: the desk must know it
+                _set_marks(db, {IMPORTED_META: now, IMPORTING_META: None})
+                if going is not None:
+                    return "confirmed"  # the copy committed, the mark did not
+                refusal = LocalAuthError(
+                    f"{into} already holds this desk's mission (imported from a copy of this "
+                    "desk?): the desk is marked imported now; serve that database"
+                )
+            elif held is not None:  # another mission: nothing of this desk committed there
+                _set_marks(db, {IMPORTING_META: None})
+                refusal = LocalAuthError(
+                    "this PostgreSQL database already holds a mission; "
+                    "import a desk into an empty database"
+                )
+            else:
+                _set_marks(db, {IMPORTING_META: run})  # before anything can commit there
+    except sqlite3.Error as exc:
+        raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
+    if refusal is not None:
+        raise refusal
+    return "copy"
+
+
 def _copy_mission(
-    conn: psycopg.Connection[Any], store: Store, *, now: int, source: str
+    conn: psycopg.Connection[Any],
+    store: Store,
+    meta: tuple[Any, ...],
+    *,
+    now: int,
+    source: str,
 ) -> dict[str, int]:
-    """The body of the import's transaction: schema, mission row, tables, the audit row."""
+    """The body of the import's transaction: schema, mission row, tables, the audit row.
+
+    The desk is read in one read transaction: one snapshot, whatever commits
+    meanwhile (nothing that changes keys can, once the desk is marked).
+    """
     desk_db = store.db
     present = conn.execute("SELECT to_regclass('mission')").fetchone()
     if present is not None and present[0] is not None:  # another import won meanwhile
         raise LocalAuthError(
             "this PostgreSQL database already holds a mission; import a desk into an empty database"
         )
-    mission = [store.meta(k) for k in ("mission_id", "name", "start", "end", "epoch_seconds")]
-    kdf, canary = store.meta("kdf"), store.meta("canary")
-    discovery = store.meta(f"sealed:{DISCOVERY_SECRET}")
     conn.execute(SCHEMA)
     conn.execute(
-        "INSERT INTO mission (as_schema, mission_id, name, start_at, end_at, "
-        "epoch_seconds, kdf, canary, discovery) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (AS_SCHEMA_VERSION, *mission, kdf, canary, discovery),
+        "INSERT INTO mission (mission_id, name, start_at, end_at, epoch_seconds, kdf, canary, "
+        "discovery, as_schema) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (*meta, AS_SCHEMA_VERSION),
     )
     counts: dict[str, int] = {}
     cur = conn.cursor()
-    for table, columns in TABLES:
-        have = {r[1] for r in desk_db.execute(f"PRAGMA table_info({table})")}
-        select = ", ".join(c if c in have else "NULL" for c in columns)
-        n = 0
-        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-            for row in desk_db.execute(f"SELECT {select} FROM {table}"):
-                copy.write_row(row)
-                n += 1
-        counts[table] = n
+    desk_db.execute("BEGIN")  # deferred: a read snapshot from its first SELECT on
+    try:
+        for table, columns in TABLES:
+            have = {r[1] for r in desk_db.execute(f"PRAGMA table_info({table})")}
+            select = ", ".join(c if c in have else "NULL" for c in columns)
+            n = 0
+            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in desk_db.execute(f"SELECT {select} FROM {table}"):
+                    copy.write_row(row)
+                    n += 1
+            counts[table] = n
+    finally:
+        desk_db.execute("ROLLBACK")  # it only read
     conn.execute(
         "SELECT setval(pg_get_serial_sequence('audit', 'seq'), MAX(seq)) "
         "FROM audit HAVING MAX(seq) IS NOT NULL"
@@ -321,9 +422,24 @@ def _copy_mission(
 
 
 def _database_name(conn: psycopg.Connection[Any]) -> str:
-    """Which database a connection reached, as the desk's mark names it (never a password)."""
+    """Which database a connection reached, as the desk's mark names it (never a password).
+
+    Host, port and name alone can name another server (a tunnel, a rebuilt
+    host): the cluster's system identifier goes in where the role may read
+    it, and the schema that ``mission`` resolves to (``search_path``).
+    """
     info = conn.info
-    return f"PostgreSQL {info.host}:{info.port}/{info.dbname}"
+    name = f"PostgreSQL {info.host}:{info.port}/{info.dbname}"
+    row = _read(conn, lambda c: c.execute("SELECT current_schema()").fetchone())
+    if row is not None and row[0] is not None:
+        name += f" schema {row[0]}"
+    try:
+        system = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    except psycopg.Error:  # not granted to this role: host, port and name must do
+        system = None
+    if system is not None and system[0] is not None:
+        name += f" system {system[0]}"
+    return name
 
 
 def _held_mission(conn: psycopg.Connection[Any]) -> bytes | None:
@@ -360,15 +476,29 @@ def _desk_mark(desk_db: sqlite3.Connection, key: str) -> Any:
     return None if row is None else row[0]
 
 
+def _set_marks(db: sqlite3.Connection, marks: dict[str, Any]) -> None:
+    """Set (or, for None, remove) import marks, inside the caller's transaction."""
+    for key, value in marks.items():
+        if value is None:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
 def _mark_desk(store: Store, marks: dict[str, Any]) -> None:
-    """Set (or, for None, remove) the desk's import marks, in one durable transaction."""
+    """:func:`_set_marks` in one durable transaction of its own."""
     try:
         with store.transaction() as db:
-            for key, value in marks.items():
-                if value is None:
-                    db.execute("DELETE FROM meta WHERE key = ?", (key,))
-                else:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            _set_marks(db, marks)
+    except sqlite3.Error as exc:
+        raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
+
+
+def _unmark(store: Store, run: str) -> None:
+    """Remove this run's pending mark, and only it (another run may have marked since)."""
+    try:
+        with store.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = ? AND value = ?", (IMPORTING_META, run))
     except sqlite3.Error as exc:
         raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
 

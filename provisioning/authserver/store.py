@@ -56,6 +56,8 @@ from provisioning.desk import _rewrap as rewrap_copy
 from provisioning.desk import derive_slot_keys
 from provisioning.errors import DeskCorrupt
 from provisioning.store import (
+    IMPORTED_META,
+    IMPORTING_META,
     Store,
     audit_entries,
     audit_json,
@@ -91,6 +93,7 @@ MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN suspended_at INTEGER",
     "CREATE INDEX IF NOT EXISTS groups_by_member ON groups (member, name)",
 )
+_IMPORT_MARKS = "SELECT 1 FROM meta WHERE key IN (?, ?)"
 CLONE_ALERT = "as-clone-alert"  # the audit op of a cloned token found (and suspended)
 # made at every open if missing (a store migrated before they existed gets them too): what a
 # bundle request reads (a node's mates, bundles.MATES_OF) by index, not by a scan; and the
@@ -854,8 +857,16 @@ class SqliteKeyStateStore(SqlKeyStateStore):
         db = self.store.db
         try:
             db.execute("BEGIN IMMEDIATE")
+            # 'as import-desk' may mark the desk while this worker serves it: from the mark on,
+            # the key state lives in PostgreSQL, and a key change here would fork it
+            marked = db.execute(_IMPORT_MARKS, (IMPORTED_META, IMPORTING_META)).fetchone()
         except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
             raise StoreUnavailable(f"store busy: {exc}") from None
+        if marked is not None:
+            db.execute("ROLLBACK")
+            raise StoreUnavailable("this desk was imported into PostgreSQL: serve that database")
         cur = db.cursor()
         try:
             yield cur

@@ -32,11 +32,11 @@ from provisioning.authserver.errors import (
     StoreUnavailable,
 )
 from provisioning.authserver.meters import MemoryToken, meter_identity, meter_token
-from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
+from provisioning.authserver.postgres import PostgresKeyStateStore, abandon_import, import_desk
 from provisioning.authserver.protocol import Authenticated
 from provisioning.authserver.store import SqliteKeyStateStore
 from provisioning.errors import PolicyError, WrongPassphrase
-from provisioning.store import IMPORTED_META, Store
+from provisioning.store import IMPORTED_META, IMPORTING_META, Store
 from tests.authserver.conftest import (
     NOW,
     PASSPHRASE,
@@ -103,7 +103,7 @@ def test_import_refuses_a_second_import_and_a_wrong_passphrase(
 ) -> None:
     with (
         contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
-        pytest.raises(LocalAuthError, match="already holds a mission"),
+        pytest.raises(LocalAuthError, match="already holds this desk's mission"),
     ):
         import_desk(desk_store, postgres_dsn, now=NOW, source="again")
     with pytest.raises(WrongPassphrase):
@@ -362,3 +362,114 @@ def test_an_import_the_database_refused_leaves_the_desk_as_it_was(
         assert desk.imported() is None
         desk.export("alpha-1", tmp_path / "b", now=NOW)
     SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE).close()
+
+
+def test_a_second_run_meanwhile_into_another_database_is_refused(
+    site: Site, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark is checked and set in one write transaction: two runs cannot both claim it."""
+    first, second = (postgres.create_database(n) for n in ("as_first_run", "as_second_run"))
+    real = postgres_module._copy_mission
+    refused: list[str] = []
+
+    def meanwhile(*args: Any, **kwargs: Any) -> dict[str, int]:
+        with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as other:
+            with pytest.raises(LocalAuthError, match="began and did not finish") as exc:
+                import_desk(other, second, now=NOW, source="other run")
+            refused.append(str(exc.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(postgres_module, "_copy_mission", meanwhile)
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        assert import_desk(desk_store, first, now=NOW, source="site")["nodes"] == 24
+    assert refused and _imports(first) == 1
+    with psycopg.connect(second) as conn:
+        assert conn.execute("SELECT to_regclass('mission')").fetchone() == (None,)
+
+
+def test_a_failed_run_clears_only_its_own_mark(
+    site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dsn = postgres.create_database("as_own_mark")
+
+    def another_run_marks_then_we_fail(conn: Any, store: Store, *args: Any, **kw: Any) -> Any:
+        with store.transaction() as db:  # a run against the same database claimed it meanwhile
+            db.execute("UPDATE meta SET value = value || 'x' WHERE key = ?", (IMPORTING_META,))
+        conn.execute("SELECT no_such_function()")  # PostgreSQL fails ours: nothing committed
+
+    monkeypatch.setattr(postgres_module, "_copy_mission", another_run_marks_then_we_fail)
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(StoreUnavailable, match="import into PostgreSQL failed"),
+    ):
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    _refuses_until_confirmed(site, tmp_path)  # the other run's mark stays
+
+
+def test_a_database_holding_this_desks_mission_marks_an_unmarked_desk(
+    site: Site, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A desk restored from a backup taken before its import: it must learn it was imported."""
+    dsn = postgres.create_database("as_restored_desk")
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        import_desk(desk_store, dsn, now=NOW, source="site")
+        with desk_store.transaction() as db:  # the restore: no marks
+            db.execute("DELETE FROM meta WHERE key IN (?, ?)", (IMPORTED_META, IMPORTING_META))
+        with pytest.raises(LocalAuthError, match="already holds this desk's mission"):
+            import_desk(desk_store, dsn, now=NOW, source="again")
+    with site.open() as desk, pytest.raises(PolicyError, match="imported into PostgreSQL"):
+        desk.export("alpha-1", tmp_path / "b", now=NOW)
+    assert _imports(dsn) == 1
+
+
+def test_an_as_serving_the_desk_refuses_every_write_once_an_import_marks_it(
+    site: Site, postgres: PostgresServer
+) -> None:
+    """An AS already running on the desk's file when the import starts: no key change there."""
+    serving = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        serving.issue("alpha-1", "gs-1", "chat", None, NOW)  # it serves
+        with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+            import_desk(
+                desk_store, postgres.create_database("as_while_serving"), now=NOW, source="s"
+            )
+        before = serving.load("alpha-1")
+        assert before is not None
+        with pytest.raises(StoreUnavailable, match="imported into PostgreSQL"):
+            serving.prepare_key_change("alpha-1", before.generation, NOW)
+        with pytest.raises(StoreUnavailable, match="imported into PostgreSQL"):
+            serving.issue("alpha-1", "gs-1", "chat", None, NOW)
+        after = serving.load("alpha-1")
+        assert after is not None and after.pending is None  # nothing written
+    finally:
+        serving.close()
+
+
+def test_a_pending_import_is_abandoned_only_where_no_copy_committed(
+    site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed, empty = (postgres.create_database(n) for n in ("as_abandon_full", "as_abandon_x"))
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        with pytest.raises(LocalAuthError, match="nothing to abandon"):
+            abandon_import(desk_store, committed, now=NOW)
+        monkeypatch.setattr(postgres_module, "_mark_desk", _crash_at_the_final_mark)
+        with pytest.raises(KeyboardInterrupt):
+            import_desk(desk_store, committed, now=NOW, source="site")
+        monkeypatch.undo()
+        with pytest.raises(LocalAuthError, match="holds this desk's mission"):
+            abandon_import(desk_store, committed, now=NOW)  # the copy is there: no
+        with pytest.raises(LocalAuthError, match="went to"):
+            abandon_import(desk_store, empty, now=NOW)  # not the database the mark names
+    _refuses_until_confirmed(site, tmp_path)
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        into = abandon_import(desk_store, None, now=NOW)  # --force: that database is gone
+        assert "as_abandon_full" in into
+    with site.open() as desk:
+        assert desk.audit_log()[-1]["op"] == "as-import-abandoned"
+        desk.export("alpha-1", tmp_path / "b", now=NOW)
+
+
+def _crash_at_the_final_mark(store: Store, marks: dict[str, Any]) -> None:
+    if IMPORTED_META in marks:
+        raise KeyboardInterrupt  # the process dies here: the copy has committed
+    raise AssertionError("only the final mark goes through _mark_desk")

@@ -22,6 +22,7 @@ import pytest
 from mesh.sim.pcscd import PcscdUnavailable, PrivatePcscd, VirtualReader
 from mesh.token import TokenAbsent
 from mesh.token.emulator import Emulator, VirtualCard
+from mesh.token.errors import CardError
 
 PRESENCE_TIMEOUT = 10.0
 
@@ -63,6 +64,8 @@ def card_present(reader: VirtualReader) -> bool:
         with channel.transaction():
             return True
     except TokenAbsent:
+        return False
+    except CardError:  # a card half in or out: pcscd may answer "protocol mismatch" meanwhile
         return False
     finally:
         channel.close()

@@ -45,6 +45,10 @@ A 3-node mission, end to end:
   snrmesh desk issue desk
   snrmesh desk export desk alpha-1 --out alpha-1.bundle
   snrmesh bundle inspect alpha-1.bundle --token alpha-1.token
+
+Once 'snrmesh as import-desk' has copied the desk into PostgreSQL, the mission's
+keys and policy live there: the desk refuses every change (revoke with 'snrmesh
+as revoke NODE --postgres DSN'; nodes fetch bundles with 'snrmesh as bundle').
 """
 
 

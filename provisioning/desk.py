@@ -59,7 +59,7 @@ from provisioning.errors import (
 )
 from provisioning.issuance import CkJob, WrapTarget, mint_keysets
 from provisioning.plan import MissionPlan, check_role
-from provisioning.store import IMPORTED_META, IMPORTING_META, Store, audit_entries, audit_json
+from provisioning.store import Store, audit_entries, audit_json
 
 __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 
@@ -526,25 +526,8 @@ class Desk:
         return discovery_key(self.store.secret(DISCOVERY_SECRET), self.mission, epoch)
 
     def imported(self) -> str | None:
-        """Where 'as import-desk' took this desk's key state, if it did: then it is stale.
-
-        From the moment an import begins: should it crash after its copy
-        committed, keys may change there before the desk learns of it.
-        """
-        done, going = (
-            self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-            for key in (IMPORTED_META, IMPORTING_META)
-        )
-        if done is not None:
-            return f"this desk was imported into PostgreSQL ({_ts(done[0])})"
-        if going is not None:  # "<database>#<run>"
-            into = str(going[0]).rpartition("#")[0] or going[0]
-            return (
-                f"an import of this desk into {into} began and is not confirmed (finish it "
-                "with the same 'snrmesh as import-desk': it resumes or completes; or abandon it "
-                "with 'snrmesh as import-desk --abandon')"
-            )
-        return None
+        """Where 'as import-desk' took this desk's key state, if it did (:meth:`Store.imported`)."""
+        return self.store.imported()
 
     def _not_imported(self, what: str) -> None:
         """After 'as import-desk', token keys change in PostgreSQL: this file is stale for them."""

@@ -23,7 +23,14 @@ import cbor2
 
 from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError
-from provisioning.errors import DeskCorrupt, DeskError, DeskNotFound, WrongPassphrase
+from mesh.timefmt import utc_iso
+from provisioning.errors import (
+    DeskCorrupt,
+    DeskError,
+    DeskNotFound,
+    PolicyError,
+    WrongPassphrase,
+)
 
 __all__ = [
     "IMPORTED_META",
@@ -192,10 +199,45 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def imported(self) -> str | None:
+        """Where 'as import-desk' took this desk's key state, if it did: then it is stale.
+
+        From the moment an import begins: should it crash after its copy
+        committed, keys may change there before the desk learns of it.
+        """
+        done, going = (
+            self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            for key in (IMPORTED_META, IMPORTING_META)
+        )
+        if done is not None:
+            return f"this desk was imported into PostgreSQL ({utc_iso(done[0])})"
+        if going is not None:  # "<database>#<run>"
+            into = str(going[0]).rpartition("#")[0] or going[0]
+            return (
+                f"an import of this desk into {into} began and is not confirmed (finish it "
+                "with the same 'snrmesh as import-desk': it resumes or completes; or abandon it "
+                "with 'snrmesh as import-desk --abandon')"
+            )
+        return None
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    def transaction(self, *, imported: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
+
+        Refuses (:class:`PolicyError`) once 'as import-desk' marked the desk --
+        checked under the write lock, so no write slips in after the mark --
+        but for the import's own marks (``imported=True``): from then on the
+        mission's key state and policy live in PostgreSQL, and a change made
+        here (a revocation, a pair, a node) would never reach the AS.
+        """
         self.db.execute("BEGIN IMMEDIATE")
+        if not imported and (where := self.imported()) is not None:
+            self.db.execute("ROLLBACK")
+            raise PolicyError(
+                f"{where}: the mission's keys and policy live there now, and this file "
+                "changes nothing the AS sees (revoke with 'snrmesh as revoke NODE --postgres "
+                "DSN'; nodes fetch bundles with 'snrmesh as bundle')"
+            )
         try:
             yield self.db
         except BaseException:

@@ -290,7 +290,7 @@ def abandon_import(store: Store, dsn: str | None, *, now: int) -> str:
                     "with the same 'snrmesh as import-desk', or drop that database first"
                 )
     try:
-        with store.transaction() as db:
+        with store.transaction(imported=True) as db:
             db.execute("DELETE FROM meta WHERE key = ?", (IMPORTING_META,))
             db.execute(
                 "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
@@ -332,7 +332,7 @@ def _claim(
     """
     refusal: LocalAuthError | None = None
     try:
-        with store.transaction() as db:
+        with store.transaction(imported=True) as db:
             if _desk_mark(db, IMPORTED_META) is not None:  # a second database: a second key state
                 done = _desk_mark(db, IMPORTED_META)
                 raise LocalAuthError(
@@ -488,7 +488,7 @@ def _set_marks(db: sqlite3.Connection, marks: dict[str, Any]) -> None:
 def _mark_desk(store: Store, marks: dict[str, Any]) -> None:
     """:func:`_set_marks` in one durable transaction of its own."""
     try:
-        with store.transaction() as db:
+        with store.transaction(imported=True) as db:
             _set_marks(db, marks)
     except sqlite3.Error as exc:
         raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
@@ -497,7 +497,7 @@ def _mark_desk(store: Store, marks: dict[str, Any]) -> None:
 def _unmark(store: Store, run: str) -> None:
     """Remove this run's pending mark, and only it (another run may have marked since)."""
     try:
-        with store.transaction() as db:
+        with store.transaction(imported=True) as db:
             db.execute("DELETE FROM meta WHERE key = ? AND value = ?", (IMPORTING_META, run))
     except sqlite3.Error as exc:
         raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None

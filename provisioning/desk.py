@@ -633,7 +633,13 @@ class Desk:
         new_wrap = jwk.JWK(kty="oct", k=base64url_encode(new_keys[Slot.WRAP]))
         new_kid = slot_kid(node.token_id, Slot.WRAP, new_generation)
         with self.store.transaction():
-            self._not_imported("a key change")  # again: 'as import-desk' may have begun meanwhile
+            if (where := self.imported()) is not None:  # 'as import-desk' began meanwhile
+                raise PolicyError(
+                    f"{where} while this key change ran: the token holds generation "
+                    f"{new_generation} already, and the copy holds it as pending keys, which "
+                    "the AS completes at the token's next authentication; this file stays at "
+                    f"{node.generation}"
+                )
             rewrapped = 0
             for column in ("copy_a", "copy_b"):
                 party = "a" if column == "copy_a" else "b"

@@ -215,8 +215,9 @@ class Store:
             into = str(going[0]).rpartition("#")[0] or going[0]
             return (
                 f"an import of this desk into {into} began and is not confirmed (finish it "
-                "with the same 'snrmesh as import-desk': it resumes or completes; or abandon it "
-                "with 'snrmesh as import-desk --abandon')"
+                "with the same 'snrmesh as import-desk DIR --postgres DSN': it resumes or "
+                "completes; or, if it never committed, 'snrmesh as import-desk DIR --abandon "
+                "--postgres DSN')"
             )
         return None
 

@@ -181,6 +181,11 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
         raise LocalAuthError("--force only goes with --abandon")
     if args.postgres is None and not (args.abandon and args.force):
         raise LocalAuthError("--postgres DSN is needed (without it only '--abandon --force')")
+    if args.force and args.postgres is not None:
+        raise LocalAuthError(
+            "--abandon --force is for a database that is gone: give no --postgres "
+            "(with --postgres, --abandon checks that database instead)"
+        )
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     with contextlib.closing(store):
         from provisioning.authserver.postgres import abandon_import, import_desk
@@ -608,7 +613,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.set_defaults(func=cmd_import_desk)
     p.add_argument("dir", metavar="DIR", help="desk directory (holds desk.sqlite)")
-    p.add_argument("--postgres", metavar="DSN", help="e.g. 'host=/run/pg dbname=as' (required)")
+    p.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help="e.g. 'host=/run/pg dbname=as' (required but for --abandon --force)",
+    )
     p.add_argument(
         "--abandon",
         action="store_true",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -227,9 +228,12 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
     mark whose database holds no copy.
     """
     meta = _mission_meta(store)  # the desk's part read first: a desk that cannot say marks nothing
+    mission_id = meta[0]
     with contextlib.closing(_connect(dsn)) as conn:
+        # held until the desk is marked imported: an --abandon (or a second run) against this
+        # database while this run copies is refused, not allowed to clear a live run's mark
+        _lock_import(conn, mission_id)
         into = _database_name(conn)
-        mission_id = meta[0]
         held = _read(conn, _held_mission)
         run = f"{into}#{random_bytes(6).hex()}"  # this run's mark: a failure clears only its own
         claim = _claim(store, into, run, held=held, mission_id=mission_id, now=now)
@@ -258,18 +262,25 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
             if isinstance(exc, LocalAuthError | DeskCorrupt):
                 raise
             raise StoreUnavailable(f"import into PostgreSQL failed: {_first_line(exc)}") from None
-    # the desk's file no longer tracks token keys: its export and rekey refuse from now on
-    _mark_desk(store, {IMPORTED_META: now, IMPORTING_META: None})
+        # the desk's file no longer tracks token keys: it refuses every change from now on
+        try:
+            _mark_desk(store, {IMPORTED_META: now, IMPORTING_META: None})
+        except DeskCorrupt as exc:
+            raise DeskCorrupt(
+                f"the copy into {into} committed, but the desk could not be marked imported "
+                f"({exc}): run the same command again, which confirms it"
+            ) from None
     return counts
 
 
 def abandon_import(store: Store, dsn: str | None, *, now: int) -> str:
     """Clear the mark of an import that never committed; returns the database it named.
 
-    With ``dsn``: only once that database is reached under the name the mark
-    gives and found to hold no copy of this mission. Without (``--force``: the
-    database is gone for good): on the operator's word, noted in the desk's
-    audit log. Refuses a desk whose import was confirmed.
+    With ``dsn``: only once that database is reached (the same database the
+    mark names), no import of this desk runs against it, and it holds no copy
+    of this mission. Without (``--force``: the database is gone for good): on
+    the operator's word, noted in the desk's audit log. Refuses a desk whose
+    import was confirmed.
     """
     started = _desk_mark(store.db, IMPORTING_META)
     if _desk_mark(store.db, IMPORTED_META) is not None:
@@ -279,30 +290,67 @@ def abandon_import(store: Store, dsn: str | None, *, now: int) -> str:
     if started is None:
         raise LocalAuthError("no import of this desk is pending: nothing to abandon")
     into = str(started).rpartition("#")[0] or str(started)
-    if dsn is not None:
-        with contextlib.closing(_connect(dsn)) as conn:
+    with contextlib.ExitStack() as stack:
+        if dsn is not None:
+            conn = stack.enter_context(contextlib.closing(_connect(dsn)))
+            mission_id = _mission_meta(store)[0]
+            _lock_import(conn, mission_id)  # a run still copying there holds it: refused
             reached = _database_name(conn)
-            if reached != into:
+            if not _same_database(reached, into):
                 raise LocalAuthError(f"the pending import went to {into}, not {reached}")
-            if _read(conn, _held_mission) == _mission_meta(store)[0]:
+            if _read(conn, _held_mission) == mission_id:
                 raise LocalAuthError(
                     f"{into} holds this desk's mission (the copy committed): finish the import "
                     "with the same 'snrmesh as import-desk', or drop that database first"
                 )
-    try:
-        with store.transaction(imported=True) as db:
-            db.execute("DELETE FROM meta WHERE key = ?", (IMPORTING_META,))
-            db.execute(
-                "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
-                (
-                    now,
-                    "as-import-abandoned",
-                    audit_json({"into": into, "checked": dsn is not None}),
-                ),
-            )
-    except sqlite3.Error as exc:
-        raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
+        try:
+            with store.transaction(imported=True) as db:
+                if _desk_mark(db, IMPORTED_META) is not None:
+                    raise LocalAuthError("this desk's import was confirmed meanwhile")
+                gone = db.execute(
+                    "DELETE FROM meta WHERE key = ? AND value = ?", (IMPORTING_META, started)
+                ).rowcount
+                if gone != 1:  # another run marked it since: that one is not ours to clear
+                    raise LocalAuthError("another import of this desk began meanwhile")
+                db.execute(
+                    "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
+                    (
+                        now,
+                        "as-import-abandoned",
+                        audit_json({"into": into, "checked": dsn is not None}),
+                    ),
+                )
+        except sqlite3.Error as exc:
+            raise DeskCorrupt(f"cannot mark the desk store: {exc}") from None
     return into
+
+
+def _lock_import(conn: psycopg.Connection[Any], mission_id: Any) -> None:
+    """Take this mission's import lock on the database, for the connection's life, or refuse."""
+    key = int.from_bytes(bytes(mission_id)[:8], "big", signed=True)
+    row = _read(conn, lambda c: c.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone())
+    if row is None or row[0] is not True:
+        raise LocalAuthError(
+            "an import of this desk into that database is running: wait for it to finish"
+        )
+
+
+_NAME = re.compile(
+    r"PostgreSQL (?P<at>\S*)/(?P<db>\S*)(?: schema (?P<schema>\S+))?"
+    r"(?: system (?P<system>\d+))?"
+)
+
+
+def _same_database(a: str, b: str) -> bool:
+    """Whether two of :func:`_database_name`'s names are one database.
+
+    By the cluster's system identifier, database and schema where both names
+    carry one (a failover or a new address keeps them); else by the whole name.
+    """
+    ma, mb = _NAME.fullmatch(a), _NAME.fullmatch(b)
+    if ma and mb and ma["system"] and mb["system"]:
+        return (ma["system"], ma["db"], ma["schema"]) == (mb["system"], mb["db"], mb["schema"])
+    return a == b
 
 
 def _mission_meta(store: Store) -> tuple[Any, ...]:
@@ -341,13 +389,13 @@ def _claim(
                 )
             started = _desk_mark(db, IMPORTING_META)
             going = None if started is None else str(started).rpartition("#")[0]
-            if going is not None and going != into:
+            if going is not None and held != mission_id and not _same_database(going, into):
                 raise LocalAuthError(
                     f"an import of this desk into {going} began and did not finish: run it "
                     "again against that database (it resumes), or abandon it ('--abandon'); "
                     "another database would fork the key state"
                 )
-            if held == mission_id:  # this desk's mission is there: the desk must know it
+            if held == mission_id:  # this desk's mission is there (by any name): mark the desk
                 _set_marks(db, {IMPORTED_META: now, IMPORTING_META: None})
                 if going is not None:
                     return "confirmed"  # the copy committed, the mark did not

@@ -522,3 +522,86 @@ def _crash_at_the_final_mark(store: Store, marks: dict[str, Any]) -> None:
     if IMPORTED_META in marks:
         raise KeyboardInterrupt  # the process dies here: the copy has committed
     raise AssertionError("only the final mark goes through _mark_desk")
+
+
+def test_no_abandon_nor_second_run_while_an_import_copies_into_that_database(
+    site: Site, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run still copying (slow, or hung and believed dead) holds the database's import lock:
+    clearing its mark would let the desk change while its copy commits."""
+    dsn = postgres.create_database("as_live_run")
+    real = postgres_module._copy_mission
+    refused: list[str] = []
+
+    def meanwhile(*args: Any, **kwargs: Any) -> dict[str, int]:
+        with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as other:
+            for attempt in (
+                lambda: abandon_import(other, dsn, now=NOW),
+                lambda: import_desk(other, dsn, now=NOW, source="second run"),
+            ):
+                with pytest.raises(LocalAuthError, match="is running") as exc:
+                    attempt()
+                refused.append(str(exc.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(postgres_module, "_copy_mission", meanwhile)
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        assert import_desk(desk_store, dsn, now=NOW, source="site")["nodes"] == 24
+    assert len(refused) == 2 and _imports(dsn) == 1
+    with site.open() as desk:
+        assert desk.imported() is not None and "imported into PostgreSQL" in desk.imported()
+
+
+def test_the_marked_database_is_recognised_under_another_address(
+    site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover or a new address keeps the cluster's system identifier, database and schema."""
+    dsn = postgres.create_database("as_moved")
+    monkeypatch.setattr(postgres_module, "_mark_desk", _crash_at_the_final_mark)
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    monkeypatch.undo()
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        with desk_store.transaction(imported=True) as db:  # as if it had moved: another address
+            (mark,) = db.execute(
+                "SELECT value FROM meta WHERE key = ?", (IMPORTING_META,)
+            ).fetchone()
+            assert " system " in mark  # the test server's role may read it
+            moved = "PostgreSQL 192.0.2.7:6543/" + mark.split("/", 1)[1].split("/")[-1]
+            db.execute("UPDATE meta SET value = ? WHERE key = ?", (moved, IMPORTING_META))
+        # the copy committed there: the re-run under the new address confirms it
+        assert import_desk(desk_store, dsn, now=NOW, source="site")["resumed"] == 1
+    assert _imports(dsn) == 1
+    with site.open() as desk, pytest.raises(PolicyError, match="imported into PostgreSQL"):
+        desk.export("alpha-1", tmp_path / "b", now=NOW)
+
+
+def test_an_import_is_abandoned_under_the_databases_new_address(
+    site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dsn = postgres.create_database("as_moved_empty")
+
+    def crash_inside_the_copy(*args: Any, **kwargs: Any) -> dict[str, int]:
+        raise KeyboardInterrupt  # before COMMIT: nothing there
+
+    monkeypatch.setattr(postgres_module, "_copy_mission", crash_inside_the_copy)
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        import_desk(desk_store, dsn, now=NOW, source="site")
+    monkeypatch.undo()
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        with desk_store.transaction(imported=True) as db:
+            (mark,) = db.execute(
+                "SELECT value FROM meta WHERE key = ?", (IMPORTING_META,)
+            ).fetchone()
+            moved = "PostgreSQL 192.0.2.7:6543/" + mark.rsplit("/", 1)[1]
+            db.execute("UPDATE meta SET value = ? WHERE key = ?", (moved, IMPORTING_META))
+        assert "192.0.2.7" in abandon_import(desk_store, dsn, now=NOW)
+    with site.open() as desk:
+        assert desk.imported() is None
+        desk.export("alpha-1", tmp_path / "b", now=NOW)

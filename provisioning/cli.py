@@ -48,7 +48,8 @@ A 3-node mission, end to end:
 
 Once 'snrmesh as import-desk' has copied the desk into PostgreSQL, the mission's
 keys and policy live there: the desk refuses every change (revoke with 'snrmesh
-as revoke NODE --postgres DSN'; nodes fetch bundles with 'snrmesh as bundle').
+as revoke NODE --postgres DSN'; nodes fetch bundles with 'snrmesh as bundle';
+more meters with 'snrmesh as import-meters --postgres DSN').
 """
 
 

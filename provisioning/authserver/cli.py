@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mesh.cli.progress import progress
@@ -62,6 +63,7 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
   snrmesh as serve --store desk --listen 127.0.0.1:7450 &
   snrmesh as import-desk desk --postgres "host=/run/postgresql dbname=as"   # once
   snrmesh as import-desk desk --abandon --postgres DSN   # an import that never committed
+  snrmesh as import-meters --postgres DSN --count 50000 --factory-seed f.seed   # more meters
   snrmesh as serve --postgres "host=/run/postgresql dbname=as" --workers 4 &
   snrmesh as request --as 127.0.0.1:7450 --token alpha-1.token --target gs-1
   snrmesh as bundle --as 127.0.0.1:7450 --token alpha-1.token --out alpha-1.bundle
@@ -459,11 +461,10 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
     """``snrmesh desk import-meters DIR --count N --factory-seed FILE [--head-end NODE]``."""
     check_fleet(args.count, args.prefix, args.first)
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
-    with contextlib.closing(store), progress(not args.json, "enrolling meters") as tick:
-        created = not os.path.exists(args.factory_seed)
-        seed = _factory_seed(args.factory_seed, create=True)  # once the desk opened
-        try:
-            count = import_meters(
+    with contextlib.closing(store):
+        return _import_fleet(
+            args,
+            lambda seed, tick: import_meters(
                 store,
                 seed=seed,
                 count=args.count,
@@ -471,8 +472,43 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
                 prefix=args.prefix,
                 first=args.first,
                 head_end=args.head_end,
-                on_progress=lambda done: tick(done, args.count),
-            )
+                on_progress=tick,
+            ),
+        )
+
+
+def cmd_as_import_meters(args: argparse.Namespace) -> int:
+    """``snrmesh as import-meters --postgres DSN --count N --factory-seed FILE [--head-end]``."""
+    check_fleet(args.count, args.prefix, args.first)
+    from provisioning.authserver.postgres import PostgresKeyStateStore
+
+    store = PostgresKeyStateStore.open(
+        args.postgres, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
+    )
+    with contextlib.closing(store):
+        return _import_fleet(
+            args,
+            lambda seed, tick: store.enrol_meters(
+                seed=seed,
+                count=args.count,
+                now=int(time.time()),
+                prefix=args.prefix,
+                first=args.first,
+                head_end=args.head_end,
+                on_progress=tick,
+            ),
+        )
+
+
+def _import_fleet(
+    args: argparse.Namespace, enrol: Callable[[bytes, Callable[[int], None]], int]
+) -> int:
+    """The factory seed (made if missing, removed again if nothing was enrolled), then enrol."""
+    with progress(not args.json, "enrolling meters") as tick:
+        created = not os.path.exists(args.factory_seed)
+        seed = _factory_seed(args.factory_seed, create=True)  # once the store opened
+        try:
+            count = enrol(seed, lambda done: tick(done, args.count))
         except BaseException:  # nothing was enrolled with it: a new seed goes too
             if created:
                 with contextlib.suppress(OSError):
@@ -628,6 +664,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="with --abandon: without checking the database (it is gone); noted in the audit",
     )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "import-meters",
+        help="enrol more smart meters into a PostgreSQL AS (after 'as import-desk')",
+        description="Enrol --count meters whose keys are diversified from --factory-seed "
+        "(created if missing) straight into the PostgreSQL database DSN, in one transaction: "
+        "after 'as import-desk' the desk refuses every change, so a growing fleet is "
+        "enrolled here. Keys are sealed under the desk passphrase, as the desk seals them.",
+        epilog="example: snrmesh as import-meters --postgres 'host=/run/pg dbname=as' "
+        "--count 50000 --first 1000001 --factory-seed fleet.seed --head-end head-end",
+    )
+    p.set_defaults(func=cmd_as_import_meters)
+    p.add_argument("--postgres", required=True, metavar="DSN", help="the AS's database")
+    add_import_meters_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(

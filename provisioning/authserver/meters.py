@@ -184,22 +184,33 @@ def meter_token(seed: bytes, identity: str) -> MemoryToken:
     return MemoryToken(token_id=token_id, identity=identity, role=METER_ROLE, keys=keys)
 
 
-def _rows(
-    store: Store, seed: bytes, prefix: str, first: int, count: int, now: int
-) -> Iterator[tuple[str, str, bytes, int, bytes, int, int]]:
+Seal = Callable[[str, bytes, int, tuple[bytes, ...]], bytes]
+MeterRow = tuple[str, str, bytes, int, bytes, int, int]
+
+
+def meter_rows(
+    seal: Seal, seed: bytes, prefix: str, first: int, count: int, now: int
+) -> Iterator[MeterRow]:
+    """The ``nodes`` rows of a fleet (identity, role, token id, generation, sealed keys, ...).
+
+    ``seal``: the store's sealing of a node's keys (the desk's, or the AS's in PostgreSQL:
+    the same key and format).
+    """
     for index in range(first, first + count):
         identity = meter_identity(prefix, index)
         token_id, keys = factory_keys(seed, identity)
         # personalised = 1: the factory wrote the token
-        yield (
-            identity,
-            METER_ROLE,
-            token_id,
-            1,
-            store.seal_keys(identity, token_id, 1, keys),
-            1,
-            now,
-        )
+        yield (identity, METER_ROLE, token_id, 1, seal(identity, token_id, 1, keys), 1, now)
+
+
+def fleet_detail(count: int, prefix: str, first: int, head_end: str | None) -> dict[str, Any]:
+    """The ``import-meters`` audit row's detail: which meters, paired with whom."""
+    return {
+        "count": count,
+        "first": meter_identity(prefix, first),
+        "last": meter_identity(prefix, first + count - 1),
+        "head_end": head_end,
+    }
 
 
 def check_fleet(count: int, prefix: str, first: int) -> None:
@@ -241,7 +252,7 @@ def import_meters(
             is None
         ):
             raise LocalAuthError(f"head-end {head_end} is not an enrolled, active node")
-        rows = _rows(store, seed, prefix, first, count, now)
+        rows = meter_rows(store.seal_keys, seed, prefix, first, count, now)
         done = 0
         while chunk := list(islice(rows, IMPORT_CHUNK)):
             try:
@@ -261,15 +272,9 @@ def import_meters(
                 )
             done += len(chunk)
             on_progress(done)
-        detail: dict[str, Any] = {
-            "count": count,
-            "first": meter_identity(prefix, first),
-            "last": meter_identity(prefix, first + count - 1),
-            "head_end": head_end,
-        }
         db.execute(
             "INSERT INTO audit (at, op, detail) VALUES (?, ?, ?)",
-            (now, "import-meters", audit_json(detail)),
+            (now, "import-meters", audit_json(fleet_detail(count, prefix, first, head_end))),
         )
     return count
 

@@ -720,6 +720,77 @@ class PostgresKeyStateStore(SqlKeyStateStore):
             return super().issue(requestor, target, purpose, epoch, now)
         return self._issued(requestor, target, window, found)
 
+    def enrol_meters(
+        self,
+        *,
+        seed: bytes,
+        count: int,
+        now: int,
+        prefix: str = "meter",
+        first: int = 1,
+        head_end: str | None = None,
+        on_progress: Callable[[int], None] = lambda done: None,
+    ) -> int:
+        """``desk import-meters`` for a database the desk no longer changes: one transaction.
+
+        After ``as import-desk`` the desk refuses every change, so a growing fleet
+        is enrolled here: the meters' rows (keys sealed under the desk key, as the
+        desk seals them) and their pairs with ``head_end`` are streamed (``COPY``),
+        with an ``import-meters`` audit row; nothing if any of it fails.
+        """
+        from provisioning.authserver.meters import (
+            check_fleet,
+            fleet_detail,
+            meter_identity,
+            meter_rows,
+        )
+
+        check_fleet(count, prefix, first)
+        rows = meter_rows(self.sealing.seal, seed, prefix, first, count, now)
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                if head_end is not None and (
+                    conn.execute(
+                        "SELECT 1 FROM nodes WHERE identity = %s AND revoked_at IS NULL "
+                        "AND suspended_at IS NULL",
+                        (head_end,),
+                    ).fetchone()
+                    is None
+                ):
+                    raise LocalAuthError(f"head-end {head_end} is not an enrolled, active node")
+                cur = conn.cursor()
+                done = 0
+                with cur.copy(
+                    "COPY nodes (identity, role, token_id, generation, sealed_keys, "
+                    "personalised, enrolled_at) FROM STDIN"
+                ) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                        done += 1
+                        if done % 10_000 == 0 or done == count:
+                            on_progress(done)
+                if head_end is not None:
+                    with cur.copy("COPY pairs (a, b) FROM STDIN") as copy:
+                        for index in range(first, first + count):
+                            copy.write_row(sorted((meter_identity(prefix, index), head_end)))
+                conn.execute(
+                    "INSERT INTO audit (at, op, detail) VALUES (%s, %s, %s)",
+                    (
+                        now,
+                        "import-meters",
+                        audit_json(fleet_detail(count, prefix, first, head_end)),
+                    ),
+                )
+        except psycopg.errors.UniqueViolation:
+            last = meter_identity(prefix, first + count - 1)
+            raise LocalAuthError(
+                f"meters {meter_identity(prefix, first)}..{last} overlap nodes already enrolled"
+            ) from None
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from None
+        return count
+
     def reading(self) -> contextlib.AbstractContextManager[psycopg.Cursor[Any]]:
         return self._statement(writes=False)
 

@@ -38,7 +38,7 @@ from provisioning.authserver.meters import (
     meter_token,
 )
 from provisioning.authserver.postgres import PostgresKeyStateStore, abandon_import, import_desk
-from provisioning.authserver.protocol import Authenticated
+from provisioning.authserver.protocol import Authenticated, Granted
 from provisioning.authserver.store import SqliteKeyStateStore
 from provisioning.errors import PolicyError, WrongPassphrase
 from provisioning.store import IMPORTED_META, IMPORTING_META, Store
@@ -50,7 +50,9 @@ from tests.authserver.conftest import (
     as_serve,
     cli_env,
     in_threads,
+    make_service,
     request,
+    run,
 )
 from tests.authserver.pgserver import PostgresServer
 
@@ -605,3 +607,45 @@ def test_an_import_is_abandoned_under_the_databases_new_address(
     with site.open() as desk:
         assert desk.imported() is None
         desk.export("alpha-1", tmp_path / "b", now=NOW)
+
+
+def test_meters_enrolled_into_postgres_after_the_import_are_served(
+    site: Site, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The desk refuses changes after the import, so a growing fleet is enrolled in PostgreSQL."""
+    store = PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE)
+    try:
+        assert store.enrol_meters(seed=SEED, count=5, now=NOW, first=7001, head_end="gs-1") == 5
+        token = meter_token(SEED, meter_identity("meter", 7003))
+        events = run(make_service(store, key_lifetime=1e9), token, [request("gs-1")])
+        (granted,) = [e for e in events if isinstance(e, Granted)]
+        assert granted.grant.peer == "gs-1"
+        # the same meters again, or a head-end that is not there: refused, nothing written
+        rows = _count(postgres_dsn, "SELECT count(*) FROM nodes")
+        with pytest.raises(LocalAuthError, match="overlap nodes already enrolled"):
+            store.enrol_meters(seed=SEED, count=10, now=NOW, first=6999, head_end="gs-1")
+        with pytest.raises(LocalAuthError, match="not an enrolled, active node"):
+            store.enrol_meters(seed=SEED, count=2, now=NOW, first=8000, head_end="nobody")
+        assert _count(postgres_dsn, "SELECT count(*) FROM nodes") == rows
+        assert [e["count"] for e in store.audit_log("import-meters")][-1:] == [5]
+    finally:
+        store.close()
+    seed_file = tmp_path / "batch.seed"
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "as", "import-meters", "--postgres", postgres_dsn,
+         "--count", "3", "--first", "9001", "--factory-seed", str(seed_file),
+         "--head-end", "gs-1", "--json"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["imported"] == 3 and seed_file.stat().st_size == 32
+    assert _count(postgres_dsn, "SELECT count(*) FROM pairs WHERE a = 'gs-1'") >= 3
+
+
+def _count(dsn: str, sql: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(sql).fetchone()
+    return int(row[0]) if row else 0

@@ -639,8 +639,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="copy a desk's mission into an empty PostgreSQL database (once)",
         description="Copy the desk in DIR (nodes, sealed keys, groups, pairs, keysets, "
         "audit log) into the empty PostgreSQL database DSN, for 'as serve --postgres'. "
-        "From then on token keys change in PostgreSQL only: the desk's file is marked, its "
-        "'desk export' and 'desk rekey' refuse, and 'as serve --store' refuses it. The mark "
+        "From then on token keys and policy change in PostgreSQL only: the desk's file is "
+        "marked, the desk refuses every change (revoke with 'as revoke --postgres', more "
+        "meters with 'as import-meters') and 'as serve --store' refuses it. The mark "
         "is written before the copy commits: if the import stops half way (a crash, a lost "
         "connection), run the same command again against the same database; it copies "
         "again or only confirms the copy that committed. Any other database is refused. "

@@ -444,9 +444,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
             )
         )
     failed = report.get("failed") or {}
+    latency = (
+        f"p50 {report['p50_s']} s, p99 {report['p99_s']} s, " if report["served"] else ""
+    )  # no latency to give when none was served
     text = (
         f"{report['served']}/{report['meters']} meters served in {report['seconds']} s "
-        f"(p50 {report['p50_s']} s, p99 {report['p99_s']} s, {report['attempts']} attempts)"
+        f"({latency}{report['attempts']} attempts)"
     )
     if failed:
         text += "; not served: " + ", ".join(f"{n} {why}" for why, n in sorted(failed.items()))

@@ -298,6 +298,7 @@ def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
             timeout=60,
         )
         assert unserved.returncode == 1 and "0/2 meters served" in unserved.stdout
+        assert "None" not in unserved.stdout  # no latency when none was served
         assert "not served: 2 auth-failed" in unserved.stdout  # the AS knows no such meter
     assert server.returncode == 0, server.err
     assert json.loads(server.out.strip().splitlines()[-1])["keysets"] == 31

@@ -73,6 +73,7 @@ from mesh.crypto import random_bytes
 from mesh.errors import MeshError
 from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.desk_import import import_desk
 from provisioning.authserver.messages import KeysetRequest
 from provisioning.authserver.meters import (
     import_meters,
@@ -80,7 +81,6 @@ from provisioning.authserver.meters import (
     meter_token,
     simulate_fleet,
 )
-from provisioning.authserver.postgres import import_desk
 from provisioning.desk import Desk
 from provisioning.store import Store
 from tests.authserver.pgserver import PostgresServer, unavailable_reason

@@ -190,7 +190,7 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
         )
     store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
     with contextlib.closing(store):
-        from provisioning.authserver.postgres import abandon_import, import_desk
+        from provisioning.authserver.desk_import import abandon_import, import_desk
 
         if args.abandon:
             into = abandon_import(

@@ -37,10 +37,11 @@ from mesh.crypto import random_bytes
 from mesh.token import SecureElement
 from mesh.token.software import SoftwareToken
 from provisioning.authserver.cookies import AdmissionConfig
+from provisioning.authserver.desk_import import import_desk
 from provisioning.authserver.keystate import KeyPolicy
 from provisioning.authserver.messages import BundleRequest, KeysetRequest
 from provisioning.authserver.meters import import_meters
-from provisioning.authserver.postgres import PostgresKeyStateStore, import_desk
+from provisioning.authserver.postgres import PostgresKeyStateStore
 from provisioning.authserver.protocol import AuthService, ClientEvent, ClientSession, ServerSession
 from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.desk import Desk

@@ -22,8 +22,9 @@ import pytest
 
 from mesh.keyset.copies import read_wrapped_kid
 from mesh.token import Slot, slot_kid
-from provisioning.authserver import postgres as postgres_module
+from provisioning.authserver import desk_import
 from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.desk_import import abandon_import, import_desk
 from provisioning.authserver.errors import (
     AuthRefused,
     LocalAuthError,
@@ -37,7 +38,7 @@ from provisioning.authserver.meters import (
     meter_identity,
     meter_token,
 )
-from provisioning.authserver.postgres import PostgresKeyStateStore, abandon_import, import_desk
+from provisioning.authserver.postgres import PostgresKeyStateStore
 from provisioning.authserver.protocol import Authenticated, Granted
 from provisioning.authserver.store import SqliteKeyStateStore
 from provisioning.errors import PolicyError, WrongPassphrase
@@ -336,20 +337,20 @@ def test_an_import_stopped_after_its_copy_committed_is_finished_by_running_it_ag
 ) -> None:
     """The crash window between PostgreSQL's commit and the desk's mark: no fork either way."""
     dsn = postgres.create_database("as_stopped_after_commit")
-    real = postgres_module._mark_desk
+    real = desk_import._mark_desk
 
     def crash_at_the_final_mark(store: Store, marks: dict[str, Any]) -> None:
         if IMPORTED_META in marks:
             raise KeyboardInterrupt  # the process dies here: the copy has committed
         real(store, marks)
 
-    monkeypatch.setattr(postgres_module, "_mark_desk", crash_at_the_final_mark)
+    monkeypatch.setattr(desk_import, "_mark_desk", crash_at_the_final_mark)
     with (
         contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
         pytest.raises(KeyboardInterrupt),
     ):
         import_desk(desk_store, dsn, now=NOW, source="site")
-    monkeypatch.setattr(postgres_module, "_mark_desk", real)
+    monkeypatch.setattr(desk_import, "_mark_desk", real)
     assert _imports(dsn) == 1  # the database holds the mission, the desk does not know it
     _refuses_until_confirmed(site, tmp_path)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
@@ -369,13 +370,13 @@ def test_an_import_stopped_before_its_copy_committed_copies_again(
     site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dsn = postgres.create_database("as_stopped_before_commit")
-    real = postgres_module._copy_mission
+    real = desk_import._copy_mission
 
     def crash_inside_the_copy(*args: Any, **kwargs: Any) -> dict[str, int]:
         real(*args, **kwargs)
         raise KeyboardInterrupt  # the process dies before COMMIT: PostgreSQL rolls back
 
-    monkeypatch.setattr(postgres_module, "_copy_mission", crash_inside_the_copy)
+    monkeypatch.setattr(desk_import, "_copy_mission", crash_inside_the_copy)
     with (
         contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
         pytest.raises(KeyboardInterrupt),
@@ -418,7 +419,7 @@ def test_a_second_run_meanwhile_into_another_database_is_refused(
 ) -> None:
     """The mark is checked and set in one write transaction: two runs cannot both claim it."""
     first, second = (postgres.create_database(n) for n in ("as_first_run", "as_second_run"))
-    real = postgres_module._copy_mission
+    real = desk_import._copy_mission
     refused: list[str] = []
 
     def meanwhile(*args: Any, **kwargs: Any) -> dict[str, int]:
@@ -428,7 +429,7 @@ def test_a_second_run_meanwhile_into_another_database_is_refused(
             refused.append(str(exc.value))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(postgres_module, "_copy_mission", meanwhile)
+    monkeypatch.setattr(desk_import, "_copy_mission", meanwhile)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
         assert import_desk(desk_store, first, now=NOW, source="site")["nodes"] == 24
     assert refused and _imports(first) == 1
@@ -448,7 +449,7 @@ def test_a_failed_run_clears_only_its_own_mark(
             db.execute("UPDATE meta SET value = value || 'x' WHERE key = ?", (IMPORTING_META,))
         conn.execute("SELECT no_such_function()")  # PostgreSQL fails ours: nothing committed
 
-    monkeypatch.setattr(postgres_module, "_copy_mission", another_run_marks_then_we_fail)
+    monkeypatch.setattr(desk_import, "_copy_mission", another_run_marks_then_we_fail)
     with (
         contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
         pytest.raises(StoreUnavailable, match="import into PostgreSQL failed"),
@@ -503,7 +504,7 @@ def test_a_pending_import_is_abandoned_only_where_no_copy_committed(
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
         with pytest.raises(LocalAuthError, match="nothing to abandon"):
             abandon_import(desk_store, committed, now=NOW)
-        monkeypatch.setattr(postgres_module, "_mark_desk", _crash_at_the_final_mark)
+        monkeypatch.setattr(desk_import, "_mark_desk", _crash_at_the_final_mark)
         with pytest.raises(KeyboardInterrupt):
             import_desk(desk_store, committed, now=NOW, source="site")
         monkeypatch.undo()
@@ -532,7 +533,7 @@ def test_no_abandon_nor_second_run_while_an_import_copies_into_that_database(
     """A run still copying (slow, or hung and believed dead) holds the database's import lock:
     clearing its mark would let the desk change while its copy commits."""
     dsn = postgres.create_database("as_live_run")
-    real = postgres_module._copy_mission
+    real = desk_import._copy_mission
     refused: list[str] = []
 
     def meanwhile(*args: Any, **kwargs: Any) -> dict[str, int]:
@@ -546,7 +547,7 @@ def test_no_abandon_nor_second_run_while_an_import_copies_into_that_database(
                 refused.append(str(exc.value))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(postgres_module, "_copy_mission", meanwhile)
+    monkeypatch.setattr(desk_import, "_copy_mission", meanwhile)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
         assert import_desk(desk_store, dsn, now=NOW, source="site")["nodes"] == 24
     assert len(refused) == 2 and _imports(dsn) == 1
@@ -559,7 +560,7 @@ def test_the_marked_database_is_recognised_under_another_address(
 ) -> None:
     """A failover or a new address keeps the cluster's system identifier, database and schema."""
     dsn = postgres.create_database("as_moved")
-    monkeypatch.setattr(postgres_module, "_mark_desk", _crash_at_the_final_mark)
+    monkeypatch.setattr(desk_import, "_mark_desk", _crash_at_the_final_mark)
     with (
         contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
         pytest.raises(KeyboardInterrupt),
@@ -589,7 +590,7 @@ def test_an_import_is_abandoned_under_the_databases_new_address(
     def crash_inside_the_copy(*args: Any, **kwargs: Any) -> dict[str, int]:
         raise KeyboardInterrupt  # before COMMIT: nothing there
 
-    monkeypatch.setattr(postgres_module, "_copy_mission", crash_inside_the_copy)
+    monkeypatch.setattr(desk_import, "_copy_mission", crash_inside_the_copy)
     with (
         contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
         pytest.raises(KeyboardInterrupt),

@@ -337,20 +337,7 @@ def test_an_import_stopped_after_its_copy_committed_is_finished_by_running_it_ag
 ) -> None:
     """The crash window between PostgreSQL's commit and the desk's mark: no fork either way."""
     dsn = postgres.create_database("as_stopped_after_commit")
-    real = desk_import._mark_desk
-
-    def crash_at_the_final_mark(store: Store, marks: dict[str, Any]) -> None:
-        if IMPORTED_META in marks:
-            raise KeyboardInterrupt  # the process dies here: the copy has committed
-        real(store, marks)
-
-    monkeypatch.setattr(desk_import, "_mark_desk", crash_at_the_final_mark)
-    with (
-        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
-        pytest.raises(KeyboardInterrupt),
-    ):
-        import_desk(desk_store, dsn, now=NOW, source="site")
-    monkeypatch.setattr(desk_import, "_mark_desk", real)
+    _crash_import(site, dsn, monkeypatch, committed=True)
     assert _imports(dsn) == 1  # the database holds the mission, the desk does not know it
     _refuses_until_confirmed(site, tmp_path)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
@@ -501,13 +488,13 @@ def test_a_pending_import_is_abandoned_only_where_no_copy_committed(
     site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     committed, empty = (postgres.create_database(n) for n in ("as_abandon_full", "as_abandon_x"))
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(LocalAuthError, match="nothing to abandon"),
+    ):
+        abandon_import(desk_store, committed, now=NOW)
+    _crash_import(site, committed, monkeypatch, committed=True)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
-        with pytest.raises(LocalAuthError, match="nothing to abandon"):
-            abandon_import(desk_store, committed, now=NOW)
-        monkeypatch.setattr(desk_import, "_mark_desk", _crash_at_the_final_mark)
-        with pytest.raises(KeyboardInterrupt):
-            import_desk(desk_store, committed, now=NOW, source="site")
-        monkeypatch.undo()
         with pytest.raises(LocalAuthError, match="holds this desk's mission"):
             abandon_import(desk_store, committed, now=NOW)  # the copy is there: no
         with pytest.raises(LocalAuthError, match="went to"):
@@ -560,21 +547,9 @@ def test_the_marked_database_is_recognised_under_another_address(
 ) -> None:
     """A failover or a new address keeps the cluster's system identifier, database and schema."""
     dsn = postgres.create_database("as_moved")
-    monkeypatch.setattr(desk_import, "_mark_desk", _crash_at_the_final_mark)
-    with (
-        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
-        pytest.raises(KeyboardInterrupt),
-    ):
-        import_desk(desk_store, dsn, now=NOW, source="site")
-    monkeypatch.undo()
+    _crash_import(site, dsn, monkeypatch, committed=True)
+    _move_mark(site)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
-        with desk_store.transaction(imported=True) as db:  # as if it had moved: another address
-            (mark,) = db.execute(
-                "SELECT value FROM meta WHERE key = ?", (IMPORTING_META,)
-            ).fetchone()
-            assert " system " in mark  # the test server's role may read it
-            moved = "PostgreSQL 192.0.2.7:6543/" + mark.split("/", 1)[1].split("/")[-1]
-            db.execute("UPDATE meta SET value = ? WHERE key = ?", (moved, IMPORTING_META))
         # the copy committed there: the re-run under the new address confirms it
         assert import_desk(desk_store, dsn, now=NOW, source="site")["resumed"] == 1
     assert _imports(dsn) == 1
@@ -586,24 +561,9 @@ def test_an_import_is_abandoned_under_the_databases_new_address(
     site: Site, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dsn = postgres.create_database("as_moved_empty")
-
-    def crash_inside_the_copy(*args: Any, **kwargs: Any) -> dict[str, int]:
-        raise KeyboardInterrupt  # before COMMIT: nothing there
-
-    monkeypatch.setattr(desk_import, "_copy_mission", crash_inside_the_copy)
-    with (
-        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
-        pytest.raises(KeyboardInterrupt),
-    ):
-        import_desk(desk_store, dsn, now=NOW, source="site")
-    monkeypatch.undo()
+    _crash_import(site, dsn, monkeypatch, committed=False)
+    _move_mark(site)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
-        with desk_store.transaction(imported=True) as db:
-            (mark,) = db.execute(
-                "SELECT value FROM meta WHERE key = ?", (IMPORTING_META,)
-            ).fetchone()
-            moved = "PostgreSQL 192.0.2.7:6543/" + mark.rsplit("/", 1)[1]
-            db.execute("UPDATE meta SET value = ? WHERE key = ?", (moved, IMPORTING_META))
         assert "192.0.2.7" in abandon_import(desk_store, dsn, now=NOW)
     with site.open() as desk:
         assert desk.imported() is None
@@ -650,3 +610,35 @@ def _count(dsn: str, sql: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(sql).fetchone()
     return int(row[0]) if row else 0
+
+
+def _crash_import(
+    site: Site, dsn: str, monkeypatch: pytest.MonkeyPatch, *, committed: bool
+) -> None:
+    """An import that dies after its copy committed (before the final mark), or before."""
+
+    def crash_inside_the_copy(*args: Any, **kwargs: Any) -> dict[str, int]:
+        raise KeyboardInterrupt  # before COMMIT: PostgreSQL rolls back
+
+    with monkeypatch.context() as patched:
+        if committed:
+            patched.setattr(desk_import, "_mark_desk", _crash_at_the_final_mark)
+        else:
+            patched.setattr(desk_import, "_copy_mission", crash_inside_the_copy)
+        with (
+            contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+            pytest.raises(KeyboardInterrupt),
+        ):
+            import_desk(desk_store, dsn, now=NOW, source="site")
+
+
+def _move_mark(site: Site) -> None:
+    """Rewrite the pending mark as if its database now answered at another address."""
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        desk_store.transaction(imported=True) as db,
+    ):
+        (mark,) = db.execute("SELECT value FROM meta WHERE key = ?", (IMPORTING_META,)).fetchone()
+        assert " system " in mark  # the test server's role may read it
+        moved = "PostgreSQL 192.0.2.7:6543/" + mark.rsplit("/", 1)[1]
+        db.execute("UPDATE meta SET value = ? WHERE key = ?", (moved, IMPORTING_META))

@@ -632,7 +632,9 @@ class Desk:
         old_wrap = jwk.JWK(kty="oct", k=base64url_encode(old_keys[Slot.WRAP]))
         new_wrap = jwk.JWK(kty="oct", k=base64url_encode(new_keys[Slot.WRAP]))
         new_kid = slot_kid(node.token_id, Slot.WRAP, new_generation)
-        with self.store.transaction():
+        # the mark is checked here, under the write lock, rather than by Store.transaction:
+        # the token has moved on already, and the refusal says where that leaves it
+        with self.store.transaction(imported=True):
             if (where := self.imported()) is not None:  # 'as import-desk' began meanwhile
                 raise PolicyError(
                     f"{where} while this key change ran: the token holds generation "

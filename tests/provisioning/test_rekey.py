@@ -187,3 +187,23 @@ def test_rekey_refuses_a_token_that_moved_on_without_this_desk(site: Site) -> No
     with site.open() as desk, pytest.raises(TokenError, match="generation 2, the desk expected 1"):
         desk.rekey("alpha-1", token, now=_now())
     assert snapshot(site.root) == before  # no pending keys recorded, token untouched
+
+
+def test_a_rekey_overtaken_by_an_import_says_where_its_key_change_stands(site: Site) -> None:
+    """'as import-desk' marks the desk between the token's key change and the desk's switch."""
+    desk = site.open()
+    token = site.unlock("alpha-1")
+    key_change = token.key_change
+
+    def and_the_import_begins(message: str) -> None:
+        key_change(message)
+        with desk.store.transaction(imported=True) as db:
+            db.execute("INSERT INTO meta VALUES ('as_importing_into', 'PostgreSQL x:5432/as#r')")
+
+    token.key_change = and_the_import_begins  # type: ignore[method-assign]
+    try:
+        with pytest.raises(PolicyError, match="the token holds generation 2 already"):
+            desk.rekey("alpha-1", token, now=_now())
+        assert desk.node("alpha-1").generation == 1  # this file did not switch
+    finally:
+        desk.close()

@@ -39,6 +39,7 @@ __all__ = [
     "Store",
     "audit_entries",
     "audit_json",
+    "marked_database",
     "open_node_keys",
     "open_sealer",
     "open_secret",
@@ -50,6 +51,14 @@ STORE_NAME = "desk.sqlite"
 # when it was confirmed; with either mark, token keys may change there, not in this file
 IMPORTING_META = "as_importing_into"
 IMPORTED_META = "as_imported_at"
+
+
+def marked_database(mark: object) -> str:
+    """The database an ``IMPORTING_META`` mark names ("<database>#<run id>")."""
+    text = str(mark)
+    return text.rpartition("#")[0] or text
+
+
 SCHEMA_VERSION = 1
 CANARY = b"snrmesh desk canary v1"
 
@@ -211,8 +220,8 @@ class Store:
         )
         if done is not None:
             return f"this desk was imported into PostgreSQL ({utc_iso(done[0])})"
-        if going is not None:  # "<database>#<run>"
-            into = str(going[0]).rpartition("#")[0] or going[0]
+        if going is not None:
+            into = marked_database(going[0])
             return (
                 f"an import of this desk into {into} began and is not confirmed (finish it "
                 "with the same 'snrmesh as import-desk DIR --postgres DSN': it resumes or "

@@ -30,7 +30,13 @@ from provisioning.authserver.postgres import SCHEMA, TABLES, connect, first_line
 from provisioning.authserver.store import AS_SCHEMA_VERSION
 from provisioning.bundles import DISCOVERY_SECRET
 from provisioning.errors import DeskCorrupt
-from provisioning.store import IMPORTED_META, IMPORTING_META, Store, audit_json
+from provisioning.store import (
+    IMPORTED_META,
+    IMPORTING_META,
+    Store,
+    audit_json,
+    marked_database,
+)
 
 __all__ = ["abandon_import", "import_desk"]
 
@@ -75,8 +81,9 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
                 counts = _copy_mission(conn, store, meta, now=now, source=source)
                 committing = True  # past the body: only the COMMIT can fail now
         except (psycopg.Error, sqlite3.Error, LocalAuthError, DeskCorrupt) as exc:
-            held = None if not committing else _UNKNOWN
-            if held is None:
+            if committing:  # the COMMIT's outcome is unknown: the safe side keeps the mark
+                held = _UNKNOWN
+            else:
                 try:
                     held = _held_mission(conn)
                 except psycopg.Error:
@@ -119,7 +126,7 @@ def abandon_import(store: Store, dsn: str | None, *, now: int) -> str:
         )
     if started is None:
         raise LocalAuthError("no import of this desk is pending: nothing to abandon")
-    into = str(started).rpartition("#")[0] or str(started)
+    into = marked_database(started)
     with contextlib.ExitStack() as stack:
         if dsn is not None:
             conn = stack.enter_context(contextlib.closing(connect(dsn)))
@@ -218,7 +225,7 @@ def _claim(
                     "serve that database"
                 )
             started = _desk_mark(db, IMPORTING_META)
-            going = None if started is None else str(started).rpartition("#")[0]
+            going = None if started is None else marked_database(started)
             if going is not None and held != mission_id and not _same_database(going, into):
                 raise LocalAuthError(
                     f"an import of this desk into {going} began and did not finish: run it "

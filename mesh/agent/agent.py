@@ -724,6 +724,9 @@ class Agent:
         self._flush_outbox(peer, include_sent=True)
         for receipt in self._pending_receipts.pop(peer, []):
             self._send_to(peer, receipt)
+        owed = self.store.owed_receipts(peer)
+        if owed:
+            self._receipt(peer, "read", owed)
         self._send_to(peer, self._status_message())
 
     def _commit(self, outgoing: Outgoing) -> asyncio.Future[None]:
@@ -784,13 +787,25 @@ class Agent:
             self.store.mark_sent(sent)
 
     def _receipt(self, peer: str, state: str, message_ids: list[bytes]) -> None:
-        """Acknowledge ``message_ids`` to ``peer`` (a few receipts carry many ids)."""
+        """Acknowledge ``message_ids`` to ``peer`` (a few receipts carry many ids).
+
+        What no session can take yet waits: ``read`` receipts in the store (owed
+        since ``mark_read`` committed, sent when a session with ``peer`` comes up),
+        ``delivered`` ones in memory -- losing one of those costs only a copy the
+        sender re-sends, which is acknowledged again.
+        """
+        sent: list[bytes] = []
         for i in range(0, len(message_ids), MAX_RECEIPT_IDS):
-            receipt = Receipt(tuple(message_ids[i : i + MAX_RECEIPT_IDS]), state)
-            if not self._send_to(peer, receipt, create=True):
+            chunk = message_ids[i : i + MAX_RECEIPT_IDS]
+            receipt = Receipt(tuple(chunk), state)
+            if self._send_to(peer, receipt, create=True):
+                sent += chunk
+            elif state != "read":
                 pending = self._pending_receipts.setdefault(peer, [])
                 if len(pending) < MAX_PENDING_RECEIPTS:
                     pending.append(receipt)
+        if state == "read" and sent:
+            self.store.receipts_sent(peer, sent)
 
     def _handle_messages(self, peer: str, records: list[bytes], *, link: Link | None) -> None:
         chats: list[tuple[bytes, str, str | None, str, float]] = []
@@ -1109,7 +1124,7 @@ class Agent:
         peer, group = args.get("peer"), args.get("group")
         if (peer is None) == (group is None) or not isinstance(peer or group, str):
             raise ControlError("bad-request", "mark_read needs exactly one of 'peer' and 'group'")
-        marked = self.store.mark_read(peer=peer, group=group)
+        marked = self.store.mark_read(peer=peer, group=group, mates=self.peers)
         by_sender: dict[str, list[bytes]] = {}
         for message_id, sender in marked:
             if sender in self.peers:

@@ -12,6 +12,8 @@ retries then re-deliver (store-and-forward is idempotent by message id).
   messages fan out into one row per member.
 * ``high_water``: per ``ck_id`` and role, the newest handshake timestamp accepted, so
   a replayed handshake is refused even across restarts.
+* ``read_receipts``: read receipts owed to a sender that no session has taken
+  yet; written with the ``read`` mark itself, so a crash cannot lose one.
 * ``alerts``: refused peers, expiring keysets, token problems.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,11 @@ CREATE TABLE IF NOT EXISTS high_water (
     role      TEXT NOT NULL,
     timestamp INTEGER NOT NULL,
     PRIMARY KEY (ck_id, role)
+);
+CREATE TABLE IF NOT EXISTS read_receipts (
+    id        BLOB NOT NULL,
+    peer      TEXT NOT NULL,
+    PRIMARY KEY (peer, id)
 );
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id  INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -283,8 +290,15 @@ class AgentStore:
             )
         return fresh
 
-    def mark_read(self, *, peer: str | None, group: str | None) -> list[tuple[bytes, str]]:
-        """Mark a conversation read; return (message id, sender) pairs that need a read receipt."""
+    def mark_read(
+        self, *, peer: str | None, group: str | None, mates: Collection[str]
+    ) -> list[tuple[bytes, str]]:
+        """Mark a conversation read; return the (message id, sender) pairs it marked.
+
+        The read receipts owed to the senders among ``mates`` are recorded in the
+        mark's own transaction (``owed_receipts``), so none is lost if the agent
+        dies before a session with the sender takes it.
+        """
         where = "grp = ?" if group is not None else "grp IS NULL AND peer = ?"
         arg = group if group is not None else peer
         with self.db:
@@ -297,7 +311,28 @@ class AgentStore:
                 f"UPDATE messages SET read = 1 WHERE direction = 'in' AND read = 0 AND {where}",
                 (arg,),
             )
-        return [(bytes(i), p) for i, p in rows]
+            marked = [(bytes(i), p) for i, p in rows]
+            self.db.executemany(
+                "INSERT OR IGNORE INTO read_receipts (id, peer) VALUES (?, ?)",
+                [(i, p) for i, p in marked if p in mates],
+            )
+        return marked
+
+    def owed_receipts(self, peer: str) -> list[bytes]:
+        """Ids of ``peer``'s messages read here whose read receipt no session has taken yet."""
+        return [
+            bytes(i)
+            for (i,) in self.db.execute("SELECT id FROM read_receipts WHERE peer = ?", (peer,))
+        ]
+
+    def receipts_sent(self, peer: str, message_ids: Iterable[bytes]) -> None:
+        """Forget the read receipts for ``message_ids`` that a session with ``peer`` took."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "DELETE FROM read_receipts WHERE peer = ? AND id = ?",
+                [(peer, i) for i in message_ids],
+            )
 
     def history(
         self, *, peer: str | None = None, group: str | None = None, limit: int = 200

@@ -102,6 +102,21 @@ def test_message_to_an_agent_that_is_down_is_delivered_once_when_it_starts(
     assert ids(sim, "c", peer="a") == [sent["message_id"]]
 
 
+def test_read_receipt_for_an_offline_sender_survives_kill_9(make_sim: MakeSim) -> None:
+    sim = make_sim(["a", "c"])
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 20, "the link")
+    sent = sim.nodes["a"].request("send", to="c", text="tell me when you have read this")
+    sim.wait_for(lambda: delivered(sim, "a", sent["message_id"]), 20, "delivery")
+    sim.stop("a")
+    sim.wait_for(lambda: sim.peer_states("c")["a"] == "offline", 20, "c to see a gone")
+    assert sim.nodes["c"].request("mark_read", peer="a") == {"marked": 1}
+    sim.stop("c", kill=True)  # before any session could take the read receipt
+    sim.start()
+    sim.wait_for(lambda: [m["state"] for m in sim.history("a")] == ["read"], 30, "a to see it read")
+
+
 @pytest.mark.parametrize("victim", ["receiver", "sender"])
 def test_kill_9_mid_stream_loses_and_duplicates_nothing(make_sim: MakeSim, victim: str) -> None:
     sim = make_sim(["a", "b"])

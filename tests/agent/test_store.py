@@ -41,9 +41,24 @@ def test_mark_read_returns_what_needs_a_read_receipt_once(tmp_path: Path) -> Non
     store = AgentStore(tmp_path)
     m1, m2 = os.urandom(16), os.urandom(16)
     store.receive([(m1, "b", None, "one", 1.0), (m2, "c", "squad", "two", 2.0)])
-    assert store.mark_read(peer="b", group=None) == [(m1, "b")]
-    assert store.mark_read(peer="b", group=None) == []
-    assert store.mark_read(peer=None, group="squad") == [(m2, "c")]
+    assert store.mark_read(peer="b", group=None, mates={"b", "c"}) == [(m1, "b")]
+    assert store.mark_read(peer="b", group=None, mates={"b", "c"}) == []
+    assert store.mark_read(peer=None, group="squad", mates={"b", "c"}) == [(m2, "c")]
+
+
+def test_read_receipts_owed_survive_reopen_until_a_session_takes_them(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    m1, m2, m3 = os.urandom(16), os.urandom(16), os.urandom(16)
+    store.receive([(m1, "b", None, "one", 1.0), (m2, "b", None, "two", 2.0)])
+    store.receive([(m3, "x", None, "from a stranger", 3.0)])
+    store.mark_read(peer="b", group=None, mates={"b"})
+    store.mark_read(peer="x", group=None, mates={"b"})  # not a mate: no receipt owed
+    store.close()  # as after a crash: the receipts were owed in the mark's own transaction
+    again = AgentStore(tmp_path)
+    assert sorted(again.owed_receipts("b")) == sorted([m1, m2])
+    assert again.owed_receipts("x") == []
+    again.receipts_sent("b", [m1])
+    assert again.owed_receipts("b") == [m2]
 
 
 def test_high_water_marks_never_go_back(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from provisioning.authserver.cli import (
     add_import_meters_arguments,
     audit_text,
     cmd_import_meters,
+    desk_passphrase,
 )
 from provisioning.desk import MAX_SEED_SIZE, Desk
 from provisioning.errors import DeskError, MissionError
@@ -63,10 +64,6 @@ def _now() -> int:
     return int(time.time())
 
 
-def _passphrase(*, confirm: bool = False) -> str:
-    return read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ", confirm=confirm)
-
-
 def _pin(node: str, *, confirm: bool = False) -> str:
     return read_secret(PIN_ENV, f"PIN for {node}'s token: ", confirm=confirm)
 
@@ -82,7 +79,7 @@ def _seed(path: str | None) -> bytes | None:
 
 @contextlib.contextmanager
 def _desk(args: argparse.Namespace) -> Iterator[Desk]:
-    desk = Desk.open(args.dir, passphrase=_passphrase())
+    desk = Desk.open(args.dir, passphrase=desk_passphrase(args.dir))
     try:
         yield desk
     finally:
@@ -114,7 +111,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise MissionError("--hours and --epoch-hours must be positive")
     now = _now()
     start = now if args.start is None else _parse_time(args.start)
-    passphrase = _passphrase(confirm=True)
+    passphrase = read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ", confirm=True)
     desk = Desk.init(
         args.dir,
         passphrase=passphrase,

@@ -129,6 +129,18 @@ def open_secret(sealer: Sealer, name: str, blob: object) -> bytes:
         raise DeskCorrupt(f"desk secret {name!r} does not open (store tampered?)") from None
 
 
+def desk_file(directory: str | os.PathLike[str]) -> Path:
+    """The desk's store file in ``directory``, or ``DeskNotFound``.
+
+    Commands call it before they ask for the passphrase, so that a mistyped folder
+    is named at once instead of after the passphrase has been typed.
+    """
+    path = Path(directory) / STORE_NAME
+    if not path.is_file():
+        raise DeskNotFound(f"no desk in {directory} (create one with 'snrmesh desk init')")
+    return path
+
+
 class Store:
     """An open desk store: a SQLite connection plus the passphrase sealer."""
 
@@ -180,9 +192,7 @@ class Store:
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], passphrase: str) -> Store:
-        path = Path(directory) / STORE_NAME
-        if not path.is_file():
-            raise DeskNotFound(f"no desk in {directory} (create one with 'snrmesh desk init')")
+        path = desk_file(directory)
         db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
         try:
             meta = dict(

@@ -48,7 +48,7 @@ from provisioning.authserver.meters import (
 from provisioning.authserver.protocol import AuthService
 from provisioning.authserver.server import bound_socket, serve_forever
 from provisioning.authserver.store import CLONE_ALERT, SqliteKeyStateStore, SqlKeyStateStore
-from provisioning.store import Store
+from provisioning.store import Store, desk_file
 
 __all__ = ["add_import_meters_arguments", "cmd_import_meters", "register"]
 
@@ -105,6 +105,13 @@ def _factory_seed(path: str, *, create: bool) -> bytes:
 # -- handlers ---------------------------------------------------------------------------------
 
 
+def desk_passphrase(directory: str | None) -> str:
+    """The desk passphrase, asked for once ``directory`` (if any) is known to hold a desk."""
+    if directory is not None:
+        desk_file(directory)
+    return read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
+
+
 def _check_store_choice(args: argparse.Namespace) -> None:
     """Before any passphrase prompt: exactly one of --store and --postgres."""
     if bool(args.store) == bool(args.postgres):
@@ -148,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LocalAuthError("--identity-rate must be a positive number")
     _check_store_choice(args)
     sock = bound_socket(host, port)  # an address we cannot listen on fails before the store
-    passphrase = read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
+    passphrase = desk_passphrase(args.store)
     _open_store(args, passphrase).close()  # fail here, once, on a wrong passphrase or DSN
     admission = AdmissionConfig(
         cookie_threshold=args.cookie_threshold,
@@ -188,7 +195,7 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
             "--abandon --force is for a database that is gone: give no --postgres "
             "(with --postgres, --abandon checks that database instead)"
         )
-    store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
+    store = Store.open(args.dir, desk_passphrase(args.dir))
     with contextlib.closing(store):
         from provisioning.authserver.desk_import import abandon_import, import_desk
 
@@ -219,9 +226,7 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     """``snrmesh as revoke NODE (--store DIR | --postgres DSN)``."""
     _check_store_choice(args)
-    with contextlib.closing(
-        _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
-    ) as store:
+    with contextlib.closing(_open_store(args, desk_passphrase(args.store))) as store:
         try:
             newly = store.revoke(args.node, int(time.time()))
         except RemoteAuthError:
@@ -264,9 +269,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise LocalAuthError(f"--limit must be 1..{MAX_AUDIT_LIMIT:,}")
     _check_store_choice(args)
     op = CLONE_ALERT if args.alerts else args.op
-    with contextlib.closing(
-        _open_store(args, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
-    ) as store:
+    with contextlib.closing(_open_store(args, desk_passphrase(args.store))) as store:
         entries = store.audit_log(op, args.limit)
     for entry in entries:
         entry["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"]))
@@ -463,7 +466,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_import_meters(args: argparse.Namespace) -> int:
     """``snrmesh desk import-meters DIR --count N --factory-seed FILE [--head-end NODE]``."""
     check_fleet(args.count, args.prefix, args.first)
-    store = Store.open(args.dir, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: "))
+    store = Store.open(args.dir, desk_passphrase(args.dir))
     with contextlib.closing(store):
         return _import_fleet(
             args,
@@ -485,9 +488,7 @@ def cmd_as_import_meters(args: argparse.Namespace) -> int:
     check_fleet(args.count, args.prefix, args.first)
     from provisioning.authserver.postgres import PostgresKeyStateStore
 
-    store = PostgresKeyStateStore.open(
-        args.postgres, read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ")
-    )
+    store = PostgresKeyStateStore.open(args.postgres, desk_passphrase(None))
     with contextlib.closing(store):
         return _import_fleet(
             args,

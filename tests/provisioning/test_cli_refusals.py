@@ -117,6 +117,14 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     ("garbage-nodes-table-export", lambda s: _garble_table(s, "nodes"),
      ("desk", "export", "desk", "alpha-1", "--out", "new.bundle"), ("store is corrupt",), {}),
     ("no-desk", _nothing, ("desk", "show", "elsewhere"), ("no desk in elsewhere",), {}),
+    # a mistyped folder is named before the passphrase is asked for (none given here)
+    ("no-desk-before-passphrase", _nothing, ("desk", "show", "elsewhere"),
+     ("no desk in elsewhere",), {"passphrase": None}),
+    ("no-desk-before-passphrase-as", _nothing, ("as", "audit", "--store", "elsewhere"),
+     ("no desk in elsewhere",), {"passphrase": None}),
+    ("no-desk-before-passphrase-import", _nothing,
+     ("as", "import-desk", "elsewhere", "--postgres", "host=/nonexistent"),
+     ("no desk in elsewhere",), {"passphrase": None}),
     # tokens
     ("garbage-token", lambda s: _garble(s.token("alpha-1")),
      ("bundle", "inspect", "alpha-1.bundle", "--token", "alpha-1.token"),

@@ -63,6 +63,11 @@ class SessionConfig:
     session -- the Authentication Server's link, whose PSK is fresh per
     connection -- and stays off by default. On datagrams message 2 may be lost
     or overtaken, so it is refused there.
+
+    ``single_handshake`` is for links that live seconds (the Authentication
+    Server's): the session runs exactly one handshake. Neither side rekeys, and
+    a responder refuses any further message 1 -- a rekey or a repeat -- that
+    would otherwise cost it a key generation and a Diffie-Hellman each time.
     """
 
     identity: str
@@ -78,6 +83,7 @@ class SessionConfig:
     previous_key_lifetime: float = 30.0
     max_pending_records: int = 64
     early_data: bool = False
+    single_handshake: bool = False
 
     def __post_init__(self) -> None:
         try:

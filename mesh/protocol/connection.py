@@ -353,6 +353,8 @@ class Connection:
     def _handle_init(self, frame: bytes, now: float) -> None:
         if self.role is not Role.RESPONDER or not self._state.allows(Trigger.RECV_INIT):
             raise RemoteProtocolError(Reason.UNEXPECTED_FRAME, "message 1")
+        if self.ck is not None and self._config.single_handshake:
+            raise RemoteProtocolError(Reason.UNEXPECTED_FRAME, "a second message 1")
         init = pull_init(frame)
         ck, from_ticket = self._responder_keyset(init, now)
         if self.ck is not None and ck.ck_id != self.ck.ck_id:
@@ -531,7 +533,11 @@ class Connection:
 
     def _maybe_rekey(self, now: float) -> None:
         """Start (initiator) or ask for (responder) a rekey when the keys are old or worn."""
-        if self._state.state is not State.ESTABLISHED or self._rekey_requested:
+        if (
+            self._state.state is not State.ESTABLISHED
+            or self._rekey_requested
+            or self._config.single_handshake
+        ):
             return
         sender, opener = self._sender, self._openers[self._epoch & 1]
         assert sender is not None and opener is not None

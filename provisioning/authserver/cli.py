@@ -323,11 +323,12 @@ def cmd_request(args: argparse.Namespace) -> int:
     if args.epoch is not None and not 0 <= args.epoch <= MAX_EPOCH:
         raise LocalAuthError(f"--epoch must be 0..{MAX_EPOCH:,}")
     token = open_token(args.token)
-    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     request = KeysetRequest(random_bytes(16), args.target, args.purpose, args.epoch)
-    outcome = eventloop.run(
-        request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
-    )
+    with token.exclusive():  # the link may change the token's keys: one process at a time
+        token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
+        outcome = eventloop.run(
+            request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
+        )
     auth = outcome.authenticated
     refused = [e for e in outcome.events if getattr(e, "request_id", None)]
     if not outcome.grants:
@@ -375,11 +376,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     _check_out(args.out, token=args.token, looks_like=BUNDLE_MAGIC)
     token = open_token(args.token)
     identity = token.info().identity
-    token.verify_pin(read_secret(PIN_ENV, f"PIN for {identity}'s token: "))
     request = BundleRequest(random_bytes(16), args.ahead)
-    outcome = eventloop.run(
-        request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
-    )
+    with token.exclusive():  # the link may change the token's keys: one process at a time
+        token.verify_pin(read_secret(PIN_ENV, f"PIN for {identity}'s token: "))
+        outcome = eventloop.run(
+            request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
+        )
     auth = outcome.authenticated
     if not outcome.bundles:
         refused = [e for e in outcome.events if getattr(e, "request_id", None)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from mesh.crypto import hmac_sha256, random_bytes
 from mesh.protocol.ratelimit import TokenBucket
 from provisioning.authserver.errors import LocalAuthError, Refusal
-from provisioning.authserver.messages import CookieReply, Hello, Refuse
+from provisioning.authserver.messages import MAX_RETRY_AFTER, CookieReply, Hello, Refuse
 
 __all__ = ["COOKIE_SIZE", "Admission", "AdmissionConfig", "CookieJar", "KeyedLimiter"]
 
@@ -155,7 +155,7 @@ class Admission:
         wait = self._sources.wait(source, now)
         if wait is not None:
             stats["rate_limited"] += 1
-            return Refuse(Refusal.RATE_LIMITED, round(max(wait, 0.001), 3))
+            return Refuse(Refusal.RATE_LIMITED, _retry_after(wait))
         stats["admitted"] += 1
         self._pending[source] = pending + 1
         self.total += 1
@@ -178,5 +178,14 @@ class Admission:
         wait = self._identities.wait(identity, now, cost)
         if wait is not None:
             self.stats["rate_limited"] += 1
-            return math.ceil(wait * 1000) / 1000
+            return _retry_after(wait)
         return None
+
+
+def _retry_after(wait: float) -> float:
+    """A limiter's wait as a retry-after every client accepts: 1 ms to MAX_RETRY_AFTER.
+
+    A very low rate (``--identity-rate 0.0001``) waits longer than a client would
+    decode; it comes back at the bound and is refused again then.
+    """
+    return min(max(math.ceil(wait * 1000) / 1000, 0.001), MAX_RETRY_AFTER)

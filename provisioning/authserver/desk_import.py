@@ -79,6 +79,11 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
         try:
             with conn.transaction():
                 counts = _copy_mission(conn, store, meta, now=now, source=source)
+                if _desk_mark(store.db, IMPORTING_META) != run:  # '--abandon --force' meanwhile
+                    raise LocalAuthError(
+                        "the desk's import mark was cleared while the copy ran: nothing was "
+                        "committed in PostgreSQL; run the import again"
+                    )
                 committing = True  # past the body: only the COMMIT can fail now
         except (psycopg.Error, sqlite3.Error, LocalAuthError, DeskCorrupt) as exc:
             if committing:  # the COMMIT's outcome is unknown: the safe side keeps the mark
@@ -226,7 +231,9 @@ def _claim(
                 )
             started = _desk_mark(db, IMPORTING_META)
             going = None if started is None else marked_database(started)
-            if going is not None and held != mission_id and not _same_database(going, into):
+            # even when this database holds the mission (a desk restored from a backup and
+            # imported again): the marked import may have committed too, so it is settled first
+            if going is not None and not _same_database(going, into):
                 raise LocalAuthError(
                     f"an import of this desk into {going} began and did not finish: run it "
                     "again against that database (it resumes), or abandon it ('--abandon'); "

@@ -244,10 +244,14 @@ def import_meters(
     check_fleet(count, prefix, first)
     db: sqlite3.Connection = store.db
     with store.transaction():
+        # suspended by an AS that ran on this desk (its column exists only then), as the
+        # PostgreSQL store checks too: a fleet paired with it would be refused every keyset
+        as_ran = any(row[1] == "suspended_at" for row in db.execute("PRAGMA table_info(nodes)"))
+        active = "revoked_at IS NULL" + (" AND suspended_at IS NULL" if as_ran else "")
         if (
             head_end is not None
             and db.execute(
-                "SELECT 1 FROM nodes WHERE identity = ? AND revoked_at IS NULL", (head_end,)
+                f"SELECT 1 FROM nodes WHERE identity = ? AND {active}", (head_end,)
             ).fetchone()
             is None
         ):

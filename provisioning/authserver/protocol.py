@@ -46,6 +46,7 @@ from mesh.protocol import (
     State,
 )
 from mesh.protocol.events import ConnectionTerminated, Termination
+from mesh.protocol.state import TERMINAL
 from mesh.token import SecureElement, Slot, TokenError
 from provisioning.authserver.cookies import BUNDLE_COST, Admission, AdmissionConfig
 from provisioning.authserver.errors import (
@@ -122,12 +123,15 @@ LINK_CLOCK_SKEW = 1e12  # the link's freshness comes from the nonces, not from c
 
 
 def _link_config(identity: str, context_ck_mission: bytes) -> SessionConfig:
-    # early_data: the AS's CHALLENGE rides with message 2 (see the module doc)
+    # early_data: the AS's CHALLENGE rides with message 2 (see the module doc);
+    # single_handshake: a link lives seconds, and each further message 1 would cost the AS
+    # a Diffie-Hellman that no admission counts
     return SessionConfig(
         identity=identity,
         mission_id=context_ck_mission,
         clock_skew=LINK_CLOCK_SKEW,
         early_data=True,
+        single_handshake=True,
     )
 
 
@@ -306,6 +310,9 @@ class ServerSession:
             log.warning("AS store: %s", exc)
             self._service.count("unavailable")
             self._refuse(Refusal.UNAVAILABLE, now, UNAVAILABLE_RETRY)
+        except ProtocolError:  # the link cannot carry our answer (closed under it): end it
+            self._service.count("link_failed")
+            self._finish()
 
     def data_to_send(self) -> bytes:
         if self._link is not None:
@@ -373,6 +380,9 @@ class ServerSession:
             self._service.count("link_failed")
             self._finish()  # the connection queued its generic REFUSE
             return
+        if link.connection.state in TERMINAL:  # the client closed: nothing can be answered
+            self._finish()
+            return
         if self.state is ServerState.HANDSHAKE and link.connection.state is State.AWAIT_CONFIRM:
             self._on_link_up(now)  # message 2 is queued: the challenge goes with it
         while (event := link.connection.next_event()) is not None and not self.closed:
@@ -403,15 +413,17 @@ class ServerSession:
                 and (record.pending is not None or service.policy.due(record, now))
             ):
                 record = service.store.prepare_key_change(self.identity, generation, int(now))
-                assert record.pending is not None
-                cache_key = (record.token_id, generation + 1)
-                key_change = service.key_changes.get(cache_key)
-                if key_change is None:  # same pending keys; the same message when cached
-                    key_change = make_key_change(record)
-                    service._remember(service.key_changes, cache_key, key_change)
-                generation += 1
-                self._key = LinkKey(KeyChoice.CURRENT, generation, record.pending)
-                self._changing = True
+                if record.pending is None:  # too many CK copies to rewrap online: keys kept
+                    service.count("key_change_deferred")
+                else:
+                    cache_key = (record.token_id, generation + 1)
+                    key_change = service.key_changes.get(cache_key)
+                    if key_change is None:  # same pending keys; the same message when cached
+                        key_change = make_key_change(record)
+                        service._remember(service.key_changes, cache_key, key_change)
+                    generation += 1
+                    self._key = LinkKey(KeyChoice.CURRENT, generation, record.pending)
+                    self._changing = True
         elif key.choice is KeyChoice.PENDING:
             service.count("resumed_key_change")
         self._challenge = random_bytes(CHALLENGE_SIZE)
@@ -439,11 +451,12 @@ class ServerSession:
         if outcome is Outcome.CLONE:
             service.store.suspend(identity, key.generation, int(now))
             raise RemoteAuthError(Refusal.SUSPENDED, "cloned token")
+        if self._record is None or self._record.suspended:
+            # as read at HELLO, whichever key answered; a suspension since then is caught by
+            # ``issue`` under its lock
+            raise RemoteAuthError(Refusal.SUSPENDED)
         if outcome is Outcome.COMMIT:
             service.store.commit_key_change(identity, key.generation, int(now))
-        elif self._record is None or self._record.suspended:
-            # as read at HELLO; a suspension since then is caught by ``issue`` under its lock
-            raise RemoteAuthError(Refusal.SUSPENDED)
         self._release()  # authenticated: no longer a pending challenge
         self._go(_S.ANSWERED)
         self._link.send(Ready(key.generation), now)

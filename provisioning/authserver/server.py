@@ -170,6 +170,7 @@ class _LinkProtocol(asyncio.Protocol):
         self._session: ServerSession | None = None
         self._held: list[bytes] = []  # bytes waiting for the group sync, in order
         self._holding = False
+        self._need = 0  # the store's commit count the held bytes wait for
         self._closing = False
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -213,12 +214,21 @@ class _LinkProtocol(asyncio.Protocol):
         assert session is not None
         out = session.data_to_send()
         if out:
-            self._held.append(out)
-            if not self._holding:
-                self._holding = True
-                self._server.group.when_durable(self._release)
+            self._hold(out)
         if session.closed:
             self._end()
+
+    def _hold(self, out: bytes) -> None:
+        """Hold ``out`` until every commit made so far -- those it reports -- is durable.
+
+        Bytes added while an earlier sync runs (a request read after the answer's
+        key change) may report a later commit: ``_release`` waits for that too.
+        """
+        self._held.append(out)
+        self._need = self._server.service.store.commits
+        if not self._holding:
+            self._holding = True
+            self._server.group.when_durable(self._release)
 
     def _release(self, durable: bool) -> None:
         self._holding = False
@@ -230,6 +240,10 @@ class _LinkProtocol(asyncio.Protocol):
             self._held.clear()
             transport.abort()  # nothing leaves that the store may not hold
             return
+        if self._server.service.store.synced < self._need:  # held more since: its commits
+            self._holding = True
+            self._server.group.when_durable(self._release)
+            return
         transport.write(b"".join(self._held))
         self._held.clear()
         if self._closing:
@@ -237,17 +251,11 @@ class _LinkProtocol(asyncio.Protocol):
 
     def _end(self) -> None:
         """Close once the held bytes are written (the session ended, or the client left)."""
-        if self._session is not None:
-            out = self._session.data_to_send()
-            if out:
-                self._held.append(out)
         self._closing = True
-        if self._holding:
-            return  # _release closes
-        if self._held:
-            self._holding = True
-            self._server.group.when_durable(self._release)
-        elif self._transport is not None:
+        out = b"" if self._session is None else self._session.data_to_send()
+        if out:
+            self._hold(out)  # _release closes
+        elif not self._holding and self._transport is not None:
             self._transport.close()
 
     # -- timers: the session's deadline, and the idle timeout ------------------------------

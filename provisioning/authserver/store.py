@@ -84,6 +84,10 @@ OPENED_KEYS_CACHE = 4096  # opened slot-key sets per worker (a few hundred bytes
 CHECKPOINT_EVERY = 256  # commits between the sync thread's WAL checkpoints (SQLite)
 PAGE_CACHE_KIB = 65_536  # SQLite page cache per AS worker
 MAX_BUNDLE_MINTS = 512  # CKs one bundle request may mint (each one a short transaction)
+# a key change rewraps the node's live CK copies in its commit's transaction (~0.4 ms each),
+# holding the write lock (SQLite) or the node's row (PostgreSQL): a node with more (a head-end
+# paired with a fleet) keeps its keys online, and the AS says so once per worker
+MAX_ONLINE_REWRAP = 4096
 MAX_EPOCHS_AHEAD = 4  # a node may fetch the CKs of the next few epochs, not the whole mission
 MIGRATION = (
     "ALTER TABLE nodes ADD COLUMN previous_keys BLOB",
@@ -233,7 +237,11 @@ class KeyStateStore(ABC):
 
     @abstractmethod
     def prepare_key_change(self, identity: str, generation: int, now: int) -> TokenKeys:
-        """Record pending keys for ``generation + 1`` (or keep those already pending)."""
+        """Record pending keys for ``generation + 1`` (or keep those already pending).
+
+        Returns the record without pending keys when the node holds more than
+        ``MAX_ONLINE_REWRAP`` live CK copies: the change is not made online.
+        """
 
     @abstractmethod
     def commit_key_change(self, identity: str, new_generation: int, now: int) -> None:
@@ -276,6 +284,7 @@ class SqlKeyStateStore(KeyStateStore):
     def __init__(self, sealing: Sealing, mission: Mission) -> None:
         self.sealing = sealing
         self.mission = mission
+        self._deferred: set[str] = set()  # nodes whose due key change was not made (logged)
 
     @abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
@@ -341,6 +350,17 @@ class SqlKeyStateStore(KeyStateStore):
                 raise RemoteAuthError(Refusal.AUTH_FAILED, "key generation moved meanwhile")
             if record.pending is not None:
                 return record
+            live = self._live_copies(cur, identity, now)
+            if live > MAX_ONLINE_REWRAP:
+                if identity not in self._deferred:  # once per worker: it authenticates again
+                    self._deferred.add(identity)
+                    log.warning(
+                        "keys of %s are due but not changed online: it holds more than %d live "
+                        "CK copies, which a key change rewraps under one lock",
+                        identity,
+                        MAX_ONLINE_REWRAP,
+                    )
+                return record  # no pending keys: the link goes on under the current ones
             # fresh OS randomness mixed (HKDF) with server-side nonces: neither alone decides
             new = derive_slot_keys(record.token_id, random_bytes(32) + now.to_bytes(8, "big"))
             self._exec(
@@ -379,9 +399,13 @@ class SqlKeyStateStore(KeyStateStore):
             new_wrap = jwk.JWK(kty="oct", k=base64url_encode(record.pending[Slot.WRAP]))
             new_kid = slot_kid(record.token_id, Slot.WRAP, new_generation)
             rewrapped = 0
+            first_live = self._first_live_epoch(now)  # older CKs are never served again
             for column, party in (("copy_a", "a"), ("copy_b", "b")):
                 cur.execute(
-                    self._q(f"SELECT ck_id, {column} FROM keysets WHERE {party} = ?"), (identity,)
+                    self._q(
+                        f"SELECT ck_id, {column} FROM keysets WHERE {party} = ? AND epoch >= ?"
+                    ),
+                    (identity, first_live),
                 )
                 for ck_id, copy in cur.fetchall():
                     self._exec(
@@ -414,6 +438,25 @@ class SqlKeyStateStore(KeyStateStore):
                 outcome="committed",
                 rewrapped=rewrapped,
             )
+
+    def _first_live_epoch(self, now: int) -> int:
+        """The first epoch whose CKs may still be served (past the last one: none are)."""
+        m = self.mission
+        return 0 if now < m.start else int((now - m.start) // m.epoch_seconds)
+
+    def _live_copies(self, cur: Any, identity: str, now: int) -> int:
+        """How many copies a key change of ``identity`` would rewrap, counted up to the bound."""
+        first_live, bound = self._first_live_epoch(now), MAX_ONLINE_REWRAP + 1
+        total = 0
+        for party in ("a", "b"):
+            (n,) = self._row(
+                cur,
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM keysets WHERE {party} = ? AND epoch >= ? "
+                "LIMIT ?) AS live",
+                (identity, first_live, bound),
+            )
+            total += n
+        return int(total)
 
     def suspend(self, identity: str, presented: int, now: int) -> None:
         with self.transaction() as cur:

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from mesh.keyset import open_copy
+from provisioning.authserver import store as store_module
 from provisioning.authserver.errors import (
     LocalAuthError,
     Refusal,
@@ -625,3 +626,55 @@ def test_clone_alerts_are_read_by_index_not_by_a_scan_of_the_audit_log(
         assert "audit_alerts" in plan and "SCAN audit" not in plan.replace(
             "SCAN audit USING INDEX", ""
         ), plan
+
+
+def _copies_of(store: SqlKeyStateStore, node: str, first_epoch: int) -> int:
+    with store.reading() as cur:
+        cur.execute(
+            store._q("SELECT COUNT(*) FROM keysets WHERE (a = ? OR b = ?) AND epoch >= ?"),
+            (node, node, first_epoch),
+        )
+        return int(cur.fetchone()[0])
+
+
+def test_a_node_with_more_live_copies_than_the_bound_keeps_its_keys_online(
+    site: Site, store: SqlKeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claim: a key change rewraps under one lock, so above MAX_ONLINE_REWRAP it is not made.
+
+    A head-end paired with a fleet would otherwise hold the write lock (or its row)
+    for minutes. The link goes on under the current keys.
+    """
+    monkeypatch.setattr(store_module, "MAX_ONLINE_REWRAP", 2)
+    service = make_service(store)  # keys due at every authentication
+    for n in (1, 2, 3):  # three meters' CKs with the head-end
+        events = run(service, meter_token(SEED, meter_identity("meter", n)), [request("gs-1")])
+        assert any(isinstance(e, Granted) for e in events), events
+    assert _copies_of(store, "gs-1", 0) > 2
+    head_end = site.token("gs-1")
+    events = run(service, head_end, [request("alpha-2")])
+    assert isinstance(events[0], Authenticated) and events[0].generation == 1
+    assert any(isinstance(e, Granted) for e in events), events
+    record = store.load("gs-1")
+    assert record is not None and record.generation == 1 and record.pending is None
+    assert service.counters["key_change_deferred"] == 1
+
+
+def test_a_key_change_rewraps_only_the_copies_still_served(
+    site: Site, store: SqlKeyStateStore
+) -> None:
+    """Claim: CKs of past epochs are never served again, so a key change leaves them."""
+    service = make_service(store)  # keys due at every authentication
+    meter = meter_token(SEED, meter_identity("meter", 5))
+    run(service, meter, [request("gs-1")])  # epoch 0
+    run(service, meter, [request("gs-1")], now=NOW + DAY)  # epoch 1
+    live = _copies_of(store, "gs-1", 1)
+    assert _copies_of(store, "gs-1", 0) > live > 0
+    events = run(service, site.token("gs-1"), [], now=NOW + DAY)
+    assert isinstance(events[0], Authenticated) and events[0].generation == 2
+    (changed,) = [
+        e
+        for e in store.audit_log("as-key-change")
+        if e["node"] == "gs-1" and e["outcome"] == "committed"
+    ]
+    assert changed["rewrapped"] == live

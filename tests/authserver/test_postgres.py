@@ -642,3 +642,96 @@ def _move_mark(site: Site) -> None:
         assert " system " in mark  # the test server's role may read it
         moved = "PostgreSQL 192.0.2.7:6543/" + mark.rsplit("/", 1)[1]
         db.execute("UPDATE meta SET value = ? WHERE key = ?", (moved, IMPORTING_META))
+
+
+def test_a_run_meanwhile_into_a_database_holding_the_mission_does_not_confirm_another_run(
+    site: Site, postgres: PostgresServer, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claim: while a run's mark names a database, only that database may be imported into.
+
+    ``postgres_dsn`` holds this desk's mission (as when the desk was restored from a
+    backup) while a run into an empty database copies. A run against ``postgres_dsn``
+    meanwhile used to "confirm" the pending import it did not make; it is refused, and
+    the run in progress finishes into its own database.
+    """
+    fresh = postgres.create_database("as_import_meanwhile")
+    real = desk_import._copy_mission
+    meanwhile: list[str] = []
+
+    def copy(*args: Any, **kwargs: Any) -> dict[str, int]:
+        with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as other:
+            try:
+                import_desk(other, postgres_dsn, now=NOW, source="other")
+            except LocalAuthError as exc:
+                meanwhile.append(str(exc))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(desk_import, "_copy_mission", copy)
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        counts = import_desk(desk_store, fresh, now=NOW, source="site")
+        assert desk_store.imported() is not None
+    assert "resumed" not in counts and counts["nodes"] > 0
+    assert len(meanwhile) == 1 and "began and did not finish" in meanwhile[0]
+
+
+def test_a_mark_cleared_while_the_copy_runs_commits_nothing(
+    site: Site, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claim: the copy commits only while its own run's mark is on the desk.
+
+    ``--abandon --force`` (no database to check) can clear the mark of a live run;
+    that run then rolls its copy back instead of committing a second key state.
+    """
+    fresh = postgres.create_database("as_import_forced")
+    real = desk_import._copy_mission
+
+    def copy(*args: Any, **kwargs: Any) -> dict[str, int]:
+        with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as other:
+            abandon_import(other, None, now=NOW)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(desk_import, "_copy_mission", copy)
+    with (
+        contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store,
+        pytest.raises(LocalAuthError, match="cleared while the copy ran"),
+    ):
+        import_desk(desk_store, fresh, now=NOW, source="site")
+    with contextlib.closing(psycopg.connect(fresh)) as conn:
+        assert conn.execute("SELECT to_regclass('mission')").fetchone() == (None,)
+    with site.open() as desk:  # not frozen: the desk is the key state again
+        desk.export("alpha-1", site.root / "alpha-1.again.bundle", now=NOW)
+
+
+def test_desk_and_postgres_fleet_enrolment_refuse_the_same_head_ends(
+    site: Site, postgres_dsn: str
+) -> None:
+    """Doc 'Deployment': ``as import-meters --postgres`` enrols "the same rows" as the desk's.
+
+    The PostgreSQL path refuses a suspended head-end ("not an enrolled, active node");
+    the desk's accepts it (it checks ``revoked_at`` only) and pairs the whole fleet
+    with a node the AS refuses every keyset for.
+    """
+    outcomes = {}
+    sqlite_store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        sqlite_store.suspend("gs-1", 0, NOW)  # a clone of the head-end's token was seen
+        try:
+            import_meters(
+                sqlite_store.store, seed=bytes(32), count=3, now=NOW, first=900, head_end="gs-1"
+            )
+            outcomes["sqlite"] = "enrolled"
+        except LocalAuthError as exc:
+            outcomes["sqlite"] = str(exc)
+    finally:
+        sqlite_store.close()
+    pg = PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE)
+    try:
+        pg.suspend("gs-1", 0, NOW)
+        try:
+            pg.enrol_meters(seed=bytes(32), count=3, now=NOW, first=900, head_end="gs-1")
+            outcomes["postgres"] = "enrolled"
+        except LocalAuthError as exc:
+            outcomes["postgres"] = str(exc)
+    finally:
+        pg.close()
+    assert outcomes["sqlite"] == outcomes["postgres"], outcomes

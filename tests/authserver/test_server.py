@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,14 @@ from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.errors import AuthServerError, StoreUnavailable
 from provisioning.authserver.meters import meter_identity, meter_token, simulate_fleet
+from provisioning.authserver.protocol import ClientSession, Granted
 from provisioning.authserver.server import AuthServer
-from provisioning.authserver.store import IssuedKeyset, KeyStateStore, SqliteKeyStateStore
+from provisioning.authserver.store import (
+    IssuedKeyset,
+    KeyStateStore,
+    SqliteKeyStateStore,
+    SqlKeyStateStore,
+)
 from tests.authserver.conftest import (
     NOW,
     PASSPHRASE,
@@ -452,3 +459,99 @@ def test_audit_text_shows_chosen_text_as_json_so_it_cannot_fake_fields() -> None
         '#7 2026-12-01T10:00:00Z as-keyset node=meter-0000001 purpose="x node=gs-1" epoch=3 '
         'added=["a", "b"]'
     )
+
+
+class _RecordingTransport:
+    """What _LinkProtocol needs of a transport; records what was written and when."""
+
+    def __init__(self, store: SqlKeyStateStore) -> None:
+        self.store = store
+        self.writes: list[tuple[int, bytes]] = []  # (store.synced at the write, bytes)
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((self.store.synced, data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def test_an_answer_read_while_a_sync_runs_waits_for_its_own_commit(
+    site: Site, store: SqlKeyStateStore
+) -> None:
+    """Doc 'Durability': no answer leaves before the commits it reports are on disk.
+
+    The client's ANSWER and REQUEST arrive in two reads (TCP splits them as it likes).
+    The ANSWER's commit (the key change) starts a sync; while that sync runs the
+    REQUEST is issued (a new commit, a minted CK). The KEYSET must wait for a sync
+    covering *its* commit; it leaves with the READY, covered by the earlier sync only.
+    """
+    gate = threading.Event()
+    gate.set()
+    real_sync = store.sync
+    store.sync_in_thread = True  # type: ignore[misc]
+
+    def sync(upto: int) -> None:
+        gate.wait(10)
+        real_sync(upto)
+
+    store.sync = sync  # type: ignore[method-assign]
+    issued_at: list[int] = []
+    real_issue = store.issue
+
+    def issue(*args: Any) -> Any:
+        keyset = real_issue(*args)
+        issued_at.append(store.commits)  # the commit this KEYSET reports
+        return keyset
+
+    store.issue = issue  # type: ignore[method-assign]
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, key_lifetime=0.0))  # a key change on the link
+        transport = _RecordingTransport(store)
+        link = server._protocol()
+        link.connection_made(transport)  # type: ignore[arg-type]
+        client = ClientSession(site.token("uav-1"), [request("gs-1")])
+
+        async def written(before: int) -> None:
+            for _ in range(500):
+                if len(transport.writes) > before:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("nothing written")
+
+        def deliver(start: int) -> None:
+            for _, data in transport.writes[start:]:
+                client.receive_data(data, 0)
+
+        # HELLO -> START, message 1 -> message 2 + CHALLENGE (a key change: a commit, synced)
+        for _ in range(2):
+            before = len(transport.writes)
+            link.data_received(client.data_to_send())
+            await written(before)
+            deliver(before)
+        flight = client.data_to_send()  # confirmation + ANSWER + REQUEST
+        assert flight
+        gate.clear()  # the next sync takes a while (a slow disk)
+        before = len(transport.writes)
+        link.data_received(flight[:-1])  # every record but the last: ANSWER -> commit -> READY
+        await asyncio.sleep(0.1)  # the sync for the ANSWER's commit is running now
+        link.data_received(flight[-1:])  # the REQUEST: a CK minted, one commit more
+        assert issued_at, "the request was not issued"
+        gate.set()
+        await written(before)
+        await server.group.drain()
+        deliver(before)
+        granted = [e for e in iter(client.next_event, None) if isinstance(e, Granted)]
+        synced_when_sent = [synced for synced, _ in transport.writes[before:]]
+        assert granted, "the client got no KEYSET"
+        # the KEYSET left the worker before any sync covered the commit that minted it
+        assert min(synced_when_sent) >= issued_at[0], (synced_when_sent, issued_at)
+
+    asyncio.run(main())

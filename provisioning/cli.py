@@ -276,8 +276,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_rekey(args: argparse.Namespace) -> int:
     with _desk(args) as desk:
         token = open_token(args.token)
-        token.verify_pin(_pin(args.node))
-        node = desk.rekey(args.node, token, now=_now(), seed=_seed(args.seed_file))
+        with token.exclusive():  # an AS link of another process must not change it meanwhile
+            token.verify_pin(_pin(args.node))
+            node = desk.rekey(args.node, token, now=_now(), seed=_seed(args.seed_file))
     return _emit(
         args,
         {"id": node.identity, "generation": node.generation},

@@ -18,6 +18,7 @@ Every slot key has a generation number that only grows (key change).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import IntEnum
@@ -102,6 +103,17 @@ class SecureElement(ABC):
         (off its event loop) to refuse new handshakes while the card is away.
         """
         return None
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the token against other processes for a run of operations (an AS link).
+
+        A link may change the token's keys. A second process's link that ran on
+        keys read before that change would prove a superseded generation -- what
+        a clone does -- and have the AS suspend the node. A card is one object
+        that every process asks; a software token file is read into each
+        process, so :class:`~mesh.token.software.SoftwareToken` locks it.
+        """
+        return contextlib.nullcontext()
 
     @abstractmethod
     def verify_pin(self, pin: str) -> None:

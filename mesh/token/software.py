@@ -17,9 +17,12 @@ backend) removes that limit. Writes are atomic (:func:`mesh.files.write_atomic`)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hmac
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 from mesh.crypto import Sealer
 from mesh.files import FileTooLarge, read_bounded, write_atomic
@@ -31,10 +34,15 @@ from mesh.token.interface import SecureElement, Slot, TokenInfo
 __all__ = ["MAX_TOKEN_FILE_SIZE", "SoftwareToken", "check_pin"]
 
 MAX_TOKEN_FILE_SIZE = 16 * 1024
+LOCK_WAIT = 30.0  # seconds another process's link may hold the file (see ``exclusive``)
 
 
 class SoftwareToken(SecureElement):
-    """A :class:`SecureElement` backed by one file. Not safe for two processes at once."""
+    """A :class:`SecureElement` backed by one file.
+
+    Each process reads the file into memory: operations that may change its keys
+    run under :meth:`exclusive`, which serialises them across processes.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -94,6 +102,49 @@ class SoftwareToken(SecureElement):
             raise TokenError(f"cannot write token file {self.path}: {exc.strerror}") from None
         self._image = image
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Lock ``<file>.lock`` (waiting up to ``LOCK_WAIT`` s), then read the file again.
+
+        A lock file beside the token, not the token itself: writes replace the
+        token file (a new inode), which would leave a waiter holding a lock on
+        the old one. The holder removes the lock file before it lets go, and a
+        waiter that then holds a removed file tries again, so no file is left
+        behind and at most one process holds the one at the path. Keys unlocked
+        before and since changed by another process are dropped: the PIN is
+        checked again on the file as it is now.
+        """
+        lock_path = self.path + ".lock"
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise TokenError(f"cannot lock token file {self.path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, lock_path):
+                    break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise TokenError(
+                        f"token file {self.path} is in use by another process "
+                        f"(waited {LOCK_WAIT:g} s)"
+                    ) from None
+                time.sleep(0.05)
+            os.close(fd)  # held by another, or removed by its last holder: again
+        try:
+            image = self._load()
+            if image.generations != self._image.generations:
+                self._sealer = self._keys = None
+            self._image = image
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+            os.close(fd)  # releases the lock
+
     def verify_pin(self, pin: str) -> None:
         self._image = self._load()  # another process may have counted tries
         self._sealer = self._keys = None  # a failed check ends the unlocked session, as on a card
@@ -136,3 +187,12 @@ class SoftwareToken(SecureElement):
         )
         self._store(self._image.resealed(sealer, change.generations, change.keys))
         self._keys = change.keys
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not one removed since it was opened)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

@@ -23,6 +23,7 @@ from mesh.token import (
     TokenLocked,
     TokenNotReady,
     WrongPin,
+    software,
 )
 from mesh.token.software import MAX_TOKEN_FILE_SIZE, SoftwareToken
 from tests.token.tokens import PIN, KnownToken, make_token
@@ -117,6 +118,22 @@ def test_tries_counted_through_another_handle_are_seen(known_token: KnownToken) 
     # ``second`` was opened with 5 tries left; it must re-read the file, not trust its copy.
     with pytest.raises(TokenLocked):
         second.verify_pin(WRONG)
+
+
+def test_exclusive_holds_the_file_against_another_handle(
+    known_token: KnownToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two handles stand for two processes (``flock`` locks are per open file)."""
+    monkeypatch.setattr(software, "LOCK_WAIT", 0.2)
+    first, second = SoftwareToken(known_token.path), SoftwareToken(known_token.path)
+    with (
+        first.exclusive(),
+        pytest.raises(TokenError, match="in use by another process"),
+        second.exclusive(),
+    ):
+        pass
+    with second.exclusive():  # released with the first
+        pass
 
 
 def test_right_pin_before_lockout_resets_the_counter(known_token: KnownToken) -> None:

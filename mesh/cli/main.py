@@ -8,6 +8,7 @@ traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -76,7 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snrmesh: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`snrmesh desk show | head`): stop quietly
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed under a writer
     return code
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: flushing the rest at exit would fail on the pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

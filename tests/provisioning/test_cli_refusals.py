@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from mesh.token.software import SoftwareToken
 from tests.provisioning.conftest import (
+    PASSPHRASE,
     PIN,
     Site,
     assert_refused,
@@ -398,3 +401,27 @@ def test_usage_errors_exit_2_without_a_traceback(site: Site) -> None:
         assert result.returncode == 2, args
         assert "usage:" in result.stderr and "Traceback" not in result.stderr
         assert snapshot(site.root) == before
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(site: Site) -> None:
+    """``snrmesh desk show | head -1``: exit 141 (SIGPIPE's), no traceback."""
+    seed = site.root / "fleet.seed"
+    enrolled = snrmesh(
+        "desk", "import-meters", "desk", "--count", "3000", "--factory-seed", seed, cwd=site.root
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNRMESH_")}
+    env["SNRMESH_DESK_PASSPHRASE"] = PASSPHRASE
+    show = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "desk", "show", "desk"],
+        cwd=site.root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert show.stdout is not None and show.stderr is not None
+    assert show.stdout.readline().startswith(b"mission ")
+    show.stdout.close()  # the reader goes away; some 200 KB are still to come
+    assert show.wait(60) == 141
+    assert show.stderr.read() == b""

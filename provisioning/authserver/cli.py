@@ -779,7 +779,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "sim",
         help="simulate a fleet of meters fetching keysets from an AS",
         description="Power up --count in-memory meters (factory keys from "
-        "--factory-seed) that each authenticate and fetch one keyset.",
+        "--factory-seed) that each authenticate and fetch one keyset. p50 and p99 run "
+        "from a meter's first attempt (after its power-up delay) to its keyset.",
     )
     p.set_defaults(func=cmd_sim)
     p.add_argument(

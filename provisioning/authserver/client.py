@@ -56,6 +56,7 @@ class Outcome:
     attempts: int = 0
     cookies: int = 0
     refusals: list[Refusal] = field(default_factory=list)
+    started: float | None = None  # perf_counter() at the first attempt, after the power-up wait
 
     @property
     def grants(self) -> list[Granted]:
@@ -178,6 +179,7 @@ async def request_keysets(
     outcome = Outcome() if outcome is None else outcome
     if backoff.startup_delay > 0:
         await asyncio.sleep(rng.uniform(0.0, backoff.startup_delay))
+    outcome.started = time.perf_counter()
     wanted = list(requests)
     last_failure: str | None = None  # why the last link broke, for the final error
     for n in range(backoff.attempts):
@@ -227,6 +229,7 @@ async def request_keysets(
         else:
             retry_after = None
         if refusal is not None:
+            last_failure = explain(refusal.refusal, refusal.retry_after)
             outcome.refusals.append(refusal.refusal)
             if refusal.refusal not in TEMPORARY:
                 raise AuthRefused(refusal.refusal)

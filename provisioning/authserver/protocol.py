@@ -30,6 +30,7 @@ short transaction.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ MAX_CLEAR_BUFFER = 1024
 SESSION_TIMEOUT = 30.0
 REPLY_CACHE = 65_536
 UNAVAILABLE_RETRY = 5.0
+STORE_WARNING_EVERY = 10.0  # seconds between two warnings of a failing store, per worker
 LINK_CLOCK_SKEW = 1e12  # the link's freshness comes from the nonces, not from clocks
 
 
@@ -192,6 +194,7 @@ class AuthService:
     replies: OrderedDict[tuple[str, int, bytes], bytes] = field(default_factory=OrderedDict)
     key_changes: OrderedDict[tuple[bytes, int], str] = field(default_factory=OrderedDict)
     counters: dict[str, int] = field(default_factory=dict)
+    _store_warned_at: float = -math.inf
 
     @classmethod
     def create(
@@ -210,6 +213,17 @@ class AuthService:
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+    def store_failed(self, exc: Exception, now: float) -> None:
+        """Count a store failure and tell the operator, at most once per ``STORE_WARNING_EVERY`` s.
+
+        Its clients only hear ``unavailable``; a full disk or a lost database must
+        show on the server's standard error too, but not once per request.
+        """
+        self.count("unavailable")
+        if now - self._store_warned_at >= STORE_WARNING_EVERY:
+            self._store_warned_at = now
+            log.warning("AS store unavailable, answering 'unavailable': %s", exc)
 
     def forget_unsynced(self) -> None:
         """Drop the caches after a failed store sync: they may hold what was not made durable.
@@ -303,12 +317,8 @@ class ServerSession:
             self._refuse(Refusal.MALFORMED, now)
         except RemoteAuthError as exc:
             self._refuse(exc.refusal, now)
-        except AuthServerError:  # the store failed: say so, come back later
-            self._service.count("unavailable")
-            self._refuse(Refusal.UNAVAILABLE, now, UNAVAILABLE_RETRY)
-        except DeskCorrupt as exc:  # a row that does not open: the operator must hear of it
-            log.warning("AS store: %s", exc)
-            self._service.count("unavailable")
+        except (AuthServerError, DeskCorrupt) as exc:  # the store failed: come back later
+            self._service.store_failed(exc, now)
             self._refuse(Refusal.UNAVAILABLE, now, UNAVAILABLE_RETRY)
         except ProtocolError:  # the link cannot carry our answer (closed under it): end it
             self._service.count("link_failed")

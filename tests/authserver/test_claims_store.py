@@ -8,9 +8,11 @@ skip, with the reason, where no private PostgreSQL server can run.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
+import logging
 import shutil
 import threading
 from collections.abc import Callable
@@ -21,8 +23,11 @@ import psycopg
 import pytest
 
 from mesh.keyset import open_copy
+from provisioning.authserver import protocol
 from provisioning.authserver import store as store_module
+from provisioning.authserver.client import Backoff, request_keysets
 from provisioning.authserver.errors import (
+    AuthServerError,
     LocalAuthError,
     Refusal,
     RemoteAuthError,
@@ -32,6 +37,7 @@ from provisioning.authserver.keystate import TokenKeys
 from provisioning.authserver.meters import factory_keys, meter_identity, meter_token
 from provisioning.authserver.postgres import MAX_DSN_LENGTH, PostgresKeyStateStore
 from provisioning.authserver.protocol import UNAVAILABLE_RETRY, Authenticated, Granted, Refused
+from provisioning.authserver.server import AuthServer
 from provisioning.authserver.store import (
     CLONE_ALERT,
     MAX_EPOCHS_AHEAD,
@@ -678,3 +684,35 @@ def test_a_key_change_rewraps_only_the_copies_still_served(
         if e["node"] == "gs-1" and e["outcome"] == "committed"
     ]
     assert changed["rewrapped"] == live
+
+
+def test_a_failing_store_is_told_to_the_operator_and_to_the_client(
+    site: Site,
+    store: SqlKeyStateStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Doc 'Failures': the worker warns, once per 10 s; the client says what it was answered."""
+    monkeypatch.setattr(protocol, "UNAVAILABLE_RETRY", 0.05)
+    service = make_service(_failing_at(store, "load"))
+
+    async def main() -> None:
+        server = AuthServer(service)
+        host, port = await server.start("127.0.0.1", 0)
+        try:
+            with pytest.raises(AuthServerError, match=r"after 3 attempts \(last: unavailable"):
+                await request_keysets(
+                    host,
+                    port,
+                    site.token("alpha-1"),
+                    [request("gs-1")],
+                    backoff=Backoff(attempts=3, base=0.01),
+                )
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.WARNING, logger="snrmesh.as"):
+        asyncio.run(main())
+    assert service.counters["unavailable"] == 3
+    warned = [r.getMessage() for r in caplog.records if "store unavailable" in r.getMessage()]
+    assert len(warned) == 1 and "the database cannot be reached" in warned[0]

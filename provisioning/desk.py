@@ -663,8 +663,45 @@ class Desk:
                     identity,
                 ),
             )
-            self._audit(now, "rekey", node=identity, generation=new_generation, rewrapped=rewrapped)
+            lifted = self._after_rekey_for_the_as(identity, now)
+            self._audit(
+                now,
+                "rekey",
+                node=identity,
+                generation=new_generation,
+                rewrapped=rewrapped,
+                **({"suspension_lifted": True} if lifted else {}),
+            )
         return self.node(identity)
+
+    def _as_suspended(self) -> set[str]:
+        """Nodes an AS that served this desk's file suspended (a clone alert), if one did."""
+        if not self._as_ran():
+            return set()
+        return {i for (i,) in self._db.execute("SELECT identity FROM nodes WHERE suspended_at IS NOT NULL")}
+
+    def _as_ran(self) -> bool:
+        """Whether an AS migrated this file (its columns exist only then)."""
+        return any(r[1] == "suspended_at" for r in self._db.execute("PRAGMA table_info(nodes)"))
+
+    def _after_rekey_for_the_as(self, identity: str, now: int) -> bool:
+        """The AS's view of fresh keys: its clock restarts, a clone suspension is lifted.
+
+        Once this token holds keys no copy of it can know, the copy that set
+        off a clone alert is locked out for good, so the node may authenticate
+        again. Returns whether it was suspended.
+        """
+        if not self._as_ran():
+            return False
+        (suspended,) = self._db.execute(
+            "SELECT suspended_at IS NOT NULL FROM nodes WHERE identity = ?", (identity,)
+        ).fetchone()
+        self._db.execute(
+            "UPDATE nodes SET suspended_at = NULL, keys_since = ?, previous_keys = NULL, "
+            "previous_generation = NULL WHERE identity = ?",
+            (now, identity),
+        )
+        return bool(suspended)
 
     def revoke(self, identity: str, *, now: int) -> NodeRecord:
         """No further CKs for ``identity``; later exports leave it out and list it revoked."""
@@ -697,6 +734,7 @@ class Desk:
             )
         )
         current = m.epoch_at(now)
+        suspended = self._as_suspended()
         return {
             "mission": {
                 "name": m.name,
@@ -715,6 +753,7 @@ class Desk:
                     "generation": n.generation,
                     "token_written": n.personalised,
                     "revoked": n.revoked,
+                    "suspended": n.identity in suspended,
                     "keysets": counts.get(n.identity, 0),
                 }
                 for n in self.nodes()

@@ -710,7 +710,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "issued, revocation and clone alert, besides the desk's own entries (enrol, group, "
         "pair, ...). Never key material. A clone alert (as-clone-alert) means a token "
         "answered under keys it had already replaced: a copy of it exists, and the "
-        "identity is suspended until the desk re-enrols it.",
+        "identity is suspended until its genuine token is rekeyed at the desk "
+        "('snrmesh desk rekey'), which locks the copy out.",
     )
     p.set_defaults(func=cmd_audit)
     p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")

@@ -479,7 +479,7 @@ class SqlKeyStateStore(KeyStateStore):
         # the operator's alarm, besides the audit row ('snrmesh as audit --alerts'); names only
         log.warning(
             "CLONE ALERT: %s (token %s) proved superseded generation %d (current %d): "
-            "suspended until the desk re-enrols it",
+            "suspended until its token is rekeyed at the desk ('snrmesh desk rekey')",
             identity,
             record.token_id.hex(),
             presented,

@@ -22,7 +22,16 @@ from provisioning.authserver.meters import (
 from provisioning.authserver.protocol import Authenticated, ClientSession, Granted, Refused
 from provisioning.authserver.store import KeyStateStore, SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.errors import DeskCorrupt
-from tests.authserver.conftest import NOW, SEED, Site, make_service, request, run, transfer
+from tests.authserver.conftest import (
+    NOW,
+    PASSPHRASE,
+    SEED,
+    Site,
+    make_service,
+    request,
+    run,
+    transfer,
+)
 
 
 def _audit(store: KeyStateStore, op: str | None) -> list[dict[str, object]]:
@@ -391,3 +400,30 @@ def test_cached_key_opens_never_pass_a_tampered_blob(site: Site, store: SqlKeySt
         store.sealing.open(identity, record.token_id, record.generation, tampered)
     with pytest.raises(DeskCorrupt):  # the same blob, bound to another generation
         store.sealing.open(identity, record.token_id, record.generation + 1, sealed)
+
+
+def test_a_desk_rekey_of_the_genuine_token_lifts_a_clone_suspension(site: Site) -> None:
+    """The remedy the alert names: rekey the token one trusts; its copy is locked out for good."""
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        service = make_service(store)
+        original = meter_token(SEED, meter_identity("meter", 6))
+        clone = original.clone()
+        assert isinstance(run(service, original, [request("gs-1")])[0], Authenticated)
+        assert run(service, clone, [request("gs-1")]) == [Refused(Refusal.SUSPENDED, None)]
+        with site.open() as desk:
+            flags = {n["id"]: n["suspended"] for n in desk.summary(now=NOW)["nodes"]}
+            assert flags[original.identity] is True
+            desk.rekey(original.identity, original, now=NOW)
+            flags = {n["id"]: n["suspended"] for n in desk.summary(now=NOW)["nodes"]}
+            assert flags[original.identity] is False
+            assert desk.audit_log()[-1]["suspension_lifted"] is True
+        events = run(service, original, [request("gs-1")])
+        assert isinstance(events[0], Authenticated), events
+        assert any(isinstance(e, Granted) for e in events)
+        # the copy holds keys two generations old: it fails like a stranger, and raises nothing
+        assert not any(isinstance(e, Authenticated) for e in run(service, clone, [request("gs-1")]))
+        record = store.load(original.identity)
+        assert record is not None and not record.suspended
+    finally:
+        store.close()

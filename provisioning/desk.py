@@ -678,7 +678,8 @@ class Desk:
         """Nodes an AS that served this desk's file suspended (a clone alert), if one did."""
         if not self._as_ran():
             return set()
-        return {i for (i,) in self._db.execute("SELECT identity FROM nodes WHERE suspended_at IS NOT NULL")}
+        rows = self._db.execute("SELECT identity FROM nodes WHERE suspended_at IS NOT NULL")
+        return {identity for (identity,) in rows}
 
     def _as_ran(self) -> bool:
         """Whether an AS migrated this file (its columns exist only then)."""

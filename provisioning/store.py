@@ -23,6 +23,7 @@ import cbor2
 
 from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError
+from mesh.errors import sqlite_reason
 from mesh.timefmt import utc_iso
 from provisioning.errors import (
     DeskCorrupt,
@@ -201,8 +202,14 @@ class Store:
             if meta.get("schema") != SCHEMA_VERSION:
                 raise DeskCorrupt(f"desk store {path} has an unknown schema version")
             sealer = open_sealer(passphrase, meta["kdf"], meta["canary"])
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as exc:
             db.close()
+            why = sqlite_reason(exc)
+            if why is not None:
+                raise DeskError(f"desk store {path}: {why} ({exc})") from None
             raise DeskCorrupt(f"desk store {path} is corrupt: {exc}") from None
         except (KeyError, ValueError, TypeError, CryptoError, cbor2.CBORDecodeError):
             db.close()
@@ -210,9 +217,6 @@ class Store:
         except DeskError:
             db.close()
             raise
-        db.execute("PRAGMA foreign_keys = ON")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
         return cls(db, sealer, path)
 
     def close(self) -> None:
@@ -260,10 +264,14 @@ class Store:
             )
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk): the first error is the one
+            # to tell, not "cannot rollback - no transaction is active"
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def meta(self, key: str) -> bytes | int | str:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -19,7 +19,7 @@ from mesh.cli import bundle as bundle_cli
 from mesh.cli import card as card_cli
 from mesh.cli import demo as demo_cli
 from mesh.cli import sim as sim_cli
-from mesh.errors import MeshError
+from mesh.errors import MeshError, sqlite_reason
 from provisioning import cli as desk_cli
 from provisioning.authserver import cli as as_cli
 from tui import cli as tui_cli
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"snrmesh: error: {exc}", file=sys.stderr)
         return 1
     except sqlite3.DatabaseError as exc:
-        print(f"snrmesh: error: store is corrupt or unwritable ({exc})", file=sys.stderr)
+        why = sqlite_reason(exc) or "store is corrupt or unwritable"
+        print(f"snrmesh: error: {why} ({exc})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("snrmesh: interrupted", file=sys.stderr)

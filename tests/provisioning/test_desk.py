@@ -12,6 +12,7 @@ import pytest
 from jwcrypto import jwe, jws
 from jwcrypto.common import base64url_decode
 
+from mesh.errors import sqlite_reason
 from mesh.keyset import open_copy, read_copy_header
 from mesh.keyset.bundle import open_bundle
 from mesh.token import Slot, slot_kid
@@ -299,3 +300,32 @@ def test_no_key_in_the_audit_log_the_bundles_or_the_store(site: Site) -> None:
     payloads = [base64url_decode(raw.split(b".")[1].decode()) for raw in bundles]
     store = (site.desk_dir / "desk.sqlite").read_bytes()
     assert_no_key_in([*audit, *bundles, *payloads, store], secrets)
+
+
+def test_a_full_disk_in_a_transaction_is_told_as_a_full_disk(site: Site) -> None:
+    """Not as "cannot rollback - no transaction is active", which SQLite's own rollback caused."""
+    with Desk.open(site.desk_dir, passphrase=PASSPHRASE) as desk:
+        db = desk.store.db
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from here on
+        with pytest.raises(sqlite3.OperationalError) as caught, desk.store.transaction():
+            for i in range(1000):
+                db.execute("INSERT INTO meta VALUES (?, ?)", (f"filler-{i}", bytes(4000)))
+        assert sqlite_reason(caught.value) == "the disk is full"
+        assert not db.in_transaction
+        db.execute(f"PRAGMA max_page_count = {2**30}")
+        with desk.store.transaction():
+            pass
+
+
+def test_sqlite_errors_about_the_stores_place_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite"
+    sqlite3.connect(path).close()
+    ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        ro.execute("CREATE TABLE t (a)")
+    assert sqlite_reason(caught.value) == "it is read-only here"
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        sqlite3.connect(f"file:{tmp_path / 'no' / 'such.sqlite'}?mode=rw", uri=True)
+    assert sqlite_reason(caught.value) is not None and "cannot open" in sqlite_reason(caught.value)
+    assert sqlite_reason(sqlite3.DatabaseError("file is not a database")) is None

@@ -1,7 +1,7 @@
 """A progress bar for long commands: on stderr when it is a terminal, silent otherwise.
 
 Shared by the commands that run for seconds to minutes (``desk issue``, ``desk
-import-meters``, ``meters sim``), so that a pipe or ``--json`` output never
+import-meters``, ``as import-desk``, ``meters sim``), so that a pipe or ``--json`` output never
 carries it and an operator at a terminal sees work move.
 """
 

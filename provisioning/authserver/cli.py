@@ -208,7 +208,10 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
                 {"abandoned": into},
                 f"abandoned the import into {into}: the desk's file is the key state again",
             )
-        counts = import_desk(store, args.postgres, now=int(time.time()), source=str(args.dir))
+        with progress(not args.json, "copying rows") as tick:
+            counts = import_desk(
+                store, args.postgres, now=int(time.time()), source=str(args.dir), on_progress=tick
+            )
     done = (
         "the import had committed in PostgreSQL; marked the desk imported now"
         if counts.get("resumed")

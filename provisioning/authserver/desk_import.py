@@ -41,10 +41,18 @@ from provisioning.store import (
 __all__ = ["abandon_import", "import_desk"]
 
 T = TypeVar("T")
+PROGRESS_EVERY = 10_000  # rows between two progress reports of the copy
 _UNKNOWN = b"?"  # what a database holds when it cannot say (mission ids are 16 bytes)
 
 
-def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, int]:
+def import_desk(
+    store: Store,
+    dsn: str,
+    *,
+    now: int,
+    source: str,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> dict[str, int]:
     """Copy a desk's mission into an empty PostgreSQL database, in one transaction.
 
     Refuses a database that already holds a mission: importing twice would fork
@@ -52,6 +60,7 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
     Rows are streamed (``COPY``) from one snapshot of the desk, so a million
     meters need no more memory than a few. Returns the rows copied per table
     (``resumed``: 1 when it only confirmed an import whose copy had committed).
+    ``on_progress(done, total)`` follows the rows as they are copied.
 
     Crash-safe: the desk is marked with the database it goes to
     (:data:`IMPORTING_META`, checked and set in one write transaction of the
@@ -78,7 +87,9 @@ def import_desk(store: Store, dsn: str, *, now: int, source: str) -> dict[str, i
         committing = False
         try:
             with conn.transaction():
-                counts = _copy_mission(conn, store, meta, now=now, source=source)
+                counts = _copy_mission(
+                    conn, store, meta, now=now, source=source, on_progress=on_progress
+                )
                 if _desk_mark(store.db, IMPORTING_META) != run:  # '--abandon --force' meanwhile
                     raise LocalAuthError(
                         "the desk's import mark was cleared while the copy ran: nothing was "
@@ -269,6 +280,7 @@ def _copy_mission(
     *,
     now: int,
     source: str,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict[str, int]:
     """The body of the import's transaction: schema, mission row, tables, the audit row.
 
@@ -291,6 +303,11 @@ def _copy_mission(
     cur = conn.cursor()
     desk_db.execute("BEGIN")  # deferred: a read snapshot from its first SELECT on
     try:
+        total = sum(
+            desk_db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table, _ in TABLES
+        )
+        done = 0
+        on_progress(done, total)
         for table, columns in TABLES:
             have = {r[1] for r in desk_db.execute(f"PRAGMA table_info({table})")}
             select = ", ".join(c if c in have else "NULL" for c in columns)
@@ -299,7 +316,11 @@ def _copy_mission(
                 for row in desk_db.execute(f"SELECT {select} FROM {table}"):
                     copy.write_row(row)
                     n += 1
+                    if n % PROGRESS_EVERY == 0:
+                        on_progress(done + n, total)
             counts[table] = n
+            done += n
+            on_progress(done, total)
     finally:
         desk_db.execute("ROLLBACK")  # it only read
     conn.execute(

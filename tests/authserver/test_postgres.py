@@ -735,3 +735,20 @@ def test_desk_and_postgres_fleet_enrolment_refuse_the_same_head_ends(
     finally:
         pg.close()
     assert outcomes["sqlite"] == outcomes["postgres"], outcomes
+
+
+def test_the_import_reports_its_progress_row_by_row(
+    site: Site, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``as import-desk`` on a terminal shows a bar: ``on_progress`` runs up to every row."""
+    monkeypatch.setattr(desk_import, "PROGRESS_EVERY", 7)
+    fresh = postgres.create_database("as_import_progress")
+    ticks: list[tuple[int, int]] = []
+    with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
+        counts = import_desk(
+            desk_store, fresh, now=NOW, source="site", on_progress=lambda d, t: ticks.append((d, t))
+        )
+    total = sum(counts[table] for table, _ in desk_import.TABLES)
+    assert ticks[0] == (0, total) and ticks[-1] == (total, total)
+    assert len(ticks) > len(desk_import.TABLES) + 1  # within tables too, not only between
+    assert [d for d, _ in ticks] == sorted(d for d, _ in ticks)

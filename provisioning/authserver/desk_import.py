@@ -246,8 +246,9 @@ def _claim(
             # imported again): the marked import may have committed too, so it is settled first
             if going is not None and not _same_database(going, into):
                 raise LocalAuthError(
-                    f"an import of this desk into {going} began and did not finish: run it "
-                    "again against that database (it resumes), or abandon it ('--abandon'); "
+                    f"an import of this desk into {going} is running or was interrupted: once "
+                    "it is not running, run it again against that database (it resumes), or "
+                    "abandon it ('--abandon'); "
                     "another database would fork the key state"
                 )
             if held == mission_id:  # this desk's mission is there (by any name): mark the desk

@@ -72,7 +72,7 @@ REFUSAL_HINTS = {
     "token's keys differ: a copy left behind by a key change?",
     Refusal.SUSPENDED: "this node is suspended (a copy of its token was seen) or revoked",
     Refusal.POLICY: "not a dialogue mate, a mate revoked or suspended, an epoch past the next "
-    "4 or outside the mission, or more than one bundle may hold",
+    "4 or outside the mission, or too much for one bundle",
     Refusal.RATE_LIMITED: "too many requests from this node or address",
     Refusal.BUSY: "the AS is busy",
     Refusal.UNAVAILABLE: "the AS's store failed",

@@ -342,7 +342,7 @@ def test_an_import_stopped_after_its_copy_committed_is_finished_by_running_it_ag
     _refuses_until_confirmed(site, tmp_path)
     with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as desk_store:
         # another database would be a second key state
-        with pytest.raises(LocalAuthError, match="began and did not finish"):
+        with pytest.raises(LocalAuthError, match="is running or was interrupted"):
             import_desk(desk_store, postgres.create_database("as_other"), now=NOW, source="x")
         counts = import_desk(desk_store, dsn, now=NOW, source="site")
     assert counts["resumed"] == 1 and counts["nodes"] == 24
@@ -411,7 +411,7 @@ def test_a_second_run_meanwhile_into_another_database_is_refused(
 
     def meanwhile(*args: Any, **kwargs: Any) -> dict[str, int]:
         with contextlib.closing(Store.open(site.desk_dir, PASSPHRASE)) as other:
-            with pytest.raises(LocalAuthError, match="began and did not finish") as exc:
+            with pytest.raises(LocalAuthError, match="is running or was interrupted") as exc:
                 import_desk(other, second, now=NOW, source="other run")
             refused.append(str(exc.value))
         return real(*args, **kwargs)
@@ -671,7 +671,7 @@ def test_a_run_meanwhile_into_a_database_holding_the_mission_does_not_confirm_an
         counts = import_desk(desk_store, fresh, now=NOW, source="site")
         assert desk_store.imported() is not None
     assert "resumed" not in counts and counts["nodes"] > 0
-    assert len(meanwhile) == 1 and "began and did not finish" in meanwhile[0]
+    assert len(meanwhile) == 1 and "is running or was interrupted" in meanwhile[0]
 
 
 def test_a_mark_cleared_while_the_copy_runs_commits_nothing(

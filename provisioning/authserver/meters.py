@@ -334,11 +334,9 @@ async def simulate_fleet(
 
     async def meter(index: int) -> None:
         nonlocal done
-        try:
-            await serve(index)
-        finally:
-            done += 1
-            on_progress(done)
+        await serve(index)  # a meter cancelled (ctrl-C) is not counted done
+        done += 1
+        on_progress(done)
 
     async def serve(index: int) -> None:
         identity = meter_identity(prefix, index)

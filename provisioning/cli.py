@@ -253,7 +253,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         if n["revoked"]:
             flags.append("REVOKED")
         if n["suspended"]:
-            flags.append("SUSPENDED by the AS (clone alert): 'desk rekey' its token")
+            flags.append(
+                "SUSPENDED by the AS (clone alert)"
+                + ("" if s["imported"] else ": 'desk rekey' its token")
+            )
         lines.append(
             f"  {n['id']:<20} {n['role']:<15} gen {n['generation']:<3} "
             f"{n['keysets']:>6} keysets  {' '.join(flags)}"

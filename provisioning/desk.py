@@ -26,7 +26,7 @@ from mesh.crypto import hkdf_sha256, random_bytes
 from mesh.files import write_atomic
 from mesh.keyset import KeysetError, check_identity, decrypt_copy, read_copy_header, wrap_copy
 from mesh.keyset.bundle import Bundle, seal_bundle
-from mesh.keyset.copies import DiscoveryKey
+from mesh.keyset.copies import DiscoveryKey, read_wrapped_kid
 from mesh.keyset.keyset import MISSION_ID_SIZE, CommunicationKeyset
 from mesh.keyset.mission import Epoch, Mission
 from mesh.timefmt import utc_iso as _ts
@@ -601,9 +601,18 @@ class Desk:
             "SELECT pending_keys FROM nodes WHERE identity = ?", (identity,)
         ).fetchone()[0]
         token_generation = info.generation(Slot.KEY_CHANGE)
+        held = None  # the keys the token holds, when they are not the store's current ones
+        if identity in self._as_suspended() and token_generation != new_generation:
+            # a clone alert: pending keys the AS made may have gone to the copy, so fresh
+            # ones; and the token trusted may be the one a copy overtook (it holds K[g-1])
+            pending_row = None
+            if token_generation == node.generation - 1:
+                held = self._previous_keys(identity, token_generation)
         # Only a resumed rekey (pending keys recorded) may find the token one generation ahead.
-        if token_generation != node.generation and (
-            pending_row is None or token_generation != new_generation
+        if (
+            token_generation != node.generation
+            and held is None
+            and (pending_row is None or token_generation != new_generation)
         ):
             raise TokenError(
                 f"token of {identity} is at key generation {token_generation}, "
@@ -622,16 +631,17 @@ class Desk:
                 self._audit(now, "rekey-prepare", node=identity, generation=new_generation)
         new_keys = self._keys(identity, pending=True)
         old_keys = self._keys(identity)
-        if token_generation == node.generation:
+        if token_generation == node.generation or held is not None:
             message = build_key_change(
                 KeyChange(node.token_id, (new_generation,) * SLOT_COUNT, new_keys),
-                kid=slot_kid(node.token_id, Slot.KEY_CHANGE, node.generation),
-                current_key=old_keys[Slot.KEY_CHANGE],
+                kid=slot_kid(node.token_id, Slot.KEY_CHANGE, token_generation),
+                current_key=(held or old_keys)[Slot.KEY_CHANGE],
             )
             token.key_change(message)
         old_wrap = jwk.JWK(kty="oct", k=base64url_encode(old_keys[Slot.WRAP]))
         new_wrap = jwk.JWK(kty="oct", k=base64url_encode(new_keys[Slot.WRAP]))
         new_kid = slot_kid(node.token_id, Slot.WRAP, new_generation)
+        old_kid = slot_kid(node.token_id, Slot.WRAP, node.generation)
         # the mark is checked here, under the write lock, rather than by Store.transaction:
         # the token has moved on already, and the refusal says where that leaves it
         with self.store.transaction(imported=True):
@@ -649,6 +659,10 @@ class Desk:
                     f"SELECT ck_id, {column} FROM keysets WHERE {party} = ?", (identity,)
                 ).fetchall()
                 for ck_id, copy in rows:
+                    # an AS key change leaves past epochs' copies under the keys before it:
+                    # never served again, and no key here opens them
+                    if read_wrapped_kid(copy) != old_kid:
+                        continue
                     self._db.execute(
                         f"UPDATE keysets SET {column} = ? WHERE ck_id = ?",
                         (_rewrap(copy, old_wrap, new_wrap, new_kid), ck_id),
@@ -680,6 +694,16 @@ class Desk:
             return set()
         rows = self._db.execute("SELECT identity FROM nodes WHERE suspended_at IS NOT NULL")
         return {identity for (identity,) in rows}
+
+    def _previous_keys(self, identity: str, generation: int) -> tuple[bytes, ...] | None:
+        """K[generation] as the AS kept it (``previous_keys``), if it did."""
+        row = self._db.execute(
+            "SELECT token_id, previous_keys, previous_generation FROM nodes WHERE identity = ?",
+            (identity,),
+        ).fetchone()
+        if row is None or row[1] is None or row[2] != generation:
+            return None
+        return self.store.open_keys(identity, row[0], generation, row[1])
 
     def _as_ran(self) -> bool:
         """Whether an AS migrated this file (its columns exist only then)."""
@@ -763,6 +787,7 @@ class Desk:
             "pairs": [list(p) for p in self._db.execute("SELECT a, b FROM pairs ORDER BY 1, 2")],
             "keysets": self._db.execute("SELECT COUNT(*) FROM keysets").fetchone()[0],
             "permitted_pairs": sum(1 for _ in self.permitted_pairs()),
+            "imported": self.imported(),
             "audit": self.audit_log(limit=10),
         }
 

@@ -49,6 +49,7 @@ class SoftwareToken(SecureElement):
         self._image = self._load()
         self._sealer: Sealer | None = None
         self._keys: tuple[bytes, ...] | None = None
+        self._exclusive = False  # this handle holds the file (``exclusive``)
 
     # -- personalisation (desk only) ---------------------------------------------------------
 
@@ -133,26 +134,34 @@ class SoftwareToken(SecureElement):
                         f"(waited {LOCK_WAIT:g} s)"
                     ) from None
                 time.sleep(0.05)
+            except OSError as exc:  # a file system that cannot lock, say
+                os.close(fd)
+                raise TokenError(f"cannot lock token file {self.path}: {exc.strerror}") from None
             os.close(fd)  # held by another, or removed by its last holder: again
         try:
             image = self._load()
             if image.generations != self._image.generations:
                 self._sealer = self._keys = None
             self._image = image
+            self._exclusive = True
             yield
         finally:
+            self._exclusive = False
             with contextlib.suppress(OSError):
                 os.unlink(lock_path)
             os.close(fd)  # releases the lock
 
     def verify_pin(self, pin: str) -> None:
-        self._image = self._load()  # another process may have counted tries
-        self._sealer = self._keys = None  # a failed check ends the unlocked session, as on a card
-        check = self._image.try_pin(pin)
-        if check.changed:
-            self._store(check.image)  # a wrong PIN is counted before it is reported
-        check.raise_if_wrong()
-        self._sealer, self._keys = check.sealer, check.keys
+        # under the lock: the counter it may write back must not undo another process's key
+        # change made while scrypt ran
+        with contextlib.nullcontext() if self._exclusive else self.exclusive():
+            self._image = self._load()  # another process may have counted tries
+            self._sealer = self._keys = None  # a failed check ends the session, as on a card
+            check = self._image.try_pin(pin)
+            if check.changed:
+                self._store(check.image)  # a wrong PIN is counted before it is reported
+            check.raise_if_wrong()
+            self._sealer, self._keys = check.sealer, check.keys
 
     def _key(self, slot: Slot) -> bytes:
         if self._keys is None:

@@ -427,3 +427,77 @@ def test_a_desk_rekey_of_the_genuine_token_lifts_a_clone_suspension(site: Site) 
         assert record is not None and not record.suspended
     finally:
         store.close()
+
+
+def test_desk_rekey_after_an_as_key_change_that_skipped_a_past_epoch(site: Site) -> None:
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        service = make_service(store)  # keys due at every authentication
+        meter = meter_token(SEED, meter_identity("meter", 5))
+        run(service, meter, [request("gs-1")])  # an epoch-0 CK: a copy for gs-1 under gen 1
+        events = run(service, site.token("gs-1"), [], now=NOW + 86400)  # epoch 1: gs-1 -> gen 2
+        assert isinstance(events[0], Authenticated) and events[0].generation == 2
+    finally:
+        store.close()
+    # the remedy docs/authentication-server.md names (clone alert, head-end before an import)
+    with site.open() as desk:
+        node = desk.rekey("gs-1", site.token("gs-1"), now=NOW + 86400)
+        assert node.generation == 3
+
+
+def test_clone_suspension_remedy_after_a_key_change_in_a_later_epoch(site: Site) -> None:
+    """docs 'Clones': desk rekey of the genuine token lifts the suspension. Not once the AS
+    changed the node's keys in a later epoch than one of its CKs."""
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        service = make_service(store)
+        original = meter_token(SEED, meter_identity("meter", 6))
+        run(service, original, [request("gs-1")])  # epoch 0: a CK, the meter's copy at gen 2
+        clone = original.clone()
+        assert isinstance(run(service, original, [], now=NOW + 86400)[0], Authenticated)  # gen 3
+        assert run(service, clone, [], now=NOW + 86400) == [Refused(Refusal.SUSPENDED, None)]
+    finally:
+        store.close()
+    with site.open() as desk:
+        try:
+            desk.rekey(original.identity, original, now=NOW + 86400)
+        except Exception as exc:
+            first = exc
+        else:
+            first = None
+        try:  # 'run again after a failure, it resumes'
+            desk.rekey(original.identity, original, now=NOW + 86400)
+            second = None
+        except Exception as exc:
+            second = exc
+        suspended = {n["id"]: n["suspended"] for n in desk.summary(now=NOW + 86400)["nodes"]}
+    assert (first, second) == (None, None), (first, second, original.info().generation(0))
+    assert not suspended[original.identity]
+
+
+def test_clone_suspension_remedy_when_the_copy_took_the_key_change_first(site: Site) -> None:
+    """docs 'Clones': 'until the operator rekeys the token they trust at the desk'. The copy
+    that authenticates first takes K[g+1]; the genuine token then proves K[g] and sets off
+    the alert. Its rekey is what the alert names -- same epoch, so no stale copy is involved."""
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        service = make_service(store)
+        genuine = meter_token(SEED, meter_identity("meter", 7))
+        copy = genuine.clone()
+        assert isinstance(run(service, copy, [])[0], Authenticated)  # the copy changes keys
+        assert run(service, genuine, []) == [Refused(Refusal.SUSPENDED, None)]
+    finally:
+        store.close()
+    with site.open() as desk:
+        desk.rekey(genuine.identity, genuine, now=NOW)
+        suspended = {n["id"]: n["suspended"] for n in desk.summary(now=NOW)["nodes"]}
+    assert not suspended[genuine.identity]
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        service = make_service(store)
+        assert isinstance(run(service, genuine, [request("gs-1")])[0], Authenticated)
+        assert not any(isinstance(e, Authenticated) for e in run(service, copy, []))
+        record = store.load(genuine.identity)
+        assert record is not None and not record.suspended
+    finally:
+        store.close()

@@ -9,11 +9,14 @@ its fix (the commit says which). Both stores (the ``store`` fixture).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from typing import Any
 
 import pytest
 
-from mesh.token import Slot, TokenNotReady
+from mesh.token import Slot, TokenError, TokenNotReady
+from mesh.token.software import SoftwareToken
 from provisioning.authserver.errors import Refusal
 from provisioning.authserver.messages import MAX_RETRY_AFTER
 from provisioning.authserver.meters import meter_identity, meter_token
@@ -203,3 +206,38 @@ def test_two_processes_on_one_token_file_do_not_look_like_a_clone(
     assert isinstance(events[0], Authenticated), events
     record = store.load("alpha-1")
     assert record is not None and not record.suspended
+
+
+def test_a_pin_check_elsewhere_does_not_write_back_over_a_key_change(
+    site: Site, store: KeyStateStore
+) -> None:
+    """A wrong PIN in another process (``snrmesh agent`` mistyped) writes the tries counter
+    back: under the lock too, or it could undo a key change made while its scrypt ran."""
+    path = site.root / "gs-1.token"
+    service = make_service(store)  # keys due at every authentication
+    linker, other = SoftwareToken(path), SoftwareToken(path)
+    loaded = threading.Event()
+    real_load = other._load
+
+    def load() -> Any:
+        image = real_load()
+        loaded.set()
+        return image
+
+    other._load = load  # type: ignore[method-assign]
+
+    def mistyped() -> None:
+        with contextlib.suppress(TokenError):
+            other.verify_pin("9999")
+
+    with linker.exclusive():  # what 'as request' and 'as bundle' hold
+        linker.verify_pin(PIN)
+        thread = threading.Thread(target=mistyped)
+        thread.start()
+        loaded.wait(1)  # without the lock it has read the file by now, and runs scrypt
+        events = run(service, linker, [])
+        assert isinstance(events[0], Authenticated) and events[0].key_changed
+    thread.join(10)
+    record = store.load("gs-1")
+    assert record is not None
+    assert SoftwareToken(path).info().generation(Slot.AUTH) == record.generation

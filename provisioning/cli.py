@@ -255,7 +255,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         if n["suspended"]:
             flags.append(
                 "SUSPENDED by the AS (clone alert)"
-                + ("" if s["imported"] else ": 'desk rekey' its token")
+                + (": 'as reinstate' it" if s["imported"] else ": 'desk rekey' its token")
             )
         lines.append(
             f"  {n['id']:<20} {n['role']:<15} gen {n['generation']:<3} "

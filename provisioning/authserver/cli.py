@@ -241,6 +241,27 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_reinstate(args: argparse.Namespace) -> int:
+    """``snrmesh as reinstate NODE (--store DIR | --postgres DSN) --token FILE``."""
+    _check_store_choice(args)
+    token = open_token(args.token)
+    with (
+        contextlib.closing(_open_store(args, desk_passphrase(args.store))) as store,
+        token.exclusive(),  # the key change below: one process at a time on the file
+    ):
+        token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
+        try:
+            generation = store.reinstate(args.node, token, int(time.time()))
+        except RemoteAuthError:
+            raise LocalAuthError(f"unknown node {args.node!r}") from None
+    return _emit(
+        args,
+        {"reinstated": args.node, "generation": generation},
+        f"reinstated {args.node}: its token's keys are at generation {generation}, the "
+        "suspension is lifted, and any other copy of the token is locked out",
+    )
+
+
 BUNDLE_MAGIC = b"eyJ"  # a JWS compact serialization: base64url of '{"'
 MAX_ATTEMPTS = 100  # tries of one 'as request' or 'as bundle'
 MAX_AUDIT_LIMIT = 100_000  # entries one 'as audit' holds in memory (a store may have millions)
@@ -706,6 +727,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(
+        "reinstate",
+        help="lift a clone suspension by changing the trusted token's keys (PostgreSQL or desk)",
+        description="After a clone alert suspended NODE: change the keys of the token you "
+        "trust (--token, its PIN from SNRMESH_PIN or asked) in the AS store and lift the "
+        "suspension. Any other copy of the token then holds keys two generations old and "
+        "fails like a stranger. The token may be at the AS's key generation or one behind "
+        "(a copy took the last key change first). For a PostgreSQL store, which the desk no "
+        "longer reaches; on the desk's own file 'desk rekey' does the same. Run again after "
+        "a failure, it resumes.",
+    )
+    p.set_defaults(func=cmd_reinstate)
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--token", required=True, metavar="FILE", help="the trusted token")
+    p.add_argument("--store", metavar="DIR", help="desk directory")
+    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
         "audit",
         help="print the AS store's audit log (key changes, keysets, clone alerts)",
         description="Print the last --limit entries of the audit log of the AS store "
@@ -713,8 +752,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "issued, revocation and clone alert, besides the desk's own entries (enrol, group, "
         "pair, ...). Never key material. A clone alert (as-clone-alert) means a token "
         "answered under keys it had already replaced: a copy of it exists, and the "
-        "identity is suspended until its genuine token is rekeyed at the desk "
-        "('snrmesh desk rekey'), which locks the copy out.",
+        "identity is suspended until its trusted token's keys are changed ('snrmesh as "
+        "reinstate', or 'snrmesh desk rekey' before an import), which locks the copy out.",
     )
     p.set_defaults(func=cmd_audit)
     p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")

@@ -36,7 +36,8 @@ from mesh.keyset import CommunicationKeyset, wrap_copy
 from mesh.keyset.bundle import MAX_MATES, seal_bundle
 from mesh.keyset.keyset import CK_ID_SIZE, PAIR_KEY_SIZE
 from mesh.keyset.mission import Epoch, Mission
-from mesh.token import Slot, slot_kid
+from mesh.token import SLOT_COUNT, SecureElement, Slot, slot_kid
+from mesh.token.keychange import KeyChange, build_key_change
 from provisioning.authserver.errors import (
     LocalAuthError,
     Refusal,
@@ -244,8 +245,15 @@ class KeyStateStore(ABC):
         """
 
     @abstractmethod
-    def commit_key_change(self, identity: str, new_generation: int, now: int) -> None:
-        """The token proved the pending keys: they become current (idempotent)."""
+    def commit_key_change(
+        self, identity: str, new_generation: int, now: int, *, reinstate: bool = False
+    ) -> None:
+        """The token proved the pending keys: they become current (idempotent).
+
+        ``reinstate``: the operator changed a suspended node's keys (:meth:`reinstate`):
+        the suspension is lifted and no superseded key is kept, so the copy that set
+        off the clone alert fails like a stranger.
+        """
 
     @abstractmethod
     def suspend(self, identity: str, presented: int, now: int) -> None:
@@ -388,7 +396,9 @@ class SqlKeyStateStore(KeyStateStore):
             record.suspended,
         )
 
-    def commit_key_change(self, identity: str, new_generation: int, now: int) -> None:
+    def commit_key_change(
+        self, identity: str, new_generation: int, now: int, *, reinstate: bool = False
+    ) -> None:
         with self.transaction() as cur:
             record = self._locked(cur, identity)
             if record.generation == new_generation:
@@ -418,12 +428,16 @@ class SqlKeyStateStore(KeyStateStore):
             self._exec(
                 cur,
                 "UPDATE nodes SET generation = ?, sealed_keys = ?, pending_keys = NULL, "
-                "previous_keys = ?, previous_generation = ?, keys_since = ? WHERE identity = ?",
+                "previous_keys = ?, previous_generation = ?, keys_since = ?"
+                + (", suspended_at = NULL" if reinstate else "")
+                + " WHERE identity = ?",
                 (
                     new_generation,
                     s.seal(identity, record.token_id, new_generation, record.pending),
-                    s.seal(identity, record.token_id, record.generation, record.keys),
-                    record.generation,
+                    None
+                    if reinstate
+                    else s.seal(identity, record.token_id, record.generation, record.keys),
+                    None if reinstate else record.generation,
                     now,
                     identity,
                 ),
@@ -435,9 +449,77 @@ class SqlKeyStateStore(KeyStateStore):
                 node=identity,
                 token=record.token_id.hex(),
                 generation=new_generation,
-                outcome="committed",
+                outcome="reinstated" if reinstate else "committed",
                 rewrapped=rewrapped,
             )
+
+    def reinstate(self, identity: str, token: SecureElement, now: int) -> int:
+        """Lift a clone suspension by changing the trusted token's keys; the new generation.
+
+        The AS's counterpart of ``desk rekey`` for a node suspended by a clone alert,
+        for the store the desk can no longer change (PostgreSQL after ``as
+        import-desk``). ``token``, its PIN verified, is the copy the operator trusts:
+        at the AS's generation, or one behind when a copy took the last key change
+        first (the AS kept that key). Two phases, as online: fresh pending keys
+        (never ones the AS sent, which a copy may hold), the token's key change, then
+        the commit; run again after a crash, it resumes.
+        """
+        info = token.info()
+        held = info.generation(Slot.KEY_CHANGE)
+        with self.transaction() as cur:
+            record = self._locked(cur, identity)
+            if info.token_id != record.token_id or info.identity != identity:
+                raise LocalAuthError(f"that token belongs to {info.identity}, not {identity}")
+            suspended, revoked, previous = self._row(
+                cur,
+                "SELECT suspended_at, revoked_at, previous_generation FROM nodes "
+                "WHERE identity = ?",
+                (identity,),
+            )
+            if revoked is not None:
+                raise LocalAuthError(f"{identity} is revoked")
+            if suspended is None:
+                raise LocalAuthError(
+                    f"{identity} is not suspended: the AS changes its keys at its next "
+                    "authentication when they are due"
+                )
+            generation = record.generation
+            resume = held == generation + 1 and record.pending is not None
+            if not resume:
+                if held == generation:
+                    signer = record.keys
+                elif held == generation - 1 and previous == held and record.previous is not None:
+                    signer = record.previous  # the token a copy overtook
+                else:
+                    raise LocalAuthError(
+                        f"token of {identity} is at key generation {held}, the AS holds "
+                        f"{generation}: not a token of this node's recent keys"
+                    )
+                new = derive_slot_keys(record.token_id, random_bytes(32) + now.to_bytes(8, "big"))
+                self._exec(
+                    cur,
+                    "UPDATE nodes SET pending_keys = ? WHERE identity = ?",
+                    (self.sealing.seal(identity, record.token_id, generation + 1, new), identity),
+                )
+                self._audit(
+                    cur,
+                    now,
+                    "as-reinstate",
+                    node=identity,
+                    token=record.token_id.hex(),
+                    generation=generation + 1,
+                    token_generation=held,
+                )
+        if not resume:
+            token.key_change(
+                build_key_change(
+                    KeyChange(record.token_id, (generation + 1,) * SLOT_COUNT, new),
+                    kid=slot_kid(record.token_id, Slot.KEY_CHANGE, held),
+                    current_key=signer[Slot.KEY_CHANGE],
+                )
+            )
+        self.commit_key_change(identity, generation + 1, now, reinstate=True)
+        return generation + 1
 
     def _first_live_epoch(self, now: int) -> int:
         """The first epoch whose CKs may still be served (past the last one: none are)."""
@@ -479,7 +561,7 @@ class SqlKeyStateStore(KeyStateStore):
         # the operator's alarm, besides the audit row ('snrmesh as audit --alerts'); names only
         log.warning(
             "CLONE ALERT: %s (token %s) proved superseded generation %d (current %d): "
-            "suspended until its token is rekeyed at the desk ('snrmesh desk rekey')",
+            "suspended until its trusted token's keys are changed ('snrmesh as reinstate')",
             identity,
             record.token_id.hex(),
             presented,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from mesh.keyset import open_copy
 from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig
 from mesh.protocol.frames import VERSION, FrameType, frame_size
 from mesh.token import Slot
-from provisioning.authserver.errors import Refusal
+from provisioning.authserver.errors import LocalAuthError, Refusal
 from provisioning.authserver.messages import Answer, decode, encode
 from provisioning.authserver.meters import (
     MemoryToken,
@@ -501,3 +502,56 @@ def test_clone_suspension_remedy_when_the_copy_took_the_key_change_first(site: S
         assert record is not None and not record.suspended
     finally:
         store.close()
+
+
+def test_as_reinstate_lifts_a_clone_suspension_in_either_order(
+    site: Site, store: KeyStateStore
+) -> None:
+    """The AS's own remedy (PostgreSQL, where the desk cannot rekey), whichever copy went first."""
+    assert isinstance(store, SqlKeyStateStore)
+    service = make_service(store)  # keys due at every authentication
+    for n, first_is_copy in ((8, False), (9, True)):
+        genuine = meter_token(SEED, meter_identity("meter", n))
+        copy = genuine.clone()
+        first, second = (copy, genuine) if first_is_copy else (genuine, copy)
+        assert isinstance(run(service, first, [])[0], Authenticated)
+        assert run(service, second, []) == [Refused(Refusal.SUSPENDED, None)]
+        generation = store.reinstate(genuine.identity, genuine, NOW)
+        assert genuine.info().generation(Slot.AUTH) == generation
+        events = run(service, genuine, [request("gs-1")])
+        assert isinstance(events[0], Authenticated), events
+        assert any(isinstance(e, Granted) for e in events)
+        assert not any(isinstance(e, Authenticated) for e in run(service, copy, []))
+        record = store.load(genuine.identity)
+        assert record is not None and not record.suspended
+
+
+def test_as_reinstate_refuses_what_it_must_not_lift_and_resumes_after_a_crash(
+    site: Site, store: KeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert isinstance(store, SqlKeyStateStore)
+    service = make_service(store)
+    meter = meter_token(SEED, meter_identity("meter", 10))
+    with pytest.raises(LocalAuthError, match="not suspended"):
+        store.reinstate(meter.identity, meter, NOW)
+    with pytest.raises(LocalAuthError, match="belongs to"):
+        store.reinstate("meter-0000011", meter, NOW)
+    copy = meter.clone()
+    run(service, meter, [])
+    run(service, copy, [])  # suspended
+    real = store.commit_key_change
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # the process dies after the token's key change
+
+    monkeypatch.setattr(store, "commit_key_change", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.reinstate(meter.identity, meter, NOW)
+    monkeypatch.setattr(store, "commit_key_change", real)
+    generation = store.reinstate(meter.identity, meter, NOW)  # resumes: token already moved
+    assert meter.info().generation(Slot.AUTH) == generation == 3
+    assert isinstance(run(service, meter, [])[0], Authenticated)
+    store.revoke(meter.identity, NOW)
+    store.suspend(meter.identity, 0, NOW)
+    with pytest.raises(LocalAuthError, match="revoked"):
+        store.reinstate(meter.identity, meter, NOW)

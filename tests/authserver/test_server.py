@@ -444,6 +444,19 @@ def test_a_cloned_token_file_raises_an_alert_in_the_log_and_in_as_audit(
         for bad in (["--limit", "0"], ["--limit", "99999999999999999999"], []):
             refused = as_cli("audit", *bad, *(["--store", str(site.desk_dir)] if bad else []))
             assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+        # the remedy the alert names: change the trusted token's keys; the copy is locked out
+        lifted = as_cli(
+            "reinstate", "alpha-1", "--store", str(site.desk_dir), "--token", str(original)
+        )
+        assert lifted.returncode == 0 and "generation 3" in lifted.stdout, lifted.stderr
+        again = as_cli(
+            "reinstate", "alpha-1", "--store", str(site.desk_dir), "--token", str(original)
+        )
+        assert again.returncode == 1 and "is not suspended" in again.stderr
+        back = as_cli("request", "--as", address, "--token", str(original), "--target", "gs-1")
+        assert back.returncode == 0, back.stderr
+        locked_out = as_cli("request", "--as", address, "--token", str(copy), "--target", "gs-1")
+        assert locked_out.returncode == 1 and "auth-failed" in locked_out.stderr
     assert server.returncode == 0, server.err
     (warning,) = [line for line in server.err.splitlines() if "CLONE ALERT" in line]
     assert "snrmesh as: WARNING CLONE ALERT: alpha-1 (token " in warning

@@ -369,13 +369,7 @@ class SqlKeyStateStore(KeyStateStore):
                         MAX_ONLINE_REWRAP,
                     )
                 return record  # no pending keys: the link goes on under the current ones
-            # fresh OS randomness mixed (HKDF) with server-side nonces: neither alone decides
-            new = derive_slot_keys(record.token_id, random_bytes(32) + now.to_bytes(8, "big"))
-            self._exec(
-                cur,
-                "UPDATE nodes SET pending_keys = ? WHERE identity = ?",
-                (self.sealing.seal(identity, record.token_id, generation + 1, new), identity),
-            )
+            new = self._new_pending(cur, record, now)
             self._audit(
                 cur,
                 now,
@@ -495,12 +489,7 @@ class SqlKeyStateStore(KeyStateStore):
                         f"token of {identity} is at key generation {held}, the AS holds "
                         f"{generation}: not a token of this node's recent keys"
                     )
-                new = derive_slot_keys(record.token_id, random_bytes(32) + now.to_bytes(8, "big"))
-                self._exec(
-                    cur,
-                    "UPDATE nodes SET pending_keys = ? WHERE identity = ?",
-                    (self.sealing.seal(identity, record.token_id, generation + 1, new), identity),
-                )
+                new = self._new_pending(cur, record, now)
                 self._audit(
                     cur,
                     now,
@@ -520,6 +509,18 @@ class SqlKeyStateStore(KeyStateStore):
             )
         self.commit_key_change(identity, generation + 1, now, reinstate=True)
         return generation + 1
+
+    def _new_pending(self, cur: Any, record: TokenKeys, now: int) -> tuple[bytes, ...]:
+        """Record fresh keys for ``record.generation + 1`` as pending, in ``cur``'s transaction.
+
+        Fresh OS randomness mixed (HKDF) with server-side nonces: neither alone decides.
+        """
+        new = derive_slot_keys(record.token_id, random_bytes(32) + now.to_bytes(8, "big"))
+        sealed = self.sealing.seal(record.identity, record.token_id, record.generation + 1, new)
+        self._exec(
+            cur, "UPDATE nodes SET pending_keys = ? WHERE identity = ?", (sealed, record.identity)
+        )
+        return new
 
     def _first_live_epoch(self, now: int) -> int:
         """The first epoch whose CKs may still be served (past the last one: none are)."""

@@ -561,6 +561,12 @@ def _import_fleet(
 # -- parsers ----------------------------------------------------------------------------------
 
 
+def _store_choice(p: argparse.ArgumentParser) -> None:
+    """--store or --postgres (one of them: ``_check_store_choice``)."""
+    p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
+    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+
+
 def _link_arguments(p: argparse.ArgumentParser) -> None:
     """What every command that authenticates to an AS takes."""
     p.add_argument(
@@ -722,8 +728,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.set_defaults(func=cmd_revoke)
     p.add_argument("node", metavar="NODE")
-    p.add_argument("--store", metavar="DIR", help="desk directory")
-    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    _store_choice(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(
@@ -740,8 +745,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(func=cmd_reinstate)
     p.add_argument("node", metavar="NODE")
     p.add_argument("--token", required=True, metavar="FILE", help="the trusted token")
-    p.add_argument("--store", metavar="DIR", help="desk directory")
-    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    _store_choice(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(
@@ -756,8 +760,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "reinstate', or 'snrmesh desk rekey' before an import), which locks the copy out.",
     )
     p.set_defaults(func=cmd_audit)
-    p.add_argument("--store", metavar="DIR", help="desk directory (holds desk.sqlite)")
-    p.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    _store_choice(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alerts", action="store_true", help="only clone alerts")
     which.add_argument("--op", metavar="OP", help="only entries of OP (e.g. as-key-change)")

@@ -42,6 +42,7 @@ from tui.screens import HelpScreen, MainScreen
 from tui.state import (
     AlertKind,
     AlertUpdate,
+    BundleReplaced,
     Conversation,
     Lagged,
     Message,
@@ -126,7 +127,7 @@ class SnrmeshApp(App[None]):
                                 raise
                             self.post_message(AgentNotice(f"ignored a malformed event: {exc}"))
                             continue
-                        if isinstance(event, Lagged):
+                        if isinstance(event, Lagged | BundleReplaced):  # refetch it all
                             self.post_message(SnapshotLoaded(await link.fetch(), reconnected=False))
                         elif event is not None:
                             self.post_message(AgentEventReceived(event))

@@ -43,6 +43,7 @@ ALERT_LABEL: dict[AlertKind, str] = {
     AlertKind.EXPIRING: "⚠ EXPIRING",
     AlertKind.REVOKED: "⊘ REVOKED",
     AlertKind.TOKEN: "⚠ TOKEN",
+    AlertKind.UPLINK: "⚠ UPLINK",
 }
 
 UNKNOWN = "—"

@@ -23,6 +23,7 @@ __all__ = [
     "Alert",
     "AlertKind",
     "AlertUpdate",
+    "BundleReplaced",
     "Conversation",
     "Delivery",
     "Epoch",
@@ -83,6 +84,7 @@ class AlertKind(StrEnum):
     EXPIRING = "expiring"
     REVOKED = "revoked"
     TOKEN = "token"
+    UPLINK = "uplink"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -231,7 +233,14 @@ class Lagged:
     """The agent dropped events for this client (it read too slowly): refetch everything."""
 
 
-AgentEvent = PeerUpdate | MessageUpdate | ReceiptUpdate | AlertUpdate | EpochUpdate | Lagged
+@dataclass(frozen=True, slots=True)
+class BundleReplaced:
+    """The agent took a bundle fetched from its AS: mates, groups and keysets may differ."""
+
+
+AgentEvent = (
+    PeerUpdate | MessageUpdate | ReceiptUpdate | AlertUpdate | EpochUpdate | Lagged | BundleReplaced
+)
 
 
 # -- field readers ----------------------------------------------------------------------------
@@ -444,4 +453,6 @@ def parse_event(name: str, fields: Mapping[str, Any]) -> AgentEvent | None:
         return EpochUpdate(parse_epoch(fields.get("epoch")))
     if name == "lagged":
         return Lagged()
+    if name == "bundle":
+        return BundleReplaced()
     return None

@@ -39,12 +39,14 @@ from typing import Any, cast
 from mesh import __version__
 from mesh.agent.control import ControlError, ControlServer
 from mesh.agent.keyring import KeyRing
+from mesh.agent.refresh import BundleSource, RefreshPolicy, RefreshSchedule, UplinkError
 from mesh.agent.routing import RoutingTable
 from mesh.agent.store import AgentStore, Outgoing, StoredMessage
 from mesh.discovery import discovery_tag, tag_map
 from mesh.discovery.mdns import MdnsDiscovery
 from mesh.errors import MeshError
-from mesh.keyset.bundle import Bundle
+from mesh.files import write_atomic
+from mesh.keyset.bundle import Bundle, open_bundle
 from mesh.protocol import (
     Connection,
     ConnectionTerminated,
@@ -61,7 +63,7 @@ from mesh.protocol import (
     Transport,
 )
 from mesh.protocol.events import Termination
-from mesh.token import SecureElement, TokenAbsent, TokenError
+from mesh.token import SecureElement, Slot, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
 from mesh.wire import (
     MAX_HOPS,
@@ -99,6 +101,7 @@ NO_TAG = "-" * 20
 ALERT_COALESCE = 60.0  # seconds during which the same alert is not raised again
 MAX_ALERT_KEYS = 4096
 TOKEN_CHECK_EVERY = 1.0  # seconds between checks that the token (a card) is still there
+FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 
 
 def _host(address: object) -> str:
@@ -137,6 +140,10 @@ class AgentConfig:
     status_text: str | None = None
     blocked: frozenset[str] = frozenset()  # link cuts, for simulations
     clock_skew: float = 300.0
+    # an AS this node reaches (``--as``): the bundle file is replaced by each one fetched
+    bundle_path: Path | None = None
+    refresh: RefreshPolicy = field(default_factory=RefreshPolicy)
+    refresh_ahead: int = 1  # epochs past this one that a fetched bundle carries
 
 
 @dataclass(slots=True)
@@ -181,6 +188,7 @@ class Agent:
         token: SecureElement,
         *,
         clock: Callable[[], float] = time.time,
+        bundle_source: BundleSource | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -230,6 +238,10 @@ class Agent:
         self._last_heartbeat = -math.inf
         self._epoch_index: int | None = None
         self._pending_receipts: dict[str, list[Receipt]] = {}
+        self._bundle_source = bundle_source
+        self.refresh = RefreshSchedule(config.refresh)
+        self._fetching: asyncio.Future[None] | None = None
+        self._rng = random.Random()
         self._own_status: dict[str, Any] = {
             "position": config.position,
             "battery": config.battery,
@@ -284,6 +296,11 @@ class Agent:
         self._stopping.set()
 
     async def stop(self) -> None:
+        if self._fetching is not None and not self._fetching.done():
+            # let a fetch end: cut short after its key change, it would leave the bundle
+            # file sealed for keys the token no longer holds
+            await asyncio.wait([self._fetching], timeout=FETCH_STOP_WAIT)
+            self._fetching.cancel()
         for link in list(self._all_links):
             link.close()
         if self._server is not None:
@@ -473,7 +490,8 @@ class Agent:
             return False
         if static is not None:
             static.identity = peer
-            self.peers[peer].address = (host, port)
+            if peer in self.peers:
+                self.peers[peer].address = (host, port)
         if peer in self.config.blocked or (peer in self.links and not roll):
             writer.close()
             return peer in self.links
@@ -827,7 +845,7 @@ class Agent:
                 )
             elif isinstance(message, Receipt):
                 receipts += [(mid, peer, message.state) for mid in message.message_ids]
-            elif isinstance(message, Status):
+            elif isinstance(message, Status) and peer in self.peers:
                 info = self.peers[peer]
                 info.position, info.battery, info.text = (
                     message.position,
@@ -896,6 +914,12 @@ class Agent:
             self._last_token_check = now
             self._token_checking = True
             self._spawn(self._check_token())
+        if self._bundle_source is not None and self.refresh.due(
+            now, lacking=lambda: self._lacking(now)
+        ):
+            self.refresh.started()
+            self._fetching = asyncio.ensure_future(self._fetch_bundle())
+            self._fetching.add_done_callback(self._task_done)
         self._check_epoch(now)
         self._dial_due(now)
         self._roll_links(now)
@@ -1012,6 +1036,115 @@ class Agent:
                     f"the last keyset with {peer} expires in {int(expires - now) // 60} min",
                 )
 
+    # -- a bundle from the AS (--as) ------------------------------------------------------------
+
+    def _lacking(self, now: float) -> bool:
+        """Whether a mate has no CK for now, or for the next epoch once this one nears its end."""
+        mission = self.bundle.mission
+        epoch = mission.epoch_at(now)
+        if epoch is None:
+            return False
+        ahead = (
+            epoch.end
+            if self.config.refresh_ahead > 0
+            and epoch.end - now <= self.config.refresh.lead
+            and mission.epoch_at(epoch.end) is not None
+            else None
+        )
+        return any(
+            self.keys.keyset_for(mate, now) is None
+            or (ahead is not None and self.keys.keyset_for(mate, ahead) is None)
+            for mate in self.keys.mates
+        )
+
+    async def _fetch_bundle(self) -> None:
+        """Fetch the bundle, open it with the token, write it, take it; keep the old on failure."""
+        assert self._bundle_source is not None
+        try:
+            try:
+                raw = await self._bundle_source()
+                bundle = open_bundle(raw, self.token)  # sealed for the keys the token holds now
+                if bundle.mission.mission_id != self.bundle.mission.mission_id:
+                    raise UplinkError(
+                        f"the AS serves mission {bundle.mission.name!r}, "
+                        f"not this agent's {self.bundle.mission.name!r}",
+                        permanent=True,
+                    )
+                self._adopt(bundle, raw, self.clock())
+            except UplinkError:
+                raise
+            except MeshError as exc:  # a bundle that does not open or does not fit
+                raise UplinkError(f"the AS sent a bundle this node refuses: {exc}") from None
+        except UplinkError as exc:
+            first = self.refresh.failures == 0
+            retry = self.refresh.failed(self.clock(), exc, self._rng)
+            wait = max(0, int(retry - self.clock()))
+            log.warning("bundle from the AS: %s (next try in %d s)", exc, wait)
+            if first:
+                self._alert(
+                    "uplink",
+                    None,
+                    f"no bundle from the AS: {exc}; running on the keysets held, "
+                    f"next try in {wait} s",
+                    key=("uplink", str(exc)),
+                )
+        except asyncio.CancelledError:
+            self.refresh.running = False
+            raise
+        except Exception as exc:  # a bug (not a MeshError): logged, and fetching goes on
+            log.error("bundle from the AS: %r", exc)
+            self.refresh.failed(self.clock(), UplinkError(repr(exc)), self._rng)
+        else:
+            if self.refresh.failures:
+                self._alert("uplink", None, "bundle fetched from the AS again")
+            self.refresh.succeeded(self.clock())
+
+    def _adopt(self, bundle: Bundle, raw: bytes, now: float) -> None:
+        """Run on ``bundle`` from now on: its CKs, mates and revocations; the file replaced."""
+        self.keys.replace(bundle, now=now)  # every copy opens, or nothing changed
+        self.bundle = bundle
+        if self.config.bundle_path is not None:
+            try:
+                write_atomic(self.config.bundle_path, raw)
+            except OSError as exc:
+                self._alert(
+                    "uplink",
+                    None,
+                    f"cannot write {self.config.bundle_path}: {exc.strerror}; "
+                    "after a restart this node needs --as again",
+                )
+        mates = self.keys.mates
+        for gone in [p for p in self.peers if p not in mates]:
+            link = self.links.pop(gone, None)
+            if link is not None:
+                self.routing.link_down(gone)
+                self._routes_dirty = True
+                link.close()
+            incoming = self.relayed.listener.connection(gone) if self.relayed.listener else None
+            for session in (self.relayed.outgoing.pop(gone, None), incoming):
+                if session is not None:
+                    with contextlib.suppress(LocalProtocolError):
+                        session.close(now)
+            del self.peers[gone]  # nothing from it is taken any more (link_up, _relay_received)
+            why = "is revoked" if gone in bundle.revoked else "is no longer a dialogue mate"
+            self._alert("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused")
+        for identity, mate in mates.items():
+            if identity not in self.peers:
+                self.peers[identity] = PeerInfo(identity, mate.role)
+        self._epoch_index = None  # announce with this bundle's discovery key and mates
+        mission = bundle.mission
+        epochs = sorted(
+            {(k.not_before - mission.start) // mission.epoch_seconds for k in bundle.keysets}
+        )
+        log.info(
+            "bundle from the AS: %d mates, %d keysets (epochs %s), token generation %d",
+            len(mates),
+            len(bundle.keysets),
+            ",".join(map(str, epochs)) or "none",
+            self.token.info().generation(Slot.MAC),
+        )
+        self._emit("bundle", keysets=len(bundle.keysets), mates=len(mates), at=now)
+
     # -- token presence ------------------------------------------------------------------------
 
     @property
@@ -1076,6 +1209,14 @@ class Agent:
             "listen": f"{self.listen_address[0]}:{self.listen_address[1]}",
             "links": len(self.links),
             "version": __version__,
+            "uplink": None
+            if self._bundle_source is None
+            else {
+                "last_bundle": None
+                if self.refresh.last_success == -math.inf
+                else self.refresh.last_success,
+                "failures": self.refresh.failures,
+            },
         }
 
     def _op_peers(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -41,33 +41,41 @@ class KeyRing:
     def __init__(
         self, bundle: Bundle, token: SecureElement, store: AgentStore, *, now: float
     ) -> None:
-        self.bundle = bundle
-        self.identity = bundle.identity
-        self.mission = bundle.mission
-        self.mates = {m.identity: m for m in bundle.mates if m.identity not in bundle.revoked}
         self._token = token
         self._store = store
-        self._by_peer: dict[str, list[PeerKeyset]] = {}
+        self.replace(bundle, now=now)
+
+    def replace(self, bundle: Bundle, *, now: float) -> None:
+        """Take ``bundle`` in place of the one loaded: all of it, or nothing if a copy fails.
+
+        The same object stays in the agent's listeners, so a bundle fetched
+        from the AS (``--as``) serves the next handshake. High-water marks come
+        back from the store, where every mark is written as it advances.
+        """
+        mates = {m.identity: m for m in bundle.mates if m.identity not in bundle.revoked}
+        by_peer: dict[str, list[PeerKeyset]] = {}
         keysets: list[CommunicationKeyset] = []
         for entry in bundle.keysets:
-            if entry.not_after <= now or entry.peer not in self.mates:
+            if entry.not_after <= now or entry.peer not in mates:
                 continue
-            ck = self._open(entry)
+            ck = self._open(entry, bundle)
             keysets.append(ck)
-            self._by_peer.setdefault(entry.peer, []).append(PeerKeyset(ck, entry.ticket))
-        for entries in self._by_peer.values():
+            by_peer.setdefault(entry.peer, []).append(PeerKeyset(ck, entry.ticket))
+        for entries in by_peer.values():
             entries.sort(key=lambda k: k.ck.not_before)
-        self._discovery = {
-            d.epoch: open_discovery_key(token, d.wrapped).key
+        discovery = {
+            d.epoch: open_discovery_key(self._token, d.wrapped).key
             for d in bundle.discovery
             if d.not_after > now
         }
-        marks = [(c, Role(r), t) for c, r, t in store.high_water_marks()]
+        marks = [(c, Role(r), t) for c, r, t in self._store.high_water_marks()]
+        self.bundle, self.identity, self.mission = bundle, bundle.identity, bundle.mission
+        self.mates, self._by_peer, self._discovery = mates, by_peer, discovery
         self._keys = MemoryKeyStore(keysets, ticket_opener=self._open_ticket, marks=marks)
 
-    def _open(self, entry: BundleKeyset) -> CommunicationKeyset:
+    def _open(self, entry: BundleKeyset, bundle: Bundle) -> CommunicationKeyset:
         ck = open_copy(self._token, entry.own)
-        if ck.ck_id != entry.ck_id or ck.mission_id != self.mission.mission_id:
+        if ck.ck_id != entry.ck_id or ck.mission_id != bundle.mission.mission_id:
             raise KeysetError("bundle lists a CK copy that does not match its entry")
         return ck
 

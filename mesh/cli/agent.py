@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
+import random
 import signal
 import sys
 import time
@@ -14,10 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from mesh.agent.client import ControlClient, default_control_path
-from mesh.cli.node import unlock_node
+from mesh.agent.refresh import BundleSource, RefreshPolicy, UplinkError
+from mesh.cli.node import read_bundle, unlock_node
+from mesh.cli.secrets import PIN_ENV, read_secret
+from mesh.errors import MeshError
+from mesh.files import write_atomic
+from mesh.keyset.bundle import BUNDLE_MAGIC, Bundle, open_bundle
+from mesh.keyset.errors import BundleError
 from mesh.timefmt import utc_iso
+from mesh.token.interface import SecureElement
+from mesh.token.open import open_token
 
 __all__ = ["register"]
+
+log = logging.getLogger("snrmesh.agent")
+MAX_AHEAD = 4  # as the AS allows (BUNDLE-REQUEST)
+MIN_REFRESH = 10.0
 
 AGENT_HELP = """\
 Run this node's agent: load its bundle and token, find its dialogue mates
@@ -32,6 +46,7 @@ examples:
   snrmesh agent --bundle alpha-1.bundle --token alpha-1.token --state ~/.snrmesh
   snrmesh agent ... --listen 127.0.0.1:7717 --mdns-interface 127.0.0.1
   snrmesh agent ... --no-mdns --peer 10.0.0.7:7717 --peer gs-1@10.0.0.9:7717
+  snrmesh agent ... --as as.example:7720      # with an uplink: keysets from the AS, live
 """
 
 
@@ -56,7 +71,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    token, bundle = unlock_node(args.token, args.bundle)
+    source: BundleSource | None = None
+    fetched_at_start = False
+    if args.as_address is None:
+        token, bundle = unlock_node(args.token, args.bundle)
+    else:
+        token, bundle, source, fetched_at_start = _unlock_with_uplink(args)
     state = Path(args.state or _default_state())
     config = AgentConfig(
         state_dir=state,
@@ -72,6 +92,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         battery=args.battery,
         status_text=args.status_text,
         blocked=frozenset(args.block),
+        bundle_path=None if source is None else Path(args.bundle),
+        refresh=RefreshPolicy(every=args.as_refresh),
+        refresh_ahead=args.as_ahead,
     )
 
     offset: float = args.clock_offset
@@ -80,7 +103,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return time.time() + offset
 
     async def main() -> None:
-        agent = Agent(config, bundle, token, clock=clock)
+        agent = Agent(config, bundle, token, clock=clock, bundle_source=source)
+        if fetched_at_start:
+            agent.refresh.succeeded(clock())  # the next fetch is a period from now
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, agent.request_stop)
@@ -88,6 +113,61 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+STARTUP_ATTEMPTS = 4  # fetches of a first bundle before the agent gives up (full jitter)
+
+
+def _unlock_with_uplink(
+    args: argparse.Namespace,
+) -> tuple[SecureElement, Bundle, BundleSource, bool]:
+    """Unlock the token; open the bundle, or fetch one from the AS when it is missing or stale.
+
+    A bundle goes stale when the AS changed the token's keys (``as request``, or
+    an agent killed between a key change and writing its new bundle): it no
+    longer opens with the token, and the AS has the one that does.
+    """
+    from mesh.agent.agent import parse_address
+    from provisioning.authserver.client import agent_bundle_source
+
+    host, port = parse_address(args.as_address)
+    if not 0 <= args.as_ahead <= MAX_AHEAD:
+        raise MeshError(f"--as-ahead is 0..{MAX_AHEAD} epochs")
+    if not (math.isfinite(args.as_refresh) and args.as_refresh >= MIN_REFRESH):
+        raise MeshError(f"--as-refresh is at least {MIN_REFRESH:g} seconds")
+    token = open_token(args.token)
+    raw = read_bundle(args.bundle)
+    if raw is not None and not raw.startswith(BUNDLE_MAGIC):
+        raise BundleError(f"--bundle {args.bundle} exists and is not a bundle: not replaced")
+    token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
+    source = agent_bundle_source(host, port, token, ahead=args.as_ahead)
+    if raw is not None:
+        try:
+            return token, open_bundle(raw, token), source, False
+        except BundleError as exc:
+            log.warning("%s: fetching this node's bundle from the AS at %s", exc, args.as_address)
+    what = "no bundle" if raw is None else f"{args.bundle} does not open"
+    rng = random.Random()
+    for n in range(STARTUP_ATTEMPTS):
+        try:
+            raw = asyncio.run(source())
+            break
+        except UplinkError as exc:
+            if exc.permanent or n + 1 == STARTUP_ATTEMPTS:
+                raise MeshError(
+                    f"{what}, and none from the AS at {args.as_address}: {exc}"
+                ) from None
+            wait = max(exc.retry_after or 0.0, rng.uniform(0.0, min(30.0, 2.0 * 2**n)))
+            log.warning("bundle from the AS: %s (next try in %.0f s)", exc, wait)
+            time.sleep(wait)
+    assert raw is not None  # the loop either broke with a bundle or raised
+    bundle = open_bundle(raw, token)
+    try:
+        write_atomic(args.bundle, raw)
+    except OSError as exc:
+        raise MeshError(f"cannot write {args.bundle}: {exc.strerror}") from None
+    log.info("bundle from the AS written to %s", args.bundle)
+    return token, bundle, source, True
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
@@ -228,6 +308,30 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=[],
         metavar="NODE",
         help="never link directly with NODE (emulates a cut link in simulations)",
+    )
+    p.add_argument(
+        "--as",
+        dest="as_address",
+        metavar="HOST:PORT",
+        help="an Authentication Server this node reaches (snrmesh as --help): fetch the "
+        "bundle from it at start, every --as-refresh seconds and whenever a mate lacks a "
+        "keyset, and run on it without a restart (the bundle file is replaced); a missing "
+        "or stale --bundle is fetched before the agent starts",
+    )
+    p.add_argument(
+        "--as-refresh",
+        type=float,
+        default=RefreshPolicy().every,
+        metavar="S",
+        help=f"seconds between routine fetches from --as (default: {RefreshPolicy().every:g}; "
+        f"at least {MIN_REFRESH:g})",
+    )
+    p.add_argument(
+        "--as-ahead",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"epochs after this one that a fetched bundle carries (0..{MAX_AHEAD}, default: 1)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--clock-offset", type=float, default=0.0, help=argparse.SUPPRESS)  # tests

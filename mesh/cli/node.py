@@ -9,7 +9,7 @@ from mesh.keyset.errors import BundleError
 from mesh.token.interface import SecureElement
 from mesh.token.open import open_token
 
-__all__ = ["unlock_node"]
+__all__ = ["read_bundle", "unlock_node"]
 
 
 def unlock_node(token_spec: str, bundle_path: str) -> tuple[SecureElement, Bundle]:
@@ -20,11 +20,18 @@ def unlock_node(token_spec: str, bundle_path: str) -> tuple[SecureElement, Bundl
     file or ``pcsc:READER`` (:func:`mesh.token.open.open_token`).
     """
     token = open_token(token_spec)
-    try:
-        raw = read_bounded(bundle_path, MAX_BUNDLE_SIZE, what="bundle")
-    except FileNotFoundError:
-        raise BundleError(f"bundle {bundle_path} does not exist") from None
-    except (OSError, FileTooLarge) as exc:
-        raise BundleError(f"cannot read bundle {bundle_path}: {exc}") from None
+    raw = read_bundle(bundle_path)
+    if raw is None:
+        raise BundleError(f"bundle {bundle_path} does not exist")
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     return token, open_bundle(raw, token)
+
+
+def read_bundle(bundle_path: str) -> bytes | None:
+    """The bundle file's bytes (bounded), None if there is no such file."""
+    try:
+        return read_bounded(bundle_path, MAX_BUNDLE_SIZE, what="bundle")
+    except FileNotFoundError:
+        return None
+    except (OSError, FileTooLarge) as exc:
+        raise BundleError(f"cannot read bundle {bundle_path}: {exc}") from None

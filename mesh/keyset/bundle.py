@@ -27,6 +27,7 @@ from mesh.keyset.mission import MAX_EPOCHS, Mission
 from mesh.token.interface import SecureElement, Slot
 
 __all__ = [
+    "BUNDLE_MAGIC",
     "BUNDLE_TYPE",
     "MAX_BUNDLE_SIZE",
     "Bundle",
@@ -40,6 +41,7 @@ __all__ = [
 BUNDLE_TYPE = "snrmesh-bundle"
 BUNDLE_VERSION = 1
 MAX_BUNDLE_SIZE = 64 * 1024 * 1024
+BUNDLE_MAGIC = b"eyJ"  # how every bundle begins: a JWS compact serialization, base64url of '{"'
 MAX_KEYSETS = 200_000
 MAX_MATES = 20_000
 MAX_GROUPS = 1_000
@@ -274,7 +276,8 @@ def open_bundle(raw: bytes, token: SecureElement) -> Bundle:
             raise BundleError(f"bundle was issued for another token, not {info.identity}'s")
         raise BundleError(
             f"bundle was made for an older key generation of {info.identity}'s token "
-            "(the node was rekeyed: export a new bundle)"
+            "(the node was rekeyed: export a new bundle, or fetch one from the AS with "
+            "snrmesh as bundle or snrmesh agent --as)"
         )
     if not token.verify_mac(Slot.MAC, signing_input, tag):
         raise BundleError("bundle integrity check failed (modified or corrupt)")

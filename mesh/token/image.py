@@ -115,18 +115,30 @@ class TokenImage:
         if self.tries_left <= 0:
             raise TokenLocked("token is locked after too many wrong PINs")
         sealer = Sealer(pin, self.params)
+        keys = self.open_keys(sealer)
+        if keys is None:
+            return PinCheck(replace(self, tries_left=self.tries_left - 1), True, None, None)
+        full = replace(self, tries_left=MAX_PIN_TRIES)
+        return PinCheck(full, self.tries_left != MAX_PIN_TRIES, keys, sealer)
+
+    def open_keys(self, sealer: Sealer) -> tuple[bytes, ...] | None:
+        """The slot keys under ``sealer`` (a PIN already checked), or None if it does not open.
+
+        Another process's key change reseals the file under the same PIN: a
+        process that holds the sealer opens the new keys without asking for the
+        PIN again (``SoftwareToken.exclusive``).
+        """
         try:
             keys = cbor2.loads(sealer.open(self.sealed, self.aad()))
         except InvalidTag:
-            return PinCheck(replace(self, tries_left=self.tries_left - 1), True, None, None)
+            return None
         if (
             not isinstance(keys, list)
             or len(keys) != SLOT_COUNT
             or not all(isinstance(k, bytes) and len(k) == KEY_SIZE for k in keys)
         ):
             raise TokenCorrupt("token keys are malformed")
-        full = replace(self, tries_left=MAX_PIN_TRIES)
-        return PinCheck(full, self.tries_left != MAX_PIN_TRIES, tuple(keys), sealer)
+        return tuple(keys)
 
     # -- views --------------------------------------------------------------------------------
 

@@ -104,8 +104,11 @@ class SecureElement(ABC):
         """
         return None
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+    def exclusive(self, *, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Hold the token against other processes for a run of operations (an AS link).
+
+        ``wait`` bounds how long to wait for another process's hold (seconds; None: the
+        element's default); the agent, on its event loop, passes 0 and tries again later.
 
         A link may change the token's keys. A second process's link that ran on
         keys read before that change would prove a superseded generation -- what

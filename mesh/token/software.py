@@ -104,19 +104,24 @@ class SoftwareToken(SecureElement):
         self._image = image
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Lock ``<file>.lock`` (waiting up to ``LOCK_WAIT`` s), then read the file again.
+    def exclusive(self, *, wait: float | None = None) -> Iterator[None]:
+        """Lock ``<file>.lock`` (for up to ``wait`` s or ``LOCK_WAIT``), then read the file again.
 
         A lock file beside the token, not the token itself: writes replace the
         token file (a new inode), which would leave a waiter holding a lock on
         the old one. The holder removes the lock file before it lets go, and a
         waiter that then holds a removed file tries again, so no file is left
         behind and at most one process holds the one at the path. Keys unlocked
-        before and since changed by another process are dropped: the PIN is
-        checked again on the file as it is now.
+        before and since changed by another process are opened again with the
+        sealer the PIN gave (a key change reseals under the same PIN), so a
+        long-running agent follows an ``as request`` made beside it; if they do
+        not open, they are dropped and the PIN is needed again.
         """
+        if self._exclusive:  # held already, by this handle: nothing more to do
+            yield
+            return
         lock_path = self.path + ".lock"
-        deadline = time.monotonic() + LOCK_WAIT
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
         while True:
             try:
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -131,7 +136,7 @@ class SoftwareToken(SecureElement):
                     os.close(fd)
                     raise TokenError(
                         f"token file {self.path} is in use by another process "
-                        f"(waited {LOCK_WAIT:g} s)"
+                        f"(waited {LOCK_WAIT if wait is None else wait:g} s)"
                     ) from None
                 time.sleep(0.05)
             except OSError as exc:  # a file system that cannot lock, say
@@ -141,7 +146,10 @@ class SoftwareToken(SecureElement):
         try:
             image = self._load()
             if image.generations != self._image.generations:
-                self._sealer = self._keys = None
+                keys = None if self._sealer is None else image.open_keys(self._sealer)
+                if keys is None:
+                    self._sealer = None
+                self._keys = keys
             self._image = image
             self._exclusive = True
             yield

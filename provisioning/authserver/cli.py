@@ -24,11 +24,11 @@ from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
 from mesh.files import FileTooLarge, read_bounded, write_atomic
 from mesh.keyset import KeysetError, check_identity
-from mesh.keyset.bundle import open_bundle
+from mesh.keyset.bundle import BUNDLE_MAGIC, open_bundle
 from mesh.timefmt import utc_iso
 from mesh.token.open import open_token
 from provisioning.authserver import eventloop
-from provisioning.authserver.client import Backoff, request_keysets
+from provisioning.authserver.client import Backoff, fetch_bundle, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
 from provisioning.authserver.errors import LocalAuthError, RemoteAuthError, explain
 from provisioning.authserver.keystate import KeyPolicy
@@ -36,7 +36,6 @@ from provisioning.authserver.messages import (
     MAX_BUNDLE_AHEAD,
     MAX_EPOCH,
     MAX_PURPOSE_LENGTH,
-    BundleRequest,
     KeysetRequest,
 )
 from provisioning.authserver.meters import (
@@ -262,7 +261,6 @@ def cmd_reinstate(args: argparse.Namespace) -> int:
     )
 
 
-BUNDLE_MAGIC = b"eyJ"  # a JWS compact serialization: base64url of '{"'
 MAX_ATTEMPTS = 100  # tries of one 'as request' or 'as bundle'
 MAX_AUDIT_LIMIT = 100_000  # entries one 'as audit' holds in memory (a store may have millions)
 _PLAIN = re.compile(r"[A-Za-z0-9_.:@+-]+")
@@ -400,22 +398,14 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     _check_out(args.out, token=args.token, looks_like=BUNDLE_MAGIC)
     token = open_token(args.token)
     identity = token.info().identity
-    request = BundleRequest(random_bytes(16), args.ahead)
     with token.exclusive():  # the link may change the token's keys: one process at a time
         token.verify_pin(read_secret(PIN_ENV, f"PIN for {identity}'s token: "))
-        outcome = eventloop.run(
-            request_keysets(host, port, token, [request], backoff=Backoff(attempts=args.attempts))
+        fetched = eventloop.run(
+            fetch_bundle(
+                host, port, token, ahead=args.ahead, backoff=Backoff(attempts=args.attempts)
+            )
         )
-    auth = outcome.authenticated
-    if not outcome.bundles:
-        refused = [e for e in outcome.events if getattr(e, "request_id", None)]
-        if not refused:  # pragma: no cover - request_keysets raises when nothing answered
-            raise LocalAuthError(f"bundle for {identity}: no answer")
-        first = refused[0]
-        raise LocalAuthError(
-            f"bundle for {identity} refused: {explain(first.refusal, first.retry_after)}"  # type: ignore[union-attr]
-        )
-    raw = outcome.bundles[0].data
+    auth, raw = fetched.authenticated, fetched.data
     try:
         bundle = open_bundle(raw, token)  # sealed for the keys the token holds now
     except KeysetError as exc:

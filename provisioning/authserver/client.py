@@ -17,8 +17,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from mesh.agent.refresh import BundleSource, UplinkError
+from mesh.crypto import random_bytes
+from mesh.errors import MeshError
 from mesh.token import SecureElement
-from provisioning.authserver.errors import AuthRefused, AuthServerError, Refusal, explain
+from provisioning.authserver.errors import (
+    AttemptsExhausted,
+    AuthRefused,
+    AuthServerError,
+    BundleRefused,
+    Refusal,
+    explain,
+)
 from provisioning.authserver.messages import BundleRequest, KeysetRequest
 from provisioning.authserver.protocol import (
     Authenticated,
@@ -30,7 +40,15 @@ from provisioning.authserver.protocol import (
     Refused,
 )
 
-__all__ = ["Backoff", "Outcome", "attempt", "request_keysets"]
+__all__ = [
+    "Backoff",
+    "FetchedBundle",
+    "Outcome",
+    "agent_bundle_source",
+    "attempt",
+    "fetch_bundle",
+    "request_keysets",
+]
 
 TEMPORARY = frozenset({Refusal.BUSY, Refusal.RATE_LIMITED, Refusal.UNAVAILABLE})
 
@@ -182,6 +200,7 @@ async def request_keysets(
     outcome.started = time.perf_counter()
     wanted = list(requests)
     last_failure: str | None = None  # why the last link broke, for the final error
+    retry_after: float | None = None  # when the AS last said to come back
     for n in range(backoff.attempts):
         outcome.attempts += 1
         # the same request ids on every attempt: a retransmit gets the identical answer
@@ -237,7 +256,77 @@ async def request_keysets(
         if n + 1 < backoff.attempts:
             await asyncio.sleep(max(retry_after or 0.0, backoff.delay(n, rng)))
     n = outcome.attempts
-    raise AuthServerError(
+    raise AttemptsExhausted(
         f"no answer from the Authentication Server after {n} attempt{'s' * (n != 1)}"
-        + (f" (last: {last_failure})" if last_failure else "")
+        + (f" (last: {last_failure})" if last_failure else ""),
+        retry_after,
     )
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FetchedBundle:
+    """A node's bundle as the AS sent it (not yet opened), and how the link authenticated."""
+
+    data: bytes
+    authenticated: Authenticated | None
+
+
+async def fetch_bundle(
+    host: str,
+    port: int,
+    token: SecureElement,
+    *,
+    ahead: int,
+    backoff: Backoff = Backoff(),
+    timeout: float = 30.0,
+) -> FetchedBundle:
+    """Fetch this token's bundle (``BUNDLE-REQUEST``); ``as bundle`` and the agent's ``--as``.
+
+    The caller holds the token (:meth:`SecureElement.exclusive`) with its PIN
+    verified: the link may change its keys. Raises :class:`AuthRefused` when
+    the AS refuses the link, :class:`BundleRefused` when it refuses the bundle
+    (after the link's key change), :class:`AuthServerError` when the attempts
+    run out.
+    """
+    outcome = await request_keysets(
+        host,
+        port,
+        token,
+        [BundleRequest(random_bytes(16), ahead)],
+        backoff=backoff,
+        timeout=timeout,
+    )
+    if not outcome.bundles:
+        refused = next((e for e in outcome.events if isinstance(e, Refused)), None)
+        if refused is None:  # pragma: no cover - request_keysets raises when nothing answered
+            raise AuthServerError("no bundle from the Authentication Server")
+        raise BundleRefused(token.info().identity, refused.refusal, refused.retry_after)
+    return FetchedBundle(outcome.bundles[0].data, outcome.authenticated)
+
+
+def agent_bundle_source(
+    host: str, port: int, token: SecureElement, *, ahead: int, timeout: float = 30.0
+) -> BundleSource:
+    """The fetch of ``snrmesh agent --as``: one attempt per call, the agent schedules retries.
+
+    The agent holds the token with its PIN verified; each fetch holds it against
+    other processes without waiting (a busy token file is a failure retried later,
+    not a stall of the agent's event loop).
+    """
+
+    async def fetch() -> bytes:
+        try:
+            with token.exclusive(wait=0):
+                fetched = await fetch_bundle(
+                    host, port, token, ahead=ahead, backoff=Backoff(attempts=1), timeout=timeout
+                )
+        except AuthRefused as exc:
+            permanent = exc.refusal not in TEMPORARY
+            raise UplinkError(str(exc), retry_after=exc.retry_after, permanent=permanent) from None
+        except AttemptsExhausted as exc:  # no answer, or rate-limited: come back after
+            raise UplinkError(str(exc), retry_after=exc.retry_after) from None
+        except MeshError as exc:  # no answer, a link that broke, the token file busy
+            raise UplinkError(str(exc)) from None
+        return fetched.data
+
+    return fetch

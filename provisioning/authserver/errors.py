@@ -18,8 +18,10 @@ from provisioning.errors import DeskError
 
 __all__ = [
     "REFUSAL_HINTS",
+    "AttemptsExhausted",
     "AuthRefused",
     "AuthServerError",
+    "BundleRefused",
     "LocalAuthError",
     "MessageError",
     "Refusal",
@@ -92,6 +94,22 @@ class AuthRefused(AuthServerError):
         super().__init__(f"the Authentication Server refused: {explain(refusal, retry_after)}")
         self.refusal = refusal
         self.retry_after = retry_after
+
+
+class AttemptsExhausted(AuthServerError):
+    """No answer after the client's attempts; ``retry_after`` if the AS last said when to return."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BundleRefused(AuthRefused):
+    """The AS authenticated this node but refused it its bundle (``REFUSE`` for the request)."""
+
+    def __init__(self, identity: str, refusal: Refusal, retry_after: float | None = None) -> None:
+        super().__init__(refusal, retry_after)
+        self.args = (f"bundle for {identity} refused: {explain(refusal, retry_after)}",)
 
 
 class StoreUnavailable(AuthServerError):

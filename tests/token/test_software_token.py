@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import os
 import stat
+import time
 from pathlib import Path
 
 import cbor2
@@ -25,6 +26,7 @@ from mesh.token import (
     WrongPin,
     software,
 )
+from mesh.token.keychange import KeyChange, build_key_change
 from mesh.token.software import MAX_TOKEN_FILE_SIZE, SoftwareToken
 from tests.token.tokens import PIN, KnownToken, make_token
 
@@ -134,6 +136,36 @@ def test_exclusive_holds_the_file_against_another_handle(
         pass
     with second.exclusive():  # released with the first
         pass
+
+
+def test_exclusive_with_no_wait_fails_at_once_on_a_held_file(known_token: KnownToken) -> None:
+    """What the agent does on its event loop: a busy file is a failure tried again later."""
+    first, second = SoftwareToken(known_token.path), SoftwareToken(known_token.path)
+    with first.exclusive():
+        with first.exclusive(wait=0):  # the same handle again (the agent's fetch inside a hold)
+            pass
+        started = time.monotonic()
+        with pytest.raises(TokenError, match="in use by another process"), second.exclusive(wait=0):
+            pass
+        assert time.monotonic() - started < 1.0
+
+
+def test_exclusive_follows_another_process_key_change_without_the_pin(
+    known_token: KnownToken,
+) -> None:
+    """An agent beside an ``as request`` on its token file takes the new keys on its next hold."""
+    agent, other = known_token.open(), known_token.open()
+    keys = tuple(os.urandom(32) for _ in range(4))
+    change = KeyChange(known_token.token_id, (2, 2, 2, 2), keys)
+    message = build_key_change(
+        change, kid=known_token.kid(Slot.KEY_CHANGE), current_key=known_token.key(Slot.KEY_CHANGE)
+    )
+    with other.exclusive():
+        other.key_change(message)
+    assert agent.mac(Slot.MAC, b"x") != other.mac(Slot.MAC, b"x")  # still the old keys
+    with agent.exclusive(wait=0):
+        assert agent.info().generation(Slot.MAC) == 2
+        assert agent.mac(Slot.MAC, b"x") == hmac.new(keys[Slot.MAC], b"x", hashlib.sha256).digest()
 
 
 def test_right_pin_before_lockout_resets_the_counter(known_token: KnownToken) -> None:

@@ -344,6 +344,16 @@ async def test_lagged_event_refetches_everything(socket_path: Path) -> None:
         )
 
 
+async def test_a_bundle_from_the_as_refetches_everything(socket_path: Path) -> None:
+    """``agent --as`` took a new bundle: a mate may be gone, so peers come again in full."""
+    async with FakeAgent(socket_path) as agent, make_app(socket_path).run_test() as pilot:
+        await loaded(pilot)
+        app = pilot.app
+        del agent.peers["bravo-9"]  # revoked at the AS: no peer event tells
+        await agent.push({"event": "bundle", "keysets": 4, "mates": 2, "at": FIXED_NOW})
+        await wait_until(pilot, lambda: app.state.peer("bravo-9") is None, "the refetch")
+
+
 async def test_malformed_event_is_reported_and_the_link_survives(socket_path: Path) -> None:
     async with FakeAgent(socket_path) as agent, make_app(socket_path).run_test() as pilot:
         await loaded(pilot)

@@ -14,6 +14,7 @@ from tui.format import clock_time, countdown, duration, link_label, position, si
 from tui.state import (
     AlertKind,
     AlertUpdate,
+    BundleReplaced,
     Conversation,
     Delivery,
     Lagged,
@@ -166,6 +167,12 @@ def test_events_parse_by_name_and_unknown_names_are_ignored() -> None:
     )
     assert isinstance(alert, AlertUpdate) and alert.alert.kind is AlertKind.TOKEN
     assert parse_event("lagged", {}) == Lagged()
+    assert parse_event("bundle", {"keysets": 4, "mates": 2, "at": 1}) == BundleReplaced()
+    uplink = parse_event(
+        "alert",
+        {"alert": {"alert_id": 4, "at": 1, "kind": "uplink", "peer": None, "message": "no AS"}},
+    )
+    assert isinstance(uplink, AlertUpdate) and uplink.alert.kind is AlertKind.UPLINK
     assert parse_event("something-new", {"x": 1}) is None
     with pytest.raises(AgentProtocolError):
         parse_event("receipt", {"message_id": "ab", "peer": "gs-1", "state": "lost"})

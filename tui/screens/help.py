@@ -47,6 +47,7 @@ ALERT_MEANING = {
     AlertKind.EXPIRING: "a keyset (CK) is about to expire",
     AlertKind.REVOKED: "a node was revoked",
     AlertKind.TOKEN: "the token (secure element) has a problem",
+    AlertKind.UPLINK: "no bundle from the Authentication Server (agent --as)",
 }
 
 

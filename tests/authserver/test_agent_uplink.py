@@ -1,0 +1,458 @@
+"""``snrmesh agent --as``: an agent that reaches an AS fetches its bundle live, and follows it.
+
+The site's desk issued no CKs, so the agents' desk bundles name their mates
+but carry no keyset: every CK these agents use comes from the AS, over the
+authenticated link that also changes their tokens' keys (``key_lifetime=0``:
+a key change at every link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.agent.agent import Agent, AgentConfig
+from mesh.agent.refresh import RefreshPolicy, RefreshSchedule, UplinkError
+from mesh.keyset import KeysetError
+from mesh.keyset.bundle import Bundle, open_bundle
+from mesh.token import Slot
+from mesh.token.software import SoftwareToken
+from provisioning.authserver.client import agent_bundle_source
+from provisioning.authserver.server import AuthServer
+from provisioning.authserver.store import (
+    CLONE_ALERT,
+    KeyStateStore,
+    SqliteKeyStateStore,
+    SqlKeyStateStore,
+)
+from tests.authserver.conftest import (
+    NOW,
+    PASSPHRASE,
+    PIN,
+    Site,
+    as_serve,
+    cli_env,
+    make_service,
+)
+
+
+def _desk_bundle(site: Site, node: str, path: Path) -> Bundle:
+    with site.open() as desk:
+        bundle = desk.export(node, path, now=NOW)
+    assert bundle.keysets == ()  # every CK below comes from the AS
+    return bundle
+
+
+def _agent(
+    site: Site,
+    tmp_path: Path,
+    node: str,
+    *,
+    address: tuple[str, int] | None,
+    peers: tuple[str, ...] = (),
+    source: Callable[[], Awaitable[bytes]] | None = None,
+) -> tuple[Agent, Path]:
+    path = tmp_path / f"{node}.bundle"
+    bundle = _desk_bundle(site, node, path)
+    token = site.token(node)
+    if source is None and address is not None:
+        source = agent_bundle_source(*address, token, ahead=1)
+    config = AgentConfig(
+        state_dir=tmp_path / node,
+        listen=("127.0.0.1", 0),
+        mdns=False,
+        peers=peers,
+        bundle_path=path,
+    )
+    return Agent(config, bundle, token, bundle_source=source), path  # type: ignore[arg-type]
+
+
+async def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def test_agents_fetch_their_keysets_from_the_as_live_and_chat(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    old = {}
+
+    async def main() -> None:
+        server = AuthServer(make_service(store))
+        address = await server.start("127.0.0.1", 0)
+        gs, gs_path = _agent(site, tmp_path, "gs-1", address=address)
+        old["gs-1"] = gs_path.read_bytes()
+        assert gs.keys.keyset_for("alpha-1", time.time()) is None  # nothing to dial with yet
+        await gs.start()
+        alpha, alpha_path = _agent(
+            site,
+            tmp_path,
+            "alpha-1",
+            address=address,
+            peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+        )
+        old["alpha-1"] = alpha_path.read_bytes()
+        await alpha.start()
+        try:
+            for agent in (gs, alpha):  # a fetch at start, without a restart
+                await _until(lambda a=agent: a.refresh.last_success > -math.inf, "a bundle")
+            await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
+            await alpha._op_send({"to": "gs-1", "text": "keys from the AS"})
+            await _until(lambda: alpha.store.counts().get("delivered") == 1, "delivery")
+            assert [m.text for m in gs.store.history(peer="alpha-1")] == ["keys from the AS"]
+            hello = alpha._op_hello({})
+            assert hello["uplink"]["failures"] == 0 and hello["uplink"]["last_bundle"] > 0
+        finally:
+            await alpha.stop()
+            await gs.stop()
+            await server.stop()
+
+    asyncio.run(main())
+    assert isinstance(store, SqlKeyStateStore)
+    for node in ("gs-1", "alpha-1"):
+        # a new process: the token file moved on, and the bundle file with it
+        token = SoftwareToken(site.root / f"{node}.token")
+        token.verify_pin(PIN)
+        assert token.info().generation(Slot.MAC) == 2
+        with pytest.raises(KeysetError, match="older key generation"):
+            open_bundle(old[node], token)
+        bundle = open_bundle((tmp_path / f"{node}.bundle").read_bytes(), token)
+        mission = bundle.mission
+        epochs = {(k.not_before - mission.start) // mission.epoch_seconds for k in bundle.keysets}
+        assert epochs == {0, 1}  # this epoch and the next (--as-ahead 1)
+    (row,) = [r for r in store.audit_log("as-bundle") if r["node"] == "alpha-1"]
+    assert row["generation"] == 2
+
+
+def test_a_mate_revoked_at_the_as_is_dropped_at_the_next_fetch(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    assert isinstance(store, SqlKeyStateStore)
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, identity_burst=100.0))
+        address = await server.start("127.0.0.1", 0)
+        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
+        await gs.start()
+        alpha, _ = _agent(
+            site,
+            tmp_path,
+            "alpha-1",
+            address=address,
+            peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+        )
+        await alpha.start()
+        try:
+            await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
+            store.revoke("alpha-1", int(time.time()))
+            gs.refresh.started()
+            await gs._fetch_bundle()  # what the schedule does every --as-refresh seconds
+            assert "alpha-1" not in gs.peers and "alpha-1" not in gs.links
+            assert "alpha-1" in gs.bundle.revoked
+            assert any(a.kind == "revoked" and a.peer == "alpha-1" for a in gs.store.alerts())
+            assert gs.keys.keyset_for("alpha-1", time.time()) is None
+            # alpha-1's own fetch is refused for good: it runs on what it holds, and says so
+            alpha.refresh.started()
+            await alpha._fetch_bundle()
+            assert alpha.refresh.failures == 0 and alpha.refresh.running is False
+            (alert,) = [a for a in alpha.store.alerts() if a.kind == "uplink"]
+            assert "suspended" in alert.message and "running on the keysets held" in alert.message
+            # and its next handshake with gs-1 is refused
+            await _until(lambda: "gs-1" not in alpha.links, "the link to close")
+            ck = alpha.keys.keyset_for("gs-1", time.time())
+            assert ck is not None  # it still holds the CK, but gs-1 no longer takes it
+            assert not await alpha._dial("127.0.0.1", gs.listen_address[1], expect="gs-1")
+        finally:
+            await alpha.stop()
+            await gs.stop()
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_as_or_a_foreign_bundle_leaves_the_agent_on_its_keysets(
+    site: Site, tmp_path: Path
+) -> None:
+    with site.open() as desk:
+        desk.export("alpha-1", tmp_path / "other.bundle", now=NOW)
+    foreign = (tmp_path / "other.bundle").read_bytes()
+    calls: list[str] = []
+
+    async def unreachable() -> bytes:
+        calls.append("unreachable")
+        raise UplinkError("no answer from the Authentication Server after 1 attempt")
+
+    async def wrong() -> bytes:
+        calls.append("wrong")
+        return foreign
+
+    async def main() -> None:
+        gs, path = _agent(site, tmp_path, "gs-1", address=None, source=unreachable)
+        before = path.read_bytes()
+        await gs.start()
+        try:
+            await _until(lambda: gs.refresh.failures >= 1, "a failed fetch")
+            (alert,) = [a for a in gs.store.alerts() if a.kind == "uplink"]
+            assert "no answer" in alert.message and "next try in" in alert.message
+            assert gs.refresh.due(time.time(), lacking=lambda: True) is False  # backing off
+            gs._bundle_source = wrong
+            gs.refresh = RefreshSchedule(RefreshPolicy())
+            await _until(lambda: "wrong" in calls and not gs.refresh.running, "the wrong one")
+            assert gs.refresh.failures == 1
+            assert gs.bundle.identity == "gs-1" and path.read_bytes() == before
+            assert gs._op_hello({})["uplink"]["last_bundle"] is None
+        finally:
+            await gs.stop()
+
+    asyncio.run(main())
+    assert calls.count("unreachable") == 1  # no retry storm while backing off
+
+
+def test_a_stop_lets_a_fetch_end_so_the_bundle_file_matches_the_token(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    """SIGTERM in the middle of a fetch: the token's keys changed, the bundle must follow."""
+
+    async def main() -> None:
+        server = AuthServer(make_service(store))
+        address = await server.start("127.0.0.1", 0)
+        fetched = asyncio.Event()
+
+        async def slow() -> bytes:  # the key change is made; the bundle is still on its way
+            data = await agent_bundle_source(*address, gs.token, ahead=1)()
+            fetched.set()
+            await asyncio.sleep(0.5)
+            return data
+
+        gs, _ = _agent(site, tmp_path, "gs-1", address=None, source=slow)
+        await gs.start()
+        try:
+            await asyncio.wait_for(fetched.wait(), 20)
+        finally:
+            await gs.stop()
+            await server.stop()
+
+    asyncio.run(main())
+    token = site.token("gs-1")
+    assert token.info().generation(Slot.MAC) == 2
+    assert open_bundle((tmp_path / "gs-1.bundle").read_bytes(), token).keysets != ()
+
+
+def test_a_key_change_made_beside_a_running_agent_is_followed_not_taken_for_a_clone(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    """``as request`` on the token file of a running agent, then the agent's own fetch."""
+    assert isinstance(store, SqlKeyStateStore)
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, identity_burst=100.0))
+        address = await server.start("127.0.0.1", 0)
+        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
+        await gs.start()
+        try:
+            await _until(lambda: gs.refresh.last_success > -math.inf, "a bundle")
+            other = site.token("gs-1")  # another process's handle on the same file
+            await agent_bundle_source(*address, other, ahead=0)()
+            assert other.info().generation(Slot.MAC) == 3
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            assert gs.refresh.failures == 0, [a.message for a in gs.store.alerts()]
+            assert gs.token.info().generation(Slot.MAC) == 4
+        finally:
+            await gs.stop()
+            await server.stop()
+
+    asyncio.run(main())
+    assert store.audit_log(CLONE_ALERT) == []
+
+
+def test_the_next_epochs_keysets_are_fetched_before_this_epoch_ends(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        server = AuthServer(make_service(store, identity_burst=100.0))
+        address = await server.start("127.0.0.1", 0)
+        gs, _ = _agent(site, tmp_path, "gs-1", address=None)
+        gs._bundle_source = agent_bundle_source(*address, gs.token, ahead=0)
+        try:
+            gs.refresh.started()
+            await gs._fetch_bundle()  # this epoch's CKs only
+            now = time.time()
+            epoch = gs.bundle.mission.epoch_at(now)
+            assert epoch is not None and not gs._lacking(now)
+            assert gs._lacking(epoch.end - 60)  # within the hour before the epoch ends
+            assert not gs._lacking(epoch.end - 2 * 3600)
+            gs._bundle_source = agent_bundle_source(*address, gs.token, ahead=1)
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            assert not gs._lacking(epoch.end - 60)
+            assert gs.keys.keyset_for("alpha-1", epoch.end) is not None
+        finally:
+            gs.store.close()
+            await server.stop()
+
+    asyncio.run(main())
+
+
+@given(
+    failures=st.integers(min_value=0, max_value=40),
+    retry_after=st.none() | st.floats(min_value=0, max_value=3600),
+    seed=st.integers(),
+)
+def test_fetch_retries_back_off_with_full_jitter(
+    failures: int, retry_after: float | None, seed: int
+) -> None:
+    policy = RefreshPolicy(every=3600.0, base=5.0, cap=600.0)
+    schedule = RefreshSchedule(policy)
+    rng = random.Random(seed)
+    now = 1000.0
+    for _ in range(failures):
+        schedule.started()
+        schedule.failed(now, UplinkError("x"), rng)
+    schedule.started()
+    retry = schedule.failed(now, UplinkError("x", retry_after=retry_after), rng)
+    bound = min(policy.cap, policy.base * 2**failures)
+    assert now <= retry <= now + max(bound, retry_after or 0.0)
+    if retry_after is not None:
+        assert retry >= now + retry_after
+    assert not schedule.due(retry - 0.001, lacking=lambda: True) and schedule.due(
+        retry, lacking=lambda: False
+    )
+
+
+def test_the_fetch_schedule_follows_the_period_the_lack_and_permanent_refusals() -> None:
+    policy = RefreshPolicy(every=3600.0, lacking_gap=60.0)
+    schedule = RefreshSchedule(policy)
+    assert schedule.due(0.0, lacking=lambda: False)  # at start
+    schedule.started()
+    assert not schedule.due(0.0, lacking=lambda: True)  # one fetch at a time
+    schedule.succeeded(0.0)
+    assert not schedule.due(59.0, lacking=lambda: True) and schedule.due(60.0, lacking=lambda: True)
+    assert not schedule.due(3599.0, lacking=lambda: False) and schedule.due(
+        3600.0, lacking=lambda: False
+    )
+    schedule.started()
+    schedule.failed(100.0, UplinkError("suspended", permanent=True), random.Random(1))
+    assert not schedule.due(3699.0, lacking=lambda: True) and schedule.due(
+        3700.0, lacking=lambda: False
+    )
+    with pytest.raises(Exception, match="positive"):
+        RefreshPolicy(every=0)
+
+
+def test_agent_as_bootstraps_a_missing_bundle_and_replaces_a_stale_one(
+    site: Site, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "alpha-1.bundle"
+    token = str(site.root / "alpha-1.token")
+    control = tmp_path / "control.sock"
+
+    def agent(*extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mesh.cli",
+                "agent",
+                "--bundle",
+                str(bundle),
+                "--token",
+                token,
+                "--state",
+                str(tmp_path / "state"),
+                "--control",
+                str(control),
+                "--listen",
+                "127.0.0.1:0",
+                "--no-mdns",
+                *extra,
+            ],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def peers(process: subprocess.Popen[str]) -> list[dict[str, object]]:
+        for _ in range(400):
+            assert process.poll() is None, process.communicate()[1]
+            if control.exists():
+                result = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mesh.cli",
+                        "peers",
+                        "--control",
+                        str(control),
+                        "--json",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                if result.returncode == 0:
+                    return json.loads(result.stdout)  # type: ignore[no-any-return]
+            time.sleep(0.05)
+        raise AssertionError("the agent's control socket never answered")
+
+    def stop(process: subprocess.Popen[str]) -> str:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err
+        assert "Traceback" not in err
+        return err
+
+    with as_serve("--store", str(site.desk_dir), "--key-lifetime", "0") as server:
+        running = agent("--as", server.address)  # no bundle at all: the AS has it
+        assert [p["identity"] for p in peers(running)] == ["gs-1"]
+        err = stop(running)
+        assert f"bundle from the AS written to {bundle}" in err
+        with contextlib.closing(SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)) as audit:
+            rows = [r for r in audit.audit_log("as-bundle") if r["node"] == "alpha-1"]
+        assert len(rows) == 1  # the fetch before the start counts as the first one
+        opened = SoftwareToken(token)
+        opened.verify_pin(PIN)
+        assert open_bundle(bundle.read_bytes(), opened).keysets != ()
+        # another process changes the token's keys: the bundle file no longer opens
+        asked = ["as", "request", "--as", server.address, "--token", token, "--target", "gs-1"]
+        request = subprocess.run(
+            [sys.executable, "-m", "mesh.cli", *asked],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert request.returncode == 0, request.stderr
+        control.unlink(missing_ok=True)
+        plain = agent()
+        _, err = plain.communicate(timeout=30)
+        assert plain.returncode == 1 and "Traceback" not in err
+        assert "older key generation" in err and "--as" in err
+        running = agent("--as", server.address)
+        assert [p["identity"] for p in peers(running)] == ["gs-1"]
+        err = stop(running)
+        assert "fetching this node's bundle from the AS" in err
+    # a --bundle that is something else is never replaced
+    control.unlink(missing_ok=True)
+    bundle = Path(token)
+    before = bundle.read_bytes()
+    refused = agent("--as", "127.0.0.1:9")
+    _, err = refused.communicate(timeout=30)
+    assert refused.returncode == 1 and "is not a bundle: not replaced" in err
+    assert bundle.read_bytes() == before

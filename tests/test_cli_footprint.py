@@ -23,3 +23,15 @@ def test_building_the_cli_loads_no_heavy_library() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert json.loads(result.stdout) == []
+
+
+def test_the_agents_uplink_loads_no_heavy_library() -> None:
+    """``agent --as`` brings in the AS's client, not its server's event loop or database."""
+    probe = (
+        "import json, sys, mesh.agent.agent, provisioning.authserver.client; "
+        f"print(json.dumps([n for n in {HEAVY!r} if n in sys.modules]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(result.stdout) == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -31,14 +32,14 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from mesh import __version__
 from mesh.agent.control import ControlError, ControlServer
-from mesh.agent.keyring import KeyRing
+from mesh.agent.keyring import KeyRing, RingContents
 from mesh.agent.refresh import BundleSource, RefreshPolicy, RefreshSchedule, UplinkError
 from mesh.agent.routing import RoutingTable
 from mesh.agent.store import AgentStore, Outgoing, StoredMessage
@@ -63,6 +64,7 @@ from mesh.protocol import (
     Transport,
 )
 from mesh.protocol.events import Termination
+from mesh.timefmt import utc_iso
 from mesh.token import SecureElement, Slot, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
 from mesh.wire import (
@@ -240,7 +242,7 @@ class Agent:
         self._pending_receipts: dict[str, list[Receipt]] = {}
         self._bundle_source = bundle_source
         self.refresh = RefreshSchedule(config.refresh)
-        self._fetching: asyncio.Future[None] | None = None
+        self._fetching: asyncio.Task[Any] | None = None
         self._rng = random.Random()
         self._own_status: dict[str, Any] = {
             "position": config.position,
@@ -296,6 +298,7 @@ class Agent:
         self._stopping.set()
 
     async def stop(self) -> None:
+        self._stopping.set()  # no new fetch from here on (_tick)
         if self._fetching is not None and not self._fetching.done():
             # let a fetch end: cut short after its key change, it would leave the bundle
             # file sealed for keys the token no longer holds
@@ -314,10 +317,11 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.store.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -914,12 +918,13 @@ class Agent:
             self._last_token_check = now
             self._token_checking = True
             self._spawn(self._check_token())
-        if self._bundle_source is not None and self.refresh.due(
-            now, lacking=lambda: self._lacking(now)
+        if (
+            self._bundle_source is not None
+            and not self._stopping.is_set()
+            and self.refresh.due(now, lacking=lambda: self._lacking(now))
         ):
             self.refresh.started()
-            self._fetching = asyncio.ensure_future(self._fetch_bundle())
-            self._fetching.add_done_callback(self._task_done)
+            self._fetching = self._spawn(self._fetch_bundle())
         self._check_epoch(now)
         self._dial_due(now)
         self._roll_links(now)
@@ -1058,62 +1063,89 @@ class Agent:
         )
 
     async def _fetch_bundle(self) -> None:
-        """Fetch the bundle, open it with the token, write it, take it; keep the old on failure."""
+        """Fetch the bundle, open it (off the loop), take it; keep the old one on any failure."""
         assert self._bundle_source is not None
+        generation = self.token.info().generation(Slot.MAC)
+        was = self.refresh.state
         try:
             try:
                 raw = await self._bundle_source()
-                bundle = open_bundle(raw, self.token)  # sealed for the keys the token holds now
-                if bundle.mission.mission_id != self.bundle.mission.mission_id:
-                    raise UplinkError(
-                        f"the AS serves mission {bundle.mission.name!r}, "
-                        f"not this agent's {self.bundle.mission.name!r}",
-                        permanent=True,
-                    )
-                self._adopt(bundle, raw, self.clock())
+                contents = await asyncio.to_thread(self._open_fetched, raw, self.clock())
+                alerts = self._adopt(contents, raw, self.clock())
             except UplinkError:
                 raise
-            except MeshError as exc:  # a bundle that does not open or does not fit
+            except MeshError as exc:  # a bundle that does not open, or does not fit
                 raise UplinkError(f"the AS sent a bundle this node refuses: {exc}") from None
         except UplinkError as exc:
-            first = self.refresh.failures == 0
+            stale = self.token.info().generation(Slot.MAC) != generation
+            if stale:  # the link changed the token's keys, then no bundle came
+                exc = UplinkError(
+                    f"{exc}; the token's keys changed on the way, so the bundle file no longer "
+                    "opens (a restart needs the AS): trying again soon",
+                    retry_after=exc.retry_after,
+                )
             retry = self.refresh.failed(self.clock(), exc, self._rng)
             wait = max(0, int(retry - self.clock()))
             log.warning("bundle from the AS: %s (next try in %d s)", exc, wait)
-            if first:
+            if self.refresh.state != was or stale:
                 self._alert(
                     "uplink",
                     None,
                     f"no bundle from the AS: {exc}; running on the keysets held, "
                     f"next try in {wait} s",
-                    key=("uplink", str(exc)),
+                    key=("uplink", self.refresh.state, str(exc)),
                 )
         except asyncio.CancelledError:
             self.refresh.running = False
             raise
         except Exception as exc:  # a bug (not a MeshError): logged, and fetching goes on
-            log.error("bundle from the AS: %r", exc)
             self.refresh.failed(self.clock(), UplinkError(repr(exc)), self._rng)
+            log.error("bundle from the AS: %r", exc)
         else:
-            if self.refresh.failures:
-                self._alert("uplink", None, "bundle fetched from the AS again")
             self.refresh.succeeded(self.clock())
+            if was in ("retrying", "refused"):
+                alerts.append(("uplink", None, "bundle fetched from the AS again"))
+            for kind, peer, message in alerts:
+                self._alert(kind, peer, message)
+            self._emit(
+                "bundle",
+                keysets=len(contents.bundle.keysets),
+                mates=len(contents.mates),
+                at=self.clock(),
+            )
 
-    def _adopt(self, bundle: Bundle, raw: bytes, now: float) -> None:
-        """Run on ``bundle`` from now on: its CKs, mates and revocations; the file replaced."""
-        self.keys.replace(bundle, now=now)  # every copy opens, or nothing changed
-        self.bundle = bundle
-        if self.config.bundle_path is not None:
-            try:
-                write_atomic(self.config.bundle_path, raw)
-            except OSError as exc:
-                self._alert(
-                    "uplink",
-                    None,
-                    f"cannot write {self.config.bundle_path}: {exc.strerror}; "
-                    "after a restart this node needs --as again",
-                )
-        mates = self.keys.mates
+    def _open_fetched(self, raw: bytes, now: float) -> RingContents:
+        """Check a fetched bundle and open its keys (in a thread: token work only)."""
+        bundle = open_bundle(raw, self.token)  # sealed for the keys the token holds now
+        held = self.bundle
+        if bundle.mission.mission_id != held.mission.mission_id:
+            raise UplinkError(
+                f"the AS serves mission {bundle.mission.name!r}, not this agent's "
+                f"{held.mission.name!r}",
+                permanent=True,
+            )
+        if bundle.issued_at < held.issued_at - self.config.clock_skew:
+            raise UplinkError(
+                f"the AS sent a bundle issued {utc_iso(bundle.issued_at)}, older than the one "
+                f"held ({utc_iso(held.issued_at)}): an AS restored from a backup?",
+                permanent=True,
+            )
+        # a revocation is for good: an AS that forgot one does not bring the node back
+        bundle = dataclasses.replace(bundle, revoked=bundle.revoked | held.revoked)
+        return RingContents.open(bundle, self.token, now=now)
+
+    def _adopt(
+        self, contents: RingContents, raw: bytes, now: float
+    ) -> list[tuple[str, str | None, str]]:
+        """Run on ``contents`` from now on; returns the alerts to raise once it is all done.
+
+        Nothing here waits or fails half-way: the key ring is swapped first (or
+        nothing changes), then the peers follow.
+        """
+        self.keys.install(contents)
+        bundle = self.bundle = contents.bundle
+        alerts: list[tuple[str, str | None, str]] = []
+        mates = contents.mates
         for gone in [p for p in self.peers if p not in mates]:
             link = self.links.pop(gone, None)
             if link is not None:
@@ -1127,11 +1159,25 @@ class Agent:
                         session.close(now)
             del self.peers[gone]  # nothing from it is taken any more (link_up, _relay_received)
             why = "is revoked" if gone in bundle.revoked else "is no longer a dialogue mate"
-            self._alert("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused")
+            alerts.append(
+                ("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused")
+            )
         for identity, mate in mates.items():
             if identity not in self.peers:
                 self.peers[identity] = PeerInfo(identity, mate.role)
         self._epoch_index = None  # announce with this bundle's discovery key and mates
+        if self.config.bundle_path is not None:
+            try:
+                write_atomic(self.config.bundle_path, raw)
+            except OSError as exc:
+                alerts.append(
+                    (
+                        "uplink",
+                        None,
+                        f"cannot write {self.config.bundle_path}: {exc.strerror}; "
+                        "after a restart this node needs --as again",
+                    )
+                )
         mission = bundle.mission
         epochs = sorted(
             {(k.not_before - mission.start) // mission.epoch_seconds for k in bundle.keysets}
@@ -1143,7 +1189,7 @@ class Agent:
             ",".join(map(str, epochs)) or "none",
             self.token.info().generation(Slot.MAC),
         )
-        self._emit("bundle", keysets=len(bundle.keysets), mates=len(mates), at=now)
+        return alerts
 
     # -- token presence ------------------------------------------------------------------------
 
@@ -1212,6 +1258,7 @@ class Agent:
             "uplink": None
             if self._bundle_source is None
             else {
+                "state": self.refresh.state,
                 "last_bundle": None
                 if self.refresh.last_success == -math.inf
                 else self.refresh.last_success,

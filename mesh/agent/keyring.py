@@ -2,7 +2,8 @@
 
 At start the agent opens (unwraps through the token) its own copy of every CK
 of the bundle that has not expired -- a few hundred token operations at most,
-done once -- and each epoch's discovery key. The session protocol then asks
+done once -- and each epoch's discovery key; again for each bundle it takes
+from an AS (``--as``). The session protocol then asks
 this key ring, through :class:`mesh.protocol.KeysetLookup`, for CKs by
 ``ck_id``; high-water marks go to the agent's store as they advance, so a
 restarted agent still refuses a replayed handshake.
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 
 from mesh.agent.store import AgentStore
 from mesh.keyset import CommunicationKeyset, KeysetError, open_copy
-from mesh.keyset.bundle import Bundle, BundleKeyset
+from mesh.keyset.bundle import Bundle, BundleKeyset, Mate
 from mesh.keyset.copies import open_discovery_key
 from mesh.protocol import MemoryKeyStore
 from mesh.protocol.config import Role
 from mesh.token import SecureElement
 
-__all__ = ["KeyRing"]
+__all__ = ["KeyRing", "RingContents"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,50 @@ class PeerKeyset:
     ticket: str
 
 
+@dataclass(frozen=True, slots=True)
+class RingContents:
+    """A bundle's CKs and discovery keys, opened through the token: what a key ring holds."""
+
+    bundle: Bundle
+    mates: dict[str, Mate]
+    by_peer: dict[str, list[PeerKeyset]]
+    keysets: list[CommunicationKeyset]
+    discovery: dict[int, bytes]
+
+    @classmethod
+    def open(cls, bundle: Bundle, token: SecureElement, *, now: float) -> RingContents:
+        """Open every CK of ``bundle`` not yet expired, and its discovery keys.
+
+        Token operations only (no store, no event loop), so the agent runs it in
+        a thread for a bundle fetched from the AS: thousands of unwraps, on a card
+        one command each, would stall every link.
+        """
+        mates = {m.identity: m for m in bundle.mates if m.identity not in bundle.revoked}
+        by_peer: dict[str, list[PeerKeyset]] = {}
+        keysets: list[CommunicationKeyset] = []
+        for entry in bundle.keysets:
+            if entry.not_after <= now or entry.peer not in mates:
+                continue
+            ck = _open(token, entry, bundle)
+            keysets.append(ck)
+            by_peer.setdefault(entry.peer, []).append(PeerKeyset(ck, entry.ticket))
+        for entries in by_peer.values():
+            entries.sort(key=lambda k: k.ck.not_before)
+        discovery = {
+            d.epoch: open_discovery_key(token, d.wrapped).key
+            for d in bundle.discovery
+            if d.not_after > now
+        }
+        return cls(bundle, mates, by_peer, keysets, discovery)
+
+
+def _open(token: SecureElement, entry: BundleKeyset, bundle: Bundle) -> CommunicationKeyset:
+    ck = open_copy(token, entry.own)
+    if ck.ck_id != entry.ck_id or ck.mission_id != bundle.mission.mission_id:
+        raise KeysetError("bundle lists a CK copy that does not match its entry")
+    return ck
+
+
 class KeyRing:
     """A :class:`mesh.protocol.KeysetLookup` backed by a bundle, a token and the agent store."""
 
@@ -43,41 +88,21 @@ class KeyRing:
     ) -> None:
         self._token = token
         self._store = store
-        self.replace(bundle, now=now)
+        self.install(RingContents.open(bundle, token, now=now))
 
-    def replace(self, bundle: Bundle, *, now: float) -> None:
-        """Take ``bundle`` in place of the one loaded: all of it, or nothing if a copy fails.
+    def install(self, contents: RingContents) -> None:
+        """Hold ``contents`` from now on (a bundle fetched from the AS, ``--as``).
 
-        The same object stays in the agent's listeners, so a bundle fetched
-        from the AS (``--as``) serves the next handshake. High-water marks come
-        back from the store, where every mark is written as it advances.
+        The same object stays in the agent's listeners, so the next handshake
+        uses it. High-water marks come back from the store, where every mark is
+        written as it advances.
         """
-        mates = {m.identity: m for m in bundle.mates if m.identity not in bundle.revoked}
-        by_peer: dict[str, list[PeerKeyset]] = {}
-        keysets: list[CommunicationKeyset] = []
-        for entry in bundle.keysets:
-            if entry.not_after <= now or entry.peer not in mates:
-                continue
-            ck = self._open(entry, bundle)
-            keysets.append(ck)
-            by_peer.setdefault(entry.peer, []).append(PeerKeyset(ck, entry.ticket))
-        for entries in by_peer.values():
-            entries.sort(key=lambda k: k.ck.not_before)
-        discovery = {
-            d.epoch: open_discovery_key(self._token, d.wrapped).key
-            for d in bundle.discovery
-            if d.not_after > now
-        }
         marks = [(c, Role(r), t) for c, r, t in self._store.high_water_marks()]
+        bundle = contents.bundle
         self.bundle, self.identity, self.mission = bundle, bundle.identity, bundle.mission
-        self.mates, self._by_peer, self._discovery = mates, by_peer, discovery
-        self._keys = MemoryKeyStore(keysets, ticket_opener=self._open_ticket, marks=marks)
-
-    def _open(self, entry: BundleKeyset, bundle: Bundle) -> CommunicationKeyset:
-        ck = open_copy(self._token, entry.own)
-        if ck.ck_id != entry.ck_id or ck.mission_id != bundle.mission.mission_id:
-            raise KeysetError("bundle lists a CK copy that does not match its entry")
-        return ck
+        self.mates, self._by_peer = contents.mates, contents.by_peer
+        self._discovery = contents.discovery
+        self._keys = MemoryKeyStore(contents.keysets, ticket_opener=self._open_ticket, marks=marks)
 
     def _open_ticket(self, ticket: str) -> CommunicationKeyset:
         ck = open_copy(self._token, ticket)

@@ -65,22 +65,30 @@ class RefreshPolicy:
 
 
 class RefreshSchedule:
-    """The state of fetching: when the last fetch ended, how many failed in a row."""
+    """The state of fetching: when the next fetch is due, and how the last ones went.
+
+    ``state`` is what ``hello`` reports: ``pending`` (none yet), ``ok`` (the last
+    fetch was taken), ``retrying`` (temporary failures, backing off) or
+    ``refused`` (the AS said no in a way asking again soon will not change).
+    """
 
     def __init__(self, policy: RefreshPolicy) -> None:
         self.policy = policy
         self.running = False
-        self.failures = 0
+        self.state = "pending"
+        self.failures = 0  # temporary ones in a row, for the backoff
         self.last_success = -math.inf
         self._last_end = -math.inf
-        self._retry_at = -math.inf
+        self._next = -math.inf  # the next fetch, at the latest
 
     def due(self, now: float, *, lacking: Callable[[], bool]) -> bool:
         """Whether to fetch now; ``lacking`` (a look at every mate) is asked only if it decides."""
-        if self.running or now < self._retry_at:
+        if self.running:
             return False
-        if self.failures or now - self.last_success >= self.policy.every:
+        if now >= self._next:
             return True
+        if self.state != "ok":  # backing off, or refused: the lack is no reason to ask sooner
+            return False
         gap = min(self.policy.lacking_gap, self.policy.every)
         return now - self._last_end >= gap and lacking()
 
@@ -89,22 +97,22 @@ class RefreshSchedule:
 
     def succeeded(self, now: float) -> None:
         self.running = False
+        self.state = "ok"
         self.failures = 0
         self.last_success = self._last_end = now
-        self._retry_at = -math.inf
+        self._next = now + self.policy.every
 
     def failed(self, now: float, error: UplinkError, rng: random.Random) -> float:
         """Record a failure; returns the time of the next attempt."""
         self.running = False
         self._last_end = now
         if error.permanent:
+            self.state = "refused"
             self.failures = 0
-            self.last_success = now  # the next try is the routine one, a period from now
-            self._retry_at = now + self.policy.every
-            return self._retry_at
-        wait = rng.uniform(
-            0.0, min(self.policy.cap, self.policy.base * 2 ** min(self.failures, 30))
-        )
+            self._next = now + self.policy.every  # the routine one, a period from now
+            return self._next
+        self.state = "retrying"
+        bound = min(self.policy.cap, self.policy.base * 2 ** min(self.failures, 30))
         self.failures += 1
-        self._retry_at = now + max(wait, error.retry_after or 0.0)
-        return self._retry_at
+        self._next = now + max(rng.uniform(0.0, bound), error.retry_after or 0.0)
+        return self._next

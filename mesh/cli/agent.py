@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from mesh.cli.secrets import PIN_ENV, read_secret
 from mesh.errors import MeshError
 from mesh.files import write_atomic
 from mesh.keyset.bundle import BUNDLE_MAGIC, Bundle, open_bundle
-from mesh.keyset.errors import BundleError
+from mesh.keyset.errors import BundleError, BundleStale
 from mesh.timefmt import utc_iso
 from mesh.token.interface import SecureElement
 from mesh.token.open import open_token
@@ -127,10 +128,9 @@ def _unlock_with_uplink(
     an agent killed between a key change and writing its new bundle): it no
     longer opens with the token, and the AS has the one that does.
     """
-    from mesh.agent.agent import parse_address
     from provisioning.authserver.client import agent_bundle_source
 
-    host, port = parse_address(args.as_address)
+    host, port = _as_address(args.as_address)
     if not 0 <= args.as_ahead <= MAX_AHEAD:
         raise MeshError(f"--as-ahead is 0..{MAX_AHEAD} epochs")
     if not (math.isfinite(args.as_refresh) and args.as_refresh >= MIN_REFRESH):
@@ -139,12 +139,13 @@ def _unlock_with_uplink(
     raw = read_bundle(args.bundle)
     if raw is not None and not raw.startswith(BUNDLE_MAGIC):
         raise BundleError(f"--bundle {args.bundle} exists and is not a bundle: not replaced")
+    _check_writable(args.bundle)  # before a fetch that may change the token's keys
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     source = agent_bundle_source(host, port, token, ahead=args.as_ahead)
     if raw is not None:
         try:
             return token, open_bundle(raw, token), source, False
-        except BundleError as exc:
+        except BundleStale as exc:  # this token's, sealed for keys it held before: replaced
             log.warning("%s: fetching this node's bundle from the AS at %s", exc, args.as_address)
     what = "no bundle" if raw is None else f"{args.bundle} does not open"
     rng = random.Random()
@@ -168,6 +169,26 @@ def _unlock_with_uplink(
         raise MeshError(f"cannot write {args.bundle}: {exc.strerror}") from None
     log.info("bundle from the AS written to %s", args.bundle)
     return token, bundle, source, True
+
+
+def _as_address(text: str) -> tuple[str, int]:
+    """``--as HOST:PORT``: the port is required (the AS has no default; 7717 is the agent's)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MeshError(f"--as {text!r}: expected HOST:PORT, the AS's address")
+    return host.strip("[]"), int(port)
+
+
+def _check_writable(path: str) -> None:
+    """The bundle file can be replaced: its folder takes a new file, and it is not a folder."""
+    if os.path.isdir(path):
+        raise BundleError(f"--bundle {path} is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snrmesh-check-"):
+            pass
+    except OSError as exc:
+        raise MeshError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _client(args: argparse.Namespace) -> ControlClient:

@@ -21,7 +21,7 @@ from jwcrypto import jwk, jws
 from jwcrypto.common import base64url_decode, base64url_encode
 
 from mesh.keyset.copies import MAX_COPY_SIZE, b64url_decode_strict
-from mesh.keyset.errors import BundleError, KeysetError
+from mesh.keyset.errors import BundleError, BundleStale, KeysetError
 from mesh.keyset.keyset import CK_ID_SIZE, MISSION_ID_SIZE, check_identity
 from mesh.keyset.mission import MAX_EPOCHS, Mission
 from mesh.token.interface import SecureElement, Slot
@@ -274,7 +274,7 @@ def open_bundle(raw: bytes, token: SecureElement) -> Bundle:
     if kid != info.kid(Slot.MAC):
         if not kid.startswith(info.token_id.hex() + "."):
             raise BundleError(f"bundle was issued for another token, not {info.identity}'s")
-        raise BundleError(
+        raise BundleStale(
             f"bundle was made for an older key generation of {info.identity}'s token "
             "(the node was rekeyed: export a new bundle, or fetch one from the AS with "
             "snrmesh as bundle or snrmesh agent --as)"

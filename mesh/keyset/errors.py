@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mesh.errors import MeshError
 
-__all__ = ["BundleError", "KeysetError"]
+__all__ = ["BundleError", "BundleStale", "KeysetError"]
 
 
 class KeysetError(MeshError):
@@ -13,3 +13,7 @@ class KeysetError(MeshError):
 
 class BundleError(KeysetError):
     """A node bundle file is unreadable, corrupt, forged or for another token."""
+
+
+class BundleStale(BundleError):
+    """A bundle of this very token, sealed for an older generation of its keys (rekeyed since)."""

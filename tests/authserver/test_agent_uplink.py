@@ -8,17 +8,20 @@ a key change at every link).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import math
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -26,11 +29,15 @@ from hypothesis import strategies as st
 
 from mesh.agent.agent import Agent, AgentConfig
 from mesh.agent.refresh import RefreshPolicy, RefreshSchedule, UplinkError
+from mesh.cli import agent as cli_agent
+from mesh.errors import MeshError
 from mesh.keyset import KeysetError
 from mesh.keyset.bundle import Bundle, open_bundle
+from mesh.keyset.errors import BundleError
 from mesh.token import Slot
 from mesh.token.software import SoftwareToken
 from provisioning.authserver.client import agent_bundle_source
+from provisioning.authserver.errors import Refusal, RemoteAuthError
 from provisioning.authserver.server import AuthServer
 from provisioning.authserver.store import (
     CLONE_ALERT,
@@ -456,3 +463,191 @@ def test_agent_as_bootstraps_a_missing_bundle_and_replaces_a_stale_one(
     _, err = refused.communicate(timeout=30)
     assert refused.returncode == 1 and "is not a bundle: not replaced" in err
     assert bundle.read_bytes() == before
+
+
+# -- found by the review of the first version ---------------------------------------------------
+
+
+def _offline(site: Site, tmp_path: Path, node: str, source: BundleSourceT) -> Agent:
+    """An agent built, not started, on its desk bundle, fetching from ``source``."""
+    agent, _ = _agent(site, tmp_path, node, address=None, source=source)
+    return agent
+
+
+BundleSourceT = Callable[[], Coroutine[Any, Any, bytes]]
+
+
+def test_startup_leaves_another_nodes_bundle_file_alone(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--bundle gs-1.bundle --token alpha-1.token --as ...``: only a stale bundle is replaced."""
+    with site.open() as desk:
+        desk.export("gs-1", tmp_path / "gs-1.bundle", now=NOW)
+        desk.export("alpha-1", tmp_path / "alpha-1.bundle", now=NOW)
+    before = (tmp_path / "gs-1.bundle").read_bytes()
+    fetched: list[bool] = []
+
+    def source(*_: object, **__: object) -> BundleSourceT:
+        async def fetch() -> bytes:
+            fetched.append(True)
+            return (tmp_path / "alpha-1.bundle").read_bytes()
+
+        return fetch
+
+    monkeypatch.setattr("provisioning.authserver.client.agent_bundle_source", source)
+    monkeypatch.setenv("SNRMESH_PIN", PIN)
+    args = argparse.Namespace(
+        as_address="127.0.0.1:7450",
+        as_ahead=1,
+        as_refresh=3600.0,
+        token=str(site.root / "alpha-1.token"),
+        bundle=str(tmp_path / "gs-1.bundle"),
+    )
+    with pytest.raises(BundleError, match="another token"):
+        cli_agent._unlock_with_uplink(args)
+    assert (tmp_path / "gs-1.bundle").read_bytes() == before and fetched == []
+    args.bundle = str(tmp_path / "missing" / "x.bundle")  # checked before any key change
+    with pytest.raises(MeshError, match="cannot write"):
+        cli_agent._unlock_with_uplink(args)
+    assert fetched == []
+    for bad in ("127.0.0.1", "nonsense", "127.0.0.1:0", ":7450"):
+        args.as_address = bad
+        with pytest.raises(MeshError, match="expected HOST:PORT"):
+            cli_agent._unlock_with_uplink(args)
+
+
+def test_a_permanent_refusal_is_reported_as_one_not_as_a_bundle(site: Site, tmp_path: Path) -> None:
+    async def refused() -> bytes:
+        raise UplinkError("the Authentication Server refused: suspended", permanent=True)
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", refused)
+        try:
+            for _ in range(2):
+                gs.refresh.started()
+                await gs._fetch_bundle()
+            uplink = gs._op_hello({})["uplink"]
+            assert uplink == {"state": "refused", "last_bundle": None, "failures": 0}
+            assert len([a for a in gs.store.alerts() if a.kind == "uplink"]) == 1
+        finally:
+            gs.store.close()
+
+    asyncio.run(main())
+
+
+def test_no_fetch_starts_once_the_agent_stops(site: Site, tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    async def unreachable() -> bytes:
+        calls.append("fetch")
+        raise UplinkError("no answer")
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", unreachable)
+        await gs.start()
+        await _until(lambda: calls == ["fetch"] and not gs.refresh.running, "the first fetch")
+        gs.refresh._next = time.time() + 0.2  # the next try comes while stop() awaits
+        assert gs.control is not None
+        close = gs.control.close
+
+        async def slow_close() -> None:  # as zeroconf's goodbyes, or any await in stop()
+            await asyncio.sleep(1.0)
+            await close()
+
+        gs.control.close = slow_close  # type: ignore[method-assign]
+        await gs.stop()
+
+    asyncio.run(main())
+    assert calls == ["fetch"]
+
+
+def test_a_taken_bundle_stays_taken_when_its_alerts_fail(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alert table full (SQLite): the bundle is taken whole and fetching goes on."""
+
+    async def source() -> bytes:
+        with site.open() as desk:
+            desk.revoke("alpha-1", now=NOW)
+            desk.export("gs-1", tmp_path / "next.bundle", now=NOW)
+        return (tmp_path / "next.bundle").read_bytes()
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", source)
+        gs.refresh.started()
+        gs.refresh.failed(time.time(), UplinkError("no answer"), random.Random(0))
+
+        def full(*_: object, **__: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(gs, "_alert", full)
+        try:
+            gs.refresh.started()
+            with pytest.raises(sqlite3.OperationalError):
+                await gs._fetch_bundle()
+            assert gs.keys.bundle is gs.bundle and "alpha-1" not in gs.keys.mates
+            assert "alpha-1" not in gs.peers and "alpha-2" in gs.peers
+            assert gs.refresh.state == "ok" and not gs.refresh.running
+        finally:
+            gs.store.close()
+
+    asyncio.run(main())
+
+
+def test_a_bundle_refused_after_the_key_change_says_the_file_is_stale_and_tries_again(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    """A bundle too large for a link is refused after the link changed the keys."""
+
+    def too_large(*_: object, **__: object) -> bytes:
+        raise RemoteAuthError(Refusal.POLICY, "bundle too large for a link")
+
+    store.bundle = too_large  # type: ignore[method-assign]
+
+    async def main() -> None:
+        server = AuthServer(make_service(store))  # a key change at every link
+        address = await server.start("127.0.0.1", 0)
+        gs = _offline(site, tmp_path, "gs-1", None)  # type: ignore[arg-type]
+        gs._bundle_source = agent_bundle_source(*address, gs.token, ahead=1)
+        try:
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            assert gs.refresh.state == "retrying"  # not a period from now: the file is stale
+            (alert,) = [a for a in gs.store.alerts() if a.kind == "uplink"]
+            assert "no longer opens" in alert.message and "restart needs the AS" in alert.message
+        finally:
+            gs.store.close()
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_an_older_bundle_is_refused_and_a_revocation_is_never_undone(
+    site: Site, tmp_path: Path
+) -> None:
+    with site.open() as desk:
+        desk.export("gs-1", tmp_path / "before.bundle", now=NOW)  # alpha-2 a mate
+        desk.export("gs-1", tmp_path / "old.bundle", now=NOW - 3600)
+        desk.revoke("alpha-2", now=NOW)
+    served = [tmp_path / "before.bundle", tmp_path / "old.bundle"]
+
+    async def restored() -> bytes:  # an AS restored from a backup
+        return served.pop(0).read_bytes()
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", restored)
+        assert "alpha-2" in gs.bundle.revoked and "alpha-2" not in gs.peers
+        try:
+            gs.refresh.started()
+            await gs._fetch_bundle()  # within the clock skew: taken, but alpha-2 stays out
+            assert gs.refresh.state == "ok" and "alpha-2" in gs.bundle.revoked
+            assert "alpha-2" not in gs.peers and "alpha-2" not in gs.keys.mates
+            gs.refresh.started()
+            await gs._fetch_bundle()  # an hour older than the one held: refused
+            assert gs.refresh.state == "refused"
+            (alert,) = [a for a in gs.store.alerts() if a.kind == "uplink"]
+            assert "older than the one held" in alert.message
+        finally:
+            gs.store.close()
+
+    asyncio.run(main())

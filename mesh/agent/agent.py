@@ -239,6 +239,7 @@ class Agent:
         self._last_retry = 0.0
         self._last_heartbeat = -math.inf
         self._epoch_index: int | None = None
+        self._retag = False  # a new bundle: tags and announcement again, same epoch
         self._pending_receipts: dict[str, list[Receipt]] = {}
         self._bundle_source = bundle_source
         self.refresh = RefreshSchedule(config.refresh)
@@ -295,6 +296,10 @@ class Agent:
             await self.stop()
 
     def request_stop(self) -> None:
+        """Stop (a signal); asked again while a fetch from the AS holds the stop, abandon it."""
+        if self._stopping.is_set() and self._fetching is not None:
+            log.warning("abandoning the fetch from the AS: the bundle file may not open next time")
+            self._fetching.cancel()
         self._stopping.set()
 
     async def stop(self) -> None:
@@ -302,6 +307,10 @@ class Agent:
         if self._fetching is not None and not self._fetching.done():
             # let a fetch end: cut short after its key change, it would leave the bundle
             # file sealed for keys the token no longer holds
+            log.info(
+                "stopping: waiting up to %.0f s for the fetch from the AS (again to abandon it)",
+                FETCH_STOP_WAIT,
+            )
             await asyncio.wait([self._fetching], timeout=FETCH_STOP_WAIT)
             self._fetching.cancel()
         for link in list(self._all_links):
@@ -970,10 +979,10 @@ class Agent:
     def _check_epoch(self, now: float) -> None:
         epoch = self.bundle.mission.epoch_at(now)
         index = None if epoch is None else epoch.index
-        if index == self._epoch_index:
+        if index == self._epoch_index and not self._retag:
             return
-        self._epoch_index = index
-        if epoch is not None:
+        changed, self._epoch_index, self._retag = index != self._epoch_index, index, False
+        if epoch is not None and changed:
             self._emit(
                 "epoch", epoch={"index": epoch.index, "start": epoch.start, "end": epoch.end}
             )
@@ -1045,6 +1054,8 @@ class Agent:
 
     def _lacking(self, now: float) -> bool:
         """Whether a mate has no CK for now, or for the next epoch once this one nears its end."""
+        if self.keys.strangers:  # a mate newer than our bundle dialled us
+            return True
         mission = self.bundle.mission
         epoch = mission.epoch_at(now)
         if epoch is None:
@@ -1066,7 +1077,7 @@ class Agent:
         """Fetch the bundle, open it (off the loop), take it; keep the old one on any failure."""
         assert self._bundle_source is not None
         generation = self.token.info().generation(Slot.MAC)
-        was = self.refresh.state
+        was, failures = self.refresh.state, self.refresh.failures
         try:
             try:
                 raw = await self._bundle_source()
@@ -1087,7 +1098,10 @@ class Agent:
             retry = self.refresh.failed(self.clock(), exc, self._rng)
             wait = max(0, int(retry - self.clock()))
             log.warning("bundle from the AS: %s (next try in %d s)", exc, wait)
-            if self.refresh.state != was or stale:
+            # a first temporary failure (rate-limited, the token file busy) is only logged
+            retrying = self.refresh.state == "retrying" and self.refresh.failures == 2
+            refused = self.refresh.state == "refused" and was != "refused"
+            if (retrying or refused or stale) and not self._stopping.is_set():
                 self._alert(
                     "uplink",
                     None,
@@ -1103,7 +1117,7 @@ class Agent:
             log.error("bundle from the AS: %r", exc)
         else:
             self.refresh.succeeded(self.clock())
-            if was in ("retrying", "refused"):
+            if was == "refused" or (was == "retrying" and failures >= 2):
                 alerts.append(("uplink", None, "bundle fetched from the AS again"))
             for kind, peer, message in alerts:
                 self._alert(kind, peer, message)
@@ -1165,7 +1179,7 @@ class Agent:
         for identity, mate in mates.items():
             if identity not in self.peers:
                 self.peers[identity] = PeerInfo(identity, mate.role)
-        self._epoch_index = None  # announce with this bundle's discovery key and mates
+        self._retag = True  # announce with this bundle's discovery key and mates
         if self.config.bundle_path is not None:
             try:
                 write_atomic(self.config.bundle_path, raw)
@@ -1283,7 +1297,11 @@ class Agent:
         to, group = args.get("to"), args.get("group")
         if isinstance(to, str) and group is None:
             if to not in self.peers:
-                raise ControlError("unknown-peer", f"no dialogue mate named {to}")
+                revoked = to in self.bundle.revoked
+                raise ControlError(
+                    "unknown-peer",
+                    f"{to} is revoked" if revoked else f"no dialogue mate named {to}",
+                )
             recipients, peer = [to], to
         elif isinstance(group, str) and to is None:
             if group not in self.bundle.groups:

@@ -27,6 +27,8 @@ from mesh.token import SecureElement
 
 __all__ = ["KeyRing", "RingContents"]
 
+MAX_STRANGERS = 64
+
 
 @dataclass(frozen=True, slots=True)
 class PeerKeyset:
@@ -88,6 +90,7 @@ class KeyRing:
     ) -> None:
         self._token = token
         self._store = store
+        self.strangers: set[str] = set()  # named by tickets that opened, not in the bundle
         self.install(RingContents.open(bundle, token, now=now))
 
     def install(self, contents: RingContents) -> None:
@@ -102,6 +105,7 @@ class KeyRing:
         self.bundle, self.identity, self.mission = bundle, bundle.identity, bundle.mission
         self.mates, self._by_peer = contents.mates, contents.by_peer
         self._discovery = contents.discovery
+        self.strangers = set()
         self._keys = MemoryKeyStore(contents.keysets, ticket_opener=self._open_ticket, marks=marks)
 
     def _open_ticket(self, ticket: str) -> CommunicationKeyset:
@@ -109,8 +113,14 @@ class KeyRing:
         if ck.mission_id != self.mission.mission_id:
             raise KeysetError("ticket is for another mission")
         peer = ck.peer_of(self.identity)
+        if peer in self.bundle.revoked:
+            raise KeysetError(f"ticket names {peer}, who is revoked")
         if peer not in self.mates:
-            raise KeysetError(f"ticket names {peer}, who is not a dialogue mate (or is revoked)")
+            # a CK for us that our token opens, so the desk or the AS made it: a mate newer
+            # than our bundle (an agent with --as fetches again)
+            if len(self.strangers) < MAX_STRANGERS:
+                self.strangers.add(peer)
+            raise KeysetError(f"ticket names {peer}, who is not a dialogue mate in our bundle")
         return ck
 
     # -- for the agent -----------------------------------------------------------------------

@@ -32,7 +32,9 @@ __all__ = ["register"]
 
 log = logging.getLogger("snrmesh.agent")
 MAX_AHEAD = 4  # as the AS allows (BUNDLE-REQUEST)
-MIN_REFRESH = 10.0
+DEFAULT_AHEAD = 1
+DEFAULT_REFRESH = RefreshPolicy().every
+MIN_REFRESH = 30.0  # a bundle weighs 10 keysets against the AS's 1/s per node
 
 AGENT_HELP = """\
 Run this node's agent: load its bundle and token, find its dialogue mates
@@ -47,7 +49,7 @@ examples:
   snrmesh agent --bundle alpha-1.bundle --token alpha-1.token --state ~/.snrmesh
   snrmesh agent ... --listen 127.0.0.1:7717 --mdns-interface 127.0.0.1
   snrmesh agent ... --no-mdns --peer 10.0.0.7:7717 --peer gs-1@10.0.0.9:7717
-  snrmesh agent ... --as as.example:7720      # with an uplink: keysets from the AS, live
+  snrmesh agent ... --as 10.0.0.2:7450        # with an uplink: keysets from the AS, live
 """
 
 
@@ -75,6 +77,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     source: BundleSource | None = None
     fetched_at_start = False
     if args.as_address is None:
+        for option, value in (("--as-refresh", args.as_refresh), ("--as-ahead", args.as_ahead)):
+            if value is not None:
+                raise MeshError(f"{option} needs --as (the AS to fetch from)")
         token, bundle = unlock_node(args.token, args.bundle)
     else:
         token, bundle, source, fetched_at_start = _unlock_with_uplink(args)
@@ -94,8 +99,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         status_text=args.status_text,
         blocked=frozenset(args.block),
         bundle_path=None if source is None else Path(args.bundle),
-        refresh=RefreshPolicy(every=args.as_refresh),
-        refresh_ahead=args.as_ahead,
+        refresh=RefreshPolicy(every=args.as_refresh or DEFAULT_REFRESH),
+        refresh_ahead=DEFAULT_AHEAD if args.as_ahead is None else args.as_ahead,
     )
 
     offset: float = args.clock_offset
@@ -131,22 +136,31 @@ def _unlock_with_uplink(
     from provisioning.authserver.client import agent_bundle_source
 
     host, port = _as_address(args.as_address)
-    if not 0 <= args.as_ahead <= MAX_AHEAD:
+    ahead = DEFAULT_AHEAD if args.as_ahead is None else args.as_ahead
+    if not 0 <= ahead <= MAX_AHEAD:
         raise MeshError(f"--as-ahead is 0..{MAX_AHEAD} epochs")
-    if not (math.isfinite(args.as_refresh) and args.as_refresh >= MIN_REFRESH):
-        raise MeshError(f"--as-refresh is at least {MIN_REFRESH:g} seconds")
+    every = DEFAULT_REFRESH if args.as_refresh is None else args.as_refresh
+    if not (math.isfinite(every) and every >= MIN_REFRESH):
+        raise MeshError(f"--as-refresh is a number of seconds, at least {MIN_REFRESH:g}")
+    if not args.bundle:
+        raise BundleError("--bundle needs a file name")
     token = open_token(args.token)
     raw = read_bundle(args.bundle)
     if raw is not None and not raw.startswith(BUNDLE_MAGIC):
         raise BundleError(f"--bundle {args.bundle} exists and is not a bundle: not replaced")
     _check_writable(args.bundle)  # before a fetch that may change the token's keys
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
-    source = agent_bundle_source(host, port, token, ahead=args.as_ahead)
+    source = agent_bundle_source(host, port, token, ahead=ahead)
     if raw is not None:
         try:
             return token, open_bundle(raw, token), source, False
-        except BundleStale as exc:  # this token's, sealed for keys it held before: replaced
-            log.warning("%s: fetching this node's bundle from the AS at %s", exc, args.as_address)
+        except BundleStale:  # this token's, sealed for keys it held before: replaced
+            log.warning(
+                "%s is sealed for an older key generation of the token: fetching this node's "
+                "bundle from the AS at %s",
+                args.bundle,
+                args.as_address,
+            )
     what = "no bundle" if raw is None else f"{args.bundle} does not open"
     rng = random.Random()
     for n in range(STARTUP_ATTEMPTS):
@@ -155,8 +169,9 @@ def _unlock_with_uplink(
             break
         except UplinkError as exc:
             if exc.permanent or n + 1 == STARTUP_ATTEMPTS:
+                tries = "" if exc.permanent else f" ({n + 1} tries)"
                 raise MeshError(
-                    f"{what}, and none from the AS at {args.as_address}: {exc}"
+                    f"{what}, and none from the AS at {args.as_address}{tries}: {exc}"
                 ) from None
             wait = max(exc.retry_after or 0.0, rng.uniform(0.0, min(30.0, 2.0 * 2**n)))
             log.warning("bundle from the AS: %s (next try in %.0f s)", exc, wait)
@@ -269,7 +284,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=AGENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--bundle", required=True, metavar="FILE", help="this node's bundle")
+    p.add_argument(
+        "--bundle",
+        required=True,
+        metavar="FILE",
+        help="this node's bundle (with --as: fetched and written here if missing or stale)",
+    )
     p.add_argument(
         "--token",
         required=True,
@@ -342,17 +362,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--as-refresh",
         type=float,
-        default=RefreshPolicy().every,
         metavar="S",
-        help=f"seconds between routine fetches from --as (default: {RefreshPolicy().every:g}; "
+        help=f"seconds between routine fetches from --as (default: {DEFAULT_REFRESH:g}; "
         f"at least {MIN_REFRESH:g})",
     )
     p.add_argument(
         "--as-ahead",
         type=int,
-        default=1,
         metavar="N",
-        help=f"epochs after this one that a fetched bundle carries (0..{MAX_AHEAD}, default: 1)",
+        help="epochs after this one that a fetched bundle carries "
+        f"(0..{MAX_AHEAD}, default: {DEFAULT_AHEAD})",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--clock-offset", type=float, default=0.0, help=argparse.SUPPRESS)  # tests

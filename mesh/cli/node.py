@@ -33,5 +33,7 @@ def read_bundle(bundle_path: str) -> bytes | None:
         return read_bounded(bundle_path, MAX_BUNDLE_SIZE, what="bundle")
     except FileNotFoundError:
         return None
-    except (OSError, FileTooLarge) as exc:
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {bundle_path}: {exc.strerror}") from None
+    except FileTooLarge as exc:
         raise BundleError(f"cannot read bundle {bundle_path}: {exc}") from None

@@ -159,6 +159,8 @@ async def attempt(
             await done
     except TimeoutError:
         session.connection_lost(f"no answer within {timeout:g} s")
+    except ConnectionRefusedError:
+        session.connection_lost(f"connection refused by {host}:{port} (is an AS serving there?)")
     except OSError as exc:  # records LinkFailed unless the session had finished
         session.connection_lost(exc.strerror or str(exc) or type(exc).__name__)
     finally:
@@ -200,6 +202,7 @@ async def request_keysets(
     outcome.started = time.perf_counter()
     wanted = list(requests)
     last_failure: str | None = None  # why the last link broke, for the final error
+    turned_away = False  # the last attempt was answered, with a temporary refusal
     retry_after: float | None = None  # when the AS last said to come back
     for n in range(backoff.attempts):
         outcome.attempts += 1
@@ -216,14 +219,16 @@ async def request_keysets(
             if isinstance(e, Refused) and e.request_id and e.refusal not in TEMPORARY
         ]
         outcome.events.extend(final)
-        last_failure = next(
+        temporary = next(
             (
                 explain(e.refusal, e.retry_after)
                 for e in events
                 if isinstance(e, Refused) and e.request_id and e.refusal in TEMPORARY
             ),
-            last_failure,
+            None,
         )
+        turned_away = temporary is not None
+        last_failure = temporary or last_failure
         answered = (
             {e.grant.request_id for e in events if isinstance(e, Granted)}
             | {e.request_id for e in events if isinstance(e, BundleFetched)}
@@ -234,6 +239,7 @@ async def request_keysets(
         if any(isinstance(e, LinkFailed) and e.refused for e in events):
             raise AuthRefused(Refusal.AUTH_FAILED)  # the same token gets the same refusal
         last_failure = next((e.reason for e in events if isinstance(e, LinkFailed)), last_failure)
+        turned_away = turned_away and not failed
         if refusal is None and not failed and any(isinstance(e, Authenticated) for e in events):
             retry_after = max(
                 (
@@ -248,6 +254,7 @@ async def request_keysets(
         else:
             retry_after = None
         if refusal is not None:
+            turned_away = True
             last_failure = explain(refusal.refusal, refusal.retry_after)
             outcome.refusals.append(refusal.refusal)
             if refusal.refusal not in TEMPORARY:
@@ -256,8 +263,14 @@ async def request_keysets(
         if n + 1 < backoff.attempts:
             await asyncio.sleep(max(retry_after or 0.0, backoff.delay(n, rng)))
     n = outcome.attempts
+    attempts = f"{n} attempt{'s' * (n != 1)}"
+    if turned_away:
+        raise AttemptsExhausted(
+            f"the Authentication Server turned this node away ({attempts}): {last_failure}",
+            retry_after,
+        )
     raise AttemptsExhausted(
-        f"no answer from the Authentication Server after {n} attempt{'s' * (n != 1)}"
+        f"no answer from the Authentication Server after {attempts}"
         + (f" (last: {last_failure})" if last_failure else ""),
         retry_after,
     )

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.agent.agent import Agent, AgentConfig
+from mesh.agent.control import ControlError
 from mesh.agent.refresh import RefreshPolicy, RefreshSchedule, UplinkError
 from mesh.cli import agent as cli_agent
 from mesh.errors import MeshError
@@ -167,9 +168,16 @@ def test_a_mate_revoked_at_the_as_is_dropped_at_the_next_fetch(
         try:
             await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
             store.revoke("alpha-1", int(time.time()))
+            emitted: list[str] = []
+            emit = gs._emit
+            gs._emit = lambda event, **fields: (emitted.append(event), emit(event, **fields))  # type: ignore[method-assign,assignment,func-returns-value]
             gs.refresh.started()
             await gs._fetch_bundle()  # what the schedule does every --as-refresh seconds
+            gs._tick(time.time())
+            assert "bundle" in emitted and "epoch" not in emitted  # same epoch: no event
             assert "alpha-1" not in gs.peers and "alpha-1" not in gs.links
+            with pytest.raises(ControlError, match="alpha-1 is revoked"):
+                await gs._op_send({"to": "alpha-1", "text": "still there?"})
             assert "alpha-1" in gs.bundle.revoked
             assert any(a.kind == "revoked" and a.peer == "alpha-1" for a in gs.store.alerts())
             assert gs.keys.keyset_for("alpha-1", time.time()) is None
@@ -211,23 +219,31 @@ def test_an_unreachable_as_or_a_foreign_bundle_leaves_the_agent_on_its_keysets(
     async def main() -> None:
         gs, path = _agent(site, tmp_path, "gs-1", address=None, source=unreachable)
         before = path.read_bytes()
+        gs.refresh = RefreshSchedule(RefreshPolicy(base=0.5, cap=0.5))
         await gs.start()
         try:
-            await _until(lambda: gs.refresh.failures >= 1, "a failed fetch")
+            await _until(lambda: gs.refresh.failures == 1, "a failed fetch")
+            assert [a for a in gs.store.alerts() if a.kind == "uplink"] == []  # one: logged
+            await _until(lambda: gs.refresh.failures == 2, "a second one")
             (alert,) = [a for a in gs.store.alerts() if a.kind == "uplink"]
             assert "no answer" in alert.message and "next try in" in alert.message
-            assert gs.refresh.due(time.time(), lacking=lambda: True) is False  # backing off
+            gs.refresh.started()
+            gs.refresh.failed(
+                time.time(), UplinkError("no answer", retry_after=600), random.Random()
+            )
+            count = calls.count("unreachable")
+            await asyncio.sleep(1.0)
+            assert calls.count("unreachable") == count  # backing off: no retry storm
             gs._bundle_source = wrong
             gs.refresh = RefreshSchedule(RefreshPolicy())
             await _until(lambda: "wrong" in calls and not gs.refresh.running, "the wrong one")
-            assert gs.refresh.failures == 1
+            assert gs.refresh.failures == 1 and gs.refresh.state == "retrying"
             assert gs.bundle.identity == "gs-1" and path.read_bytes() == before
             assert gs._op_hello({})["uplink"]["last_bundle"] is None
         finally:
             await gs.stop()
 
     asyncio.run(main())
-    assert calls.count("unreachable") == 1  # no retry storm while backing off
 
 
 def test_a_stop_lets_a_fetch_end_so_the_bundle_file_matches_the_token(
@@ -455,6 +471,9 @@ def test_agent_as_bootstraps_a_missing_bundle_and_replaces_a_stale_one(
         assert [p["identity"] for p in peers(running)] == ["gs-1"]
         err = stop(running)
         assert "fetching this node's bundle from the AS" in err
+    no_as = agent("--as-refresh", "60")
+    _, err = no_as.communicate(timeout=30)
+    assert no_as.returncode == 1 and "--as-refresh needs --as" in err
     # a --bundle that is something else is never replaced
     control.unlink(missing_ok=True)
     bundle = Path(token)
@@ -651,3 +670,46 @@ def test_an_older_bundle_is_refused_and_a_revocation_is_never_undone(
             gs.store.close()
 
     asyncio.run(main())
+
+
+def test_a_mate_newer_than_the_bundle_gets_it_fetched_and_is_linked(
+    site: Site, tmp_path: Path
+) -> None:
+    """alpha-3, enrolled and paired with gs-1 after gs-1's agent took its bundle, dials it."""
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, identity_burst=100.0))
+        address = await server.start("127.0.0.1", 0)
+        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
+        gs.refresh = RefreshSchedule(RefreshPolicy(lacking_gap=0.5))
+        await gs.start()
+        try:
+            await _until(lambda: gs.refresh.state == "ok", "gs-1's bundle")
+            with site.open() as desk:
+                desk.enrol(
+                    "alpha-3", "soldier", token_path=site.root / "alpha-3.token", pin=PIN, now=NOW
+                )
+                desk.pair("gs-1", "alpha-3", now=NOW)
+            assert "alpha-3" not in gs.peers
+            alpha, _ = _agent(
+                site,
+                tmp_path,
+                "alpha-3",
+                address=address,
+                peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+            )
+            await alpha.start()
+            try:
+                await _until(lambda: "alpha-3" in gs.links, "the link", timeout=40)
+                assert gs.refresh.last_success > 0 and gs.keys.strangers == set()
+            finally:
+                await alpha.stop()
+        finally:
+            await gs.stop()
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

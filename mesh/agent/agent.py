@@ -244,6 +244,7 @@ class Agent:
         self._bundle_source = bundle_source
         self.refresh = RefreshSchedule(config.refresh)
         self._fetching: asyncio.Task[Any] | None = None
+        self._uplink_alerted = False  # an uplink alert said fetching fails
         self._rng = random.Random()
         self._own_status: dict[str, Any] = {
             "position": config.position,
@@ -297,7 +298,7 @@ class Agent:
 
     def request_stop(self) -> None:
         """Stop (a signal); asked again while a fetch from the AS holds the stop, abandon it."""
-        if self._stopping.is_set() and self._fetching is not None:
+        if self._stopping.is_set() and self._fetching is not None and not self._fetching.done():
             log.warning("abandoning the fetch from the AS: the bundle file may not open next time")
             self._fetching.cancel()
         self._stopping.set()
@@ -1077,11 +1078,12 @@ class Agent:
         """Fetch the bundle, open it (off the loop), take it; keep the old one on any failure."""
         assert self._bundle_source is not None
         generation = self.token.info().generation(Slot.MAC)
-        was, failures = self.refresh.state, self.refresh.failures
+        was = self.refresh.state
         try:
             try:
                 raw = await self._bundle_source()
-                contents = await asyncio.to_thread(self._open_fetched, raw, self.clock())
+                stale = self.token.info().generation(Slot.MAC) != generation
+                contents = await asyncio.to_thread(self._open_fetched, raw, self.clock(), stale)
                 alerts = self._adopt(contents, raw, self.clock())
             except UplinkError:
                 raise
@@ -1102,6 +1104,7 @@ class Agent:
             retrying = self.refresh.state == "retrying" and self.refresh.failures == 2
             refused = self.refresh.state == "refused" and was != "refused"
             if (retrying or refused or stale) and not self._stopping.is_set():
+                self._uplink_alerted = True
                 self._alert(
                     "uplink",
                     None,
@@ -1117,7 +1120,8 @@ class Agent:
             log.error("bundle from the AS: %r", exc)
         else:
             self.refresh.succeeded(self.clock())
-            if was == "refused" or (was == "retrying" and failures >= 2):
+            if self._uplink_alerted:  # the operator was told it failed: tell it is mended
+                self._uplink_alerted = False
                 alerts.append(("uplink", None, "bundle fetched from the AS again"))
             for kind, peer, message in alerts:
                 self._alert(kind, peer, message)
@@ -1128,8 +1132,13 @@ class Agent:
                 at=self.clock(),
             )
 
-    def _open_fetched(self, raw: bytes, now: float) -> RingContents:
-        """Check a fetched bundle and open its keys (in a thread: token work only)."""
+    def _open_fetched(self, raw: bytes, now: float, stale: bool) -> RingContents:
+        """Check a fetched bundle and open its keys (in a thread: token work, one file write).
+
+        ``stale``: the link changed the token's keys, so the bundle file no longer
+        opens; the checked bundle replaces it at once, before opening its keys (a
+        card's thousands of commands) that a stop may not wait for.
+        """
         bundle = open_bundle(raw, self.token)  # sealed for the keys the token holds now
         held = self.bundle
         if bundle.mission.mission_id != held.mission.mission_id:
@@ -1144,6 +1153,9 @@ class Agent:
                 f"held ({utc_iso(held.issued_at)}): an AS restored from a backup?",
                 permanent=True,
             )
+        if stale and self.config.bundle_path is not None:
+            with contextlib.suppress(OSError):  # if it fails, _adopt tries again and says so
+                write_atomic(self.config.bundle_path, raw)
         # a revocation is for good: an AS that forgot one does not bring the node back
         bundle = dataclasses.replace(bundle, revoked=bundle.revoked | held.revoked)
         return RingContents.open(bundle, self.token, now=now)
@@ -1156,6 +1168,7 @@ class Agent:
         Nothing here waits or fails half-way: the key ring is swapped first (or
         nothing changes), then the peers follow.
         """
+        previous_discovery = self.keys.discovery_keys
         self.keys.install(contents)
         bundle = self.bundle = contents.bundle
         alerts: list[tuple[str, str | None, str]] = []
@@ -1176,10 +1189,11 @@ class Agent:
             alerts.append(
                 ("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused")
             )
-        for identity, mate in mates.items():
-            if identity not in self.peers:
-                self.peers[identity] = PeerInfo(identity, mate.role)
-        self._retag = True  # announce with this bundle's discovery key and mates
+        added = [identity for identity in mates if identity not in self.peers]
+        for identity in added:
+            self.peers[identity] = PeerInfo(identity, mates[identity].role)
+        if added or alerts or contents.discovery != previous_discovery:
+            self._retag = True  # announce with this bundle's discovery key and mates
         if self.config.bundle_path is not None:
             try:
                 write_atomic(self.config.bundle_path, raw)

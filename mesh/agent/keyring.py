@@ -28,6 +28,7 @@ from mesh.token import SecureElement
 __all__ = ["KeyRing", "RingContents"]
 
 MAX_STRANGERS = 64
+MAX_SETTLED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,8 @@ class KeyRing:
         self._token = token
         self._store = store
         self.strangers: set[str] = set()  # named by tickets that opened, not in the bundle
+        self._settled: set[str] = set()  # strangers or former mates a fetch left out
+        self.mates: dict[str, Mate] = {}
         self.install(RingContents.open(bundle, token, now=now))
 
     def install(self, contents: RingContents) -> None:
@@ -101,11 +104,14 @@ class KeyRing:
         written as it advances.
         """
         marks = [(c, Role(r), t) for c, r, t in self._store.high_water_marks()]
+        left_out = (self.strangers | set(self.mates)) - set(contents.mates)
+        if len(self._settled) + len(left_out) <= MAX_SETTLED:
+            self._settled |= left_out
+        self.strangers = set()
         bundle = contents.bundle
         self.bundle, self.identity, self.mission = bundle, bundle.identity, bundle.mission
         self.mates, self._by_peer = contents.mates, contents.by_peer
         self._discovery = contents.discovery
-        self.strangers = set()
         self._keys = MemoryKeyStore(contents.keysets, ticket_opener=self._open_ticket, marks=marks)
 
     def _open_ticket(self, ticket: str) -> CommunicationKeyset:
@@ -117,8 +123,9 @@ class KeyRing:
             raise KeysetError(f"ticket names {peer}, who is revoked")
         if peer not in self.mates:
             # a CK for us that our token opens, so the desk or the AS made it: a mate newer
-            # than our bundle (an agent with --as fetches again)
-            if len(self.strangers) < MAX_STRANGERS:
+            # than our bundle (an agent with --as fetches again), unless a fetch already
+            # left it out (a suspended mate that keeps dialling, a replayed ticket)
+            if peer not in self._settled and len(self.strangers) < MAX_STRANGERS:
                 self.strangers.add(peer)
             raise KeysetError(f"ticket names {peer}, who is not a dialogue mate in our bundle")
         return ck
@@ -137,6 +144,11 @@ class KeyRing:
         """When the CK in use with ``peer`` expires (its last one, if epochs chain)."""
         entry = self.keyset_for(peer, now)
         return None if entry is None else float(entry.ck.not_after)
+
+    @property
+    def discovery_keys(self) -> dict[int, bytes]:
+        """Each epoch's discovery key (what a new bundle may change)."""
+        return self._discovery
 
     def discovery_key(self, now: float) -> bytes | None:
         epoch = self.mission.epoch_at(now)

@@ -117,7 +117,7 @@ class SoftwareToken(SecureElement):
         long-running agent follows an ``as request`` made beside it; if they do
         not open, they are dropped and the PIN is needed again.
         """
-        if self._exclusive:  # held already, by this handle: nothing more to do
+        if self._exclusive:  # held already, by this handle (the agent's one fetch at a time)
             yield
             return
         lock_path = self.path + ".lock"

@@ -241,11 +241,12 @@ async def request_keysets(
         last_failure = next((e.reason for e in events if isinstance(e, LinkFailed)), last_failure)
         turned_away = turned_away and not failed
         if refusal is None and not failed and any(isinstance(e, Authenticated) for e in events):
+            # a request refused for now (rate-limited, busy, the store unavailable): again
             retry_after = max(
                 (
                     e.retry_after or 0.0
                     for e in events
-                    if isinstance(e, Refused) and e.refusal is Refusal.RATE_LIMITED
+                    if isinstance(e, Refused) and e.request_id and e.refusal in TEMPORARY
                 ),
                 default=None,
             )
@@ -266,7 +267,8 @@ async def request_keysets(
     attempts = f"{n} attempt{'s' * (n != 1)}"
     if turned_away:
         raise AttemptsExhausted(
-            f"the Authentication Server turned this node away ({attempts}): {last_failure}",
+            f"the Authentication Server turned this node away after {attempts} "
+            f"(last: {last_failure})",
             retry_after,
         )
     raise AttemptsExhausted(

@@ -713,3 +713,118 @@ def test_a_mate_newer_than_the_bundle_gets_it_fetched_and_is_linked(
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_a_suspended_mate_that_keeps_dialling_is_no_reason_to_fetch_every_minute(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    """The AS leaves a suspended mate out of the bundle without revoking it: its ticket still
+    opens, but a node a fetch left out does not ask for another one."""
+    assert isinstance(store, SqlKeyStateStore)
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, key_lifetime=1e9, identity_burst=100.0))
+        address = await server.start("127.0.0.1", 0)
+        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
+        await gs.start()
+        alpha, _ = _agent(
+            site,
+            tmp_path,
+            "alpha-1",
+            address=address,
+            peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+        )
+        await alpha.start()
+        try:
+            await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
+            store.suspend("alpha-1", 1, int(time.time()))
+            gs.refresh.started()
+            await gs._fetch_bundle()  # alpha-1 left out: dropped, but not revoked
+            assert "alpha-1" not in gs.peers and "alpha-1" not in gs.bundle.revoked
+            # alpha-1 runs on the keysets it holds and dials again (a clone would too)
+            await _until(lambda: "gs-1" not in alpha.links, "the link to close")
+            assert not await alpha._dial("127.0.0.1", gs.listen_address[1], expect="gs-1")
+            now = time.time()
+            assert gs.keys.strangers == set(), "a suspended mate made a stranger"
+            assert not gs._lacking(now)
+        finally:
+            await alpha.stop()
+            await gs.stop()
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_stop_cut_while_the_keys_open_still_leaves_a_bundle_file_that_opens(
+    site: Site, store: KeyStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FETCH_STOP_WAIT bounds the wait, not the thread that opens the bundle after the key
+    change (a card: one command per CK): the checked bundle is written before that."""
+    from mesh.agent import agent as agent_module
+    from mesh.agent.keyring import RingContents
+
+    monkeypatch.setattr(agent_module, "FETCH_STOP_WAIT", 0.3)  # stands for 35 s vs a slow card
+    slow_open = RingContents.open.__func__  # type: ignore[attr-defined]
+
+    def slow(cls: type, *args: Any, **kwargs: Any) -> RingContents:
+        time.sleep(1.0)
+        return slow_open(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(RingContents, "open", classmethod(slow))
+
+    async def main() -> None:
+        server = AuthServer(make_service(store))
+        address = await server.start("127.0.0.1", 0)
+        fetched = asyncio.Event()
+
+        async def source() -> bytes:
+            data = await agent_bundle_source(*address, gs.token, ahead=1)()
+            fetched.set()
+            return data
+
+        gs, _ = _agent(site, tmp_path, "gs-1", address=None, source=source)
+        await gs.start()
+        try:
+            await asyncio.wait_for(fetched.wait(), 20)
+        finally:
+            await gs.stop()
+            await server.stop()
+
+    asyncio.run(main())
+    token = site.token("gs-1")
+    assert token.info().generation(Slot.MAC) == 2
+    open_bundle((tmp_path / "gs-1.bundle").read_bytes(), token)
+
+
+def test_the_stale_file_alert_is_followed_by_one_when_a_bundle_comes(
+    site: Site, store: KeyStateStore, tmp_path: Path
+) -> None:
+    """The 'no longer opens / a restart needs the AS' alert comes at the first failure, and
+    the next bundle says it is mended."""
+    real = store.bundle
+
+    def too_large(*_: object, **__: object) -> bytes:
+        raise RemoteAuthError(Refusal.POLICY, "bundle too large for a link")
+
+    store.bundle = too_large  # type: ignore[method-assign]
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, identity_burst=100.0))
+        address = await server.start("127.0.0.1", 0)
+        gs = _offline(site, tmp_path, "gs-1", None)  # type: ignore[arg-type]
+        gs._bundle_source = agent_bundle_source(*address, gs.token, ahead=1)
+        try:
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            assert gs.refresh.state == "retrying"
+            store.bundle = real  # type: ignore[method-assign]
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            assert gs.refresh.state == "ok"
+            messages = [a.message for a in gs.store.alerts() if a.kind == "uplink"]
+            assert any("fetched from the AS again" in m for m in messages), messages
+        finally:
+            gs.store.close()
+            await server.stop()
+
+    asyncio.run(main())

@@ -72,6 +72,7 @@ def _agent(
     address: tuple[str, int] | None,
     peers: tuple[str, ...] = (),
     source: Callable[[], Awaitable[bytes]] | None = None,
+    mdns: bool = False,
 ) -> tuple[Agent, Path]:
     path = tmp_path / f"{node}.bundle"
     bundle = _desk_bundle(site, node, path)
@@ -81,7 +82,8 @@ def _agent(
     config = AgentConfig(
         state_dir=tmp_path / node,
         listen=("127.0.0.1", 0),
-        mdns=False,
+        mdns=mdns,
+        mdns_interfaces=("127.0.0.1",),  # never beyond loopback
         peers=peers,
         bundle_path=path,
     )
@@ -681,7 +683,7 @@ def test_a_mate_newer_than_the_bundle_gets_it_fetched_and_is_linked(
     async def main() -> None:
         server = AuthServer(make_service(store, identity_burst=100.0))
         address = await server.start("127.0.0.1", 0)
-        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
+        gs, _ = _agent(site, tmp_path, "gs-1", address=address, mdns=True)
         gs.refresh = RefreshSchedule(RefreshPolicy(lacking_gap=0.5))
         await gs.start()
         try:
@@ -703,6 +705,8 @@ def test_a_mate_newer_than_the_bundle_gets_it_fetched_and_is_linked(
             try:
                 await _until(lambda: "alpha-3" in gs.links, "the link", timeout=40)
                 assert gs.refresh.last_success > 0 and gs.keys.strangers == set()
+                assert gs.discovery is not None  # its mDNS now knows alpha-3's tag
+                assert "alpha-3" in gs.discovery._tags.values()
             finally:
                 await alpha.stop()
         finally:
@@ -828,3 +832,29 @@ def test_the_stale_file_alert_is_followed_by_one_when_a_bundle_comes(
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_a_second_stop_signal_abandons_a_fetch_in_progress(site: Site, tmp_path: Path) -> None:
+    """ctrl-C twice: the first waits for the fetch (up to 35 s), the second cuts it short."""
+    started = asyncio.Event()
+
+    async def hanging() -> bytes:  # an AS that never answers
+        started.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("not reached")
+
+    async def main() -> float:
+        gs = _offline(site, tmp_path, "gs-1", hanging)
+        await gs.start()
+        await asyncio.wait_for(started.wait(), 20)
+        began = time.monotonic()
+        gs.request_stop()
+        stopping = asyncio.ensure_future(gs.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()  # waiting for the fetch
+        gs.request_stop()
+        await asyncio.wait_for(stopping, 10)
+        assert gs.refresh.running is False
+        return time.monotonic() - began
+
+    assert asyncio.run(main()) < 10

@@ -1,13 +1,16 @@
 """The ``snrmesh`` command: one entry point, one sub-command per job.
 
 Every error snrmesh raises on purpose (a :class:`mesh.errors.MeshError`)
-becomes one line on stderr and exit status 1; usage errors exit 2. A
-traceback means a bug.
+becomes one line on stderr and exit status 1 -- and, for a command run with
+``--json``, also one JSON object on stdout (``{"error": ..., "kind": ...}``),
+so a script reads JSON whatever happened. Usage errors exit 2 (argparse's
+text). A traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sqlite3
 import sys
@@ -69,12 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except MeshError as exc:
-        print(f"snrmesh: error: {exc}", file=sys.stderr)
-        return 1
+        return _failed(args, str(exc), type(exc).__name__)
     except sqlite3.DatabaseError as exc:
         why = sqlite_reason(exc) or "store is corrupt or unwritable"
-        print(f"snrmesh: error: {why} ({exc})", file=sys.stderr)
-        return 1
+        return _failed(args, f"{why} ({exc})", "StoreError")
     except KeyboardInterrupt:
         print("snrmesh: interrupted", file=sys.stderr)
         return 130
@@ -82,6 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed under a writer
     return code
+
+
+def _failed(args: argparse.Namespace, message: str, kind: str) -> int:
+    print(f"snrmesh: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "kind": kind}), flush=True)
+    return 1
 
 
 def _quiet_stdout() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -171,14 +172,16 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Exit 1, nothing on stdout, exactly one ``snrmesh: error:`` line naming the problem."""
+    """Exit 1, exactly one ``snrmesh: error:`` line naming the problem; on stdout nothing,
+    or (``--json``) the same error as one JSON object."""
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     line = lines[0]
     assert line.startswith("snrmesh: error: "), line
+    if result.stdout:
+        assert json.loads(result.stdout)["error"] == line.removeprefix("snrmesh: error: ")
     for needle in needles:
         assert needle.lower() in line.lower(), (needle, line)
     return line

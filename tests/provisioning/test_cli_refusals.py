@@ -7,6 +7,7 @@ the secrets in the environment and stdin not a terminal.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -389,6 +390,16 @@ def test_a_wrong_pin_for_rekey_leaves_the_desk_as_it_was(site: Site) -> None:
     rekey = ("desk", "rekey", "desk", "alpha-1", "--token", "alpha-1.token")
     assert_refused(snrmesh(*rekey, cwd=site.root, pin="0000"), "wrong PIN", "4 tries left")
     assert snapshot(site.desk_dir) == before
+
+
+def test_with_json_an_error_is_also_one_json_object_on_stdout(site: Site) -> None:
+    """A script that asked for --json reads JSON whatever happened (and the exit status)."""
+    result = snrmesh("desk", "show", "nowhere", "--json", cwd=site.root)
+    line = assert_refused(result, "nowhere")
+    error = json.loads(result.stdout)
+    assert error == {"error": line.removeprefix("snrmesh: error: "), "kind": error["kind"]}
+    assert error["kind"] == "DeskNotFound"  # the error type, for a script to branch on
+    assert snrmesh("desk", "show", "nowhere", cwd=site.root).stdout == ""  # without: stderr only
 
 
 def test_usage_errors_exit_2_without_a_traceback(site: Site) -> None:

@@ -103,6 +103,7 @@ NO_TAG = "-" * 20
 ALERT_COALESCE = 60.0  # seconds during which the same alert is not raised again
 MAX_ALERT_KEYS = 4096
 TOKEN_CHECK_EVERY = 1.0  # seconds between checks that the token (a card) is still there
+MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 
 
@@ -1186,8 +1187,15 @@ class Agent:
                         session.close(now)
             del self.peers[gone]  # nothing from it is taken any more (link_up, _relay_received)
             why = "is revoked" if gone in bundle.revoked else "is no longer a dialogue mate"
+            waiting = len(self.store.undelivered(gone, limit=MAX_UNSENT_COUNT))
+            unsent = (
+                f"; {waiting}{'+' * (waiting == MAX_UNSENT_COUNT)} message"
+                f"{'s' * (waiting != 1)} to it stay unsent (kept, should it come back)"
+                if waiting
+                else ""
+            )
             alerts.append(
-                ("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused")
+                ("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused{unsent}")
             )
         added = [identity for identity in mates if identity not in self.peers]
         for identity in added:

@@ -858,3 +858,28 @@ def test_a_second_stop_signal_abandons_a_fetch_in_progress(site: Site, tmp_path:
         return time.monotonic() - began
 
     assert asyncio.run(main()) < 10
+
+
+def test_messages_to_a_mate_a_bundle_drops_are_kept_and_counted_in_the_alert(
+    site: Site, tmp_path: Path
+) -> None:
+    async def source() -> bytes:
+        with site.open() as desk:
+            desk.revoke("alpha-1", now=NOW)
+            desk.export("gs-1", tmp_path / "next.bundle", now=NOW)
+        return (tmp_path / "next.bundle").read_bytes()
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", source)
+        try:
+            for text in ("one", "two"):
+                await gs._op_send({"to": "alpha-1", "text": text})  # not linked: pending
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            (alert,) = [a for a in gs.store.alerts() if a.kind == "revoked"]
+            assert alert.peer == "alpha-1" and "2 messages to it stay unsent" in alert.message
+            assert len(gs.store.undelivered("alpha-1")) == 2  # nothing lost
+        finally:
+            gs.store.close()
+
+    asyncio.run(main())

@@ -43,6 +43,7 @@ from mesh.agent.keyring import KeyRing, RingContents
 from mesh.agent.refresh import BundleSource, RefreshPolicy, RefreshSchedule, UplinkError
 from mesh.agent.routing import RoutingTable
 from mesh.agent.store import AgentStore, Outgoing, StoredMessage
+from mesh.backoff import full_jitter
 from mesh.discovery import discovery_tag, tag_map
 from mesh.discovery.mdns import MdnsDiscovery
 from mesh.errors import MeshError
@@ -195,7 +196,6 @@ class Agent:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.bundle = bundle
         self.token = token
         self.identity = bundle.identity
         now = clock()
@@ -252,6 +252,11 @@ class Agent:
             "battery": config.battery,
             "text": config.status_text,
         }
+
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle this agent runs on: the key ring's (a fetch from the AS replaces it)."""
+        return self.keys.bundle
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -430,7 +435,7 @@ class Agent:
 
     def _backoff(self, failures: int) -> float:
         """Full jitter: a random wait in [0, min(cap, base * 2^n)]."""
-        return random.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 16)))
+        return full_jitter(failures, base=BACKOFF_BASE, cap=BACKOFF_CAP)
 
     def _dial_due(self, now: float) -> None:
         if not self.token_ok:  # no new handshake while the card is out
@@ -1084,8 +1089,10 @@ class Agent:
             try:
                 raw = await self._bundle_source()
                 stale = self.token.info().generation(Slot.MAC) != generation
-                contents = await asyncio.to_thread(self._open_fetched, raw, self.clock(), stale)
-                alerts = self._adopt(contents, raw, self.clock())
+                contents, written = await asyncio.to_thread(
+                    self._open_fetched, raw, self.clock(), stale
+                )
+                alerts = self._adopt(contents, None if written else raw, self.clock())
             except UplinkError:
                 raise
             except MeshError as exc:  # a bundle that does not open, or does not fit
@@ -1133,12 +1140,13 @@ class Agent:
                 at=self.clock(),
             )
 
-    def _open_fetched(self, raw: bytes, now: float, stale: bool) -> RingContents:
+    def _open_fetched(self, raw: bytes, now: float, stale: bool) -> tuple[RingContents, bool]:
         """Check a fetched bundle and open its keys (in a thread: token work, one file write).
 
         ``stale``: the link changed the token's keys, so the bundle file no longer
         opens; the checked bundle replaces it at once, before opening its keys (a
-        card's thousands of commands) that a stop may not wait for.
+        card's thousands of commands) that a stop may not wait for. Returns the
+        keys and whether the file was written.
         """
         bundle = open_bundle(raw, self.token)  # sealed for the keys the token holds now
         held = self.bundle
@@ -1154,24 +1162,28 @@ class Agent:
                 f"held ({utc_iso(held.issued_at)}): an AS restored from a backup?",
                 permanent=True,
             )
+        written = False
         if stale and self.config.bundle_path is not None:
             with contextlib.suppress(OSError):  # if it fails, _adopt tries again and says so
                 write_atomic(self.config.bundle_path, raw)
+                written = True
         # a revocation is for good: an AS that forgot one does not bring the node back
         bundle = dataclasses.replace(bundle, revoked=bundle.revoked | held.revoked)
-        return RingContents.open(bundle, self.token, now=now)
+        return RingContents.open(bundle, self.token, now=now), written
 
     def _adopt(
-        self, contents: RingContents, raw: bytes, now: float
+        self, contents: RingContents, raw: bytes | None, now: float
     ) -> list[tuple[str, str | None, str]]:
         """Run on ``contents`` from now on; returns the alerts to raise once it is all done.
+
+        ``raw`` is what to write to the bundle file (None: written already).
 
         Nothing here waits or fails half-way: the key ring is swapped first (or
         nothing changes), then the peers follow.
         """
         previous_discovery = self.keys.discovery_keys
         self.keys.install(contents)
-        bundle = self.bundle = contents.bundle
+        bundle = contents.bundle
         alerts: list[tuple[str, str | None, str]] = []
         mates = contents.mates
         for gone in [p for p in self.peers if p not in mates]:
@@ -1202,7 +1214,7 @@ class Agent:
             self.peers[identity] = PeerInfo(identity, mates[identity].role)
         if added or alerts or contents.discovery != previous_discovery:
             self._retag = True  # announce with this bundle's discovery key and mates
-        if self.config.bundle_path is not None:
+        if self.config.bundle_path is not None and raw is not None:
             try:
                 write_atomic(self.config.bundle_path, raw)
             except OSError as exc:

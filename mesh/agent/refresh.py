@@ -30,6 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.backoff import full_jitter
 from mesh.errors import MeshError
 
 __all__ = ["BundleSource", "RefreshPolicy", "RefreshSchedule", "UplinkError"]
@@ -112,7 +113,7 @@ class RefreshSchedule:
             self._next = now + self.policy.every  # the routine one, a period from now
             return self._next
         self.state = "retrying"
-        bound = min(self.policy.cap, self.policy.base * 2 ** min(self.failures, 30))
+        wait = full_jitter(self.failures, base=self.policy.base, cap=self.policy.cap, rng=rng)
         self.failures += 1
-        self._next = now + max(rng.uniform(0.0, bound), error.retry_after or 0.0)
+        self._next = now + max(wait, error.retry_after or 0.0)
         return self._next

@@ -18,6 +18,7 @@ from typing import Any
 
 from mesh.agent.client import ControlClient, default_control_path
 from mesh.agent.refresh import BundleSource, RefreshPolicy, UplinkError
+from mesh.backoff import full_jitter
 from mesh.cli.node import read_bundle, unlock_node
 from mesh.cli.secrets import PIN_ENV, read_secret
 from mesh.errors import MeshError
@@ -76,13 +77,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     source: BundleSource | None = None
     fetched_at_start = False
+    ahead = DEFAULT_AHEAD if args.as_ahead is None else args.as_ahead
+    every = DEFAULT_REFRESH if args.as_refresh is None else args.as_refresh
     if args.as_address is None:
         for option, value in (("--as-refresh", args.as_refresh), ("--as-ahead", args.as_ahead)):
             if value is not None:
                 raise MeshError(f"{option} needs --as (the AS to fetch from)")
         token, bundle = unlock_node(args.token, args.bundle)
     else:
-        token, bundle, source, fetched_at_start = _unlock_with_uplink(args)
+        token, bundle, source, fetched_at_start = _unlock_with_uplink(args, ahead, every)
     state = Path(args.state or _default_state())
     config = AgentConfig(
         state_dir=state,
@@ -99,8 +102,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         status_text=args.status_text,
         blocked=frozenset(args.block),
         bundle_path=None if source is None else Path(args.bundle),
-        refresh=RefreshPolicy(every=args.as_refresh or DEFAULT_REFRESH),
-        refresh_ahead=DEFAULT_AHEAD if args.as_ahead is None else args.as_ahead,
+        refresh=RefreshPolicy(every=every),
+        refresh_ahead=ahead,
     )
 
     offset: float = args.clock_offset
@@ -125,7 +128,7 @@ STARTUP_ATTEMPTS = 4  # fetches of a first bundle before the agent gives up (ful
 
 
 def _unlock_with_uplink(
-    args: argparse.Namespace,
+    args: argparse.Namespace, ahead: int, every: float
 ) -> tuple[SecureElement, Bundle, BundleSource, bool]:
     """Unlock the token; open the bundle, or fetch one from the AS when it is missing or stale.
 
@@ -136,10 +139,8 @@ def _unlock_with_uplink(
     from provisioning.authserver.client import agent_bundle_source
 
     host, port = _as_address(args.as_address)
-    ahead = DEFAULT_AHEAD if args.as_ahead is None else args.as_ahead
     if not 0 <= ahead <= MAX_AHEAD:
         raise MeshError(f"--as-ahead is 0..{MAX_AHEAD} epochs")
-    every = DEFAULT_REFRESH if args.as_refresh is None else args.as_refresh
     if not (math.isfinite(every) and every >= MIN_REFRESH):
         raise MeshError(f"--as-refresh is a number of seconds, at least {MIN_REFRESH:g}")
     if not args.bundle:
@@ -173,7 +174,7 @@ def _unlock_with_uplink(
                 raise MeshError(
                     f"{what}, and none from the AS at {args.as_address}{tries}: {exc}"
                 ) from None
-            wait = max(exc.retry_after or 0.0, rng.uniform(0.0, min(30.0, 2.0 * 2**n)))
+            wait = max(exc.retry_after or 0.0, full_jitter(n, base=2.0, cap=30.0, rng=rng))
             log.warning("bundle from the AS: %s (next try in %.0f s)", exc, wait)
             time.sleep(wait)
     assert raw is not None  # the loop either broke with a bundle or raised

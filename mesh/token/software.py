@@ -121,7 +121,8 @@ class SoftwareToken(SecureElement):
             yield
             return
         lock_path = self.path + ".lock"
-        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        wait = LOCK_WAIT if wait is None else wait
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -135,8 +136,7 @@ class SoftwareToken(SecureElement):
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise TokenError(
-                        f"token file {self.path} is in use by another process "
-                        f"(waited {LOCK_WAIT if wait is None else wait:g} s)"
+                        f"token file {self.path} is in use by another process (waited {wait:g} s)"
                     ) from None
                 time.sleep(0.05)
             except OSError as exc:  # a file system that cannot lock, say

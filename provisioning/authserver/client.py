@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from mesh.agent.refresh import BundleSource, UplinkError
+from mesh.backoff import full_jitter
 from mesh.crypto import random_bytes
 from mesh.errors import MeshError
 from mesh.token import SecureElement
@@ -63,7 +64,7 @@ class Backoff:
     startup_delay: float = 0.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.cap, self.base * 2**attempt))
+        return full_jitter(attempt, base=self.base, cap=self.cap, rng=rng)
 
 
 @dataclass(slots=True)

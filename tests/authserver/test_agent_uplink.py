@@ -525,16 +525,16 @@ def test_startup_leaves_another_nodes_bundle_file_alone(
         bundle=str(tmp_path / "gs-1.bundle"),
     )
     with pytest.raises(BundleError, match="another token"):
-        cli_agent._unlock_with_uplink(args)
+        cli_agent._unlock_with_uplink(args, 1, 3600.0)
     assert (tmp_path / "gs-1.bundle").read_bytes() == before and fetched == []
     args.bundle = str(tmp_path / "missing" / "x.bundle")  # checked before any key change
     with pytest.raises(MeshError, match="cannot write"):
-        cli_agent._unlock_with_uplink(args)
+        cli_agent._unlock_with_uplink(args, 1, 3600.0)
     assert fetched == []
     for bad in ("127.0.0.1", "nonsense", "127.0.0.1:0", ":7450"):
         args.as_address = bad
         with pytest.raises(MeshError, match="expected HOST:PORT"):
-            cli_agent._unlock_with_uplink(args)
+            cli_agent._unlock_with_uplink(args, 1, 3600.0)
 
 
 def test_a_permanent_refusal_is_reported_as_one_not_as_a_bundle(site: Site, tmp_path: Path) -> None:

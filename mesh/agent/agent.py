@@ -684,10 +684,15 @@ class Agent:
                 self._handle_messages(peer, batch, link=None)
                 batch = []
             if isinstance(event, HandshakeCompleted):
-                log.info("relayed session up: %s", peer)
+                # A relayed pair runs two sessions, one each way: we send on ours, so only ours
+                # coming up flushes the outbox; theirs coming up makes sure ours is on its way.
+                log.info("relayed session %s %s up", "to" if src_initiated else "from", peer)
                 self._seen(peer)
                 self._peer_changed(peer)
-                self._on_session_up(peer)
+                if src_initiated:
+                    self._on_session_up(peer)
+                else:
+                    self._relay_session(peer, create=True)
             elif isinstance(event, HandshakeRefused):
                 self._alert(
                     "refused",

@@ -84,6 +84,10 @@ def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> N
     assert not ac & {s["ck_id"] for s in sim.nodes["b"].request("sessions")["sessions"]}
     assert "for c only" not in sim.nodes["b"].log.read_text()
     assert sim.history("b") == []
+    # The pair's two relayed sessions (one each way) are logged once each, by direction.
+    a_log = sim.nodes["a"].log.read_text()
+    assert a_log.count("relayed session to c up") == 1
+    assert a_log.count("relayed session from c up") == 1
 
 
 def test_message_to_an_agent_that_is_down_is_delivered_once_when_it_starts(

@@ -1,5 +1,5 @@
 import sys
 
-from mesh.cli.main import main
+from mesh.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         code: int = args.func(args)
     except MeshError as exc:
@@ -77,12 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = sqlite_reason(exc) or "store is corrupt or unwritable"
         return _failed(args, f"{why} ({exc})", "StoreError")
     except KeyboardInterrupt:
-        print("snrmesh: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except BrokenPipeError:  # the reader went away (`snrmesh desk show | head`): stop quietly
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed under a writer
     return code
+
+
+def _interrupted() -> int:
+    print("snrmesh: interrupted", file=sys.stderr)
+    return 130  # 128 + SIGINT, what a shell reports for a command ended by ctrl-C
 
 
 def _failed(args: argparse.Namespace, message: str, kind: str) -> int:

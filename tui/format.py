@@ -34,6 +34,7 @@ LINK_SYMBOL: dict[LinkState, str] = {
 DELIVERY_MARK: dict[Delivery, str] = {
     Delivery.PENDING: "◷ pending",
     Delivery.SENT: "✓",
+    Delivery.UNDELIVERABLE: "✗ undeliverable",
     Delivery.DELIVERED: "✓✓",
     Delivery.READ: "✓✓ read",
 }

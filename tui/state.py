@@ -68,6 +68,7 @@ class Delivery(StrEnum):
 
     PENDING = "pending"
     SENT = "sent"
+    UNDELIVERABLE = "undeliverable"  # its recipient was revoked first (a receipt still wins)
     DELIVERED = "delivered"
     READ = "read"
 

@@ -108,6 +108,13 @@ MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 
 
+def _undeliverable(count: int) -> str:
+    """The tail of a revoked alert that says how many messages ``abandon`` marked."""
+    if not count:
+        return ""
+    return f"; {count} message{'s' * (count != 1)} to it will not be delivered (undeliverable)"
+
+
 def _host(address: object) -> str:
     """``HOST`` of ``HOST:PORT`` (a refusal from a new source port is the same source)."""
     return str(address).rpartition(":")[0] or str(address)
@@ -279,8 +286,11 @@ class Agent:
         self.control = ControlServer(control, self._control)
         await self.control.start()
         for revoked in sorted(self.bundle.revoked):
-            if not any(a.kind == "revoked" and a.peer == revoked for a in self.store.alerts()):
-                self._alert("revoked", revoked, f"{revoked} is revoked: it will be refused")
+            unsent = _undeliverable(self.store.abandon(revoked))
+            if unsent or not any(
+                a.kind == "revoked" and a.peer == revoked for a in self.store.alerts()
+            ):
+                self._alert("revoked", revoked, f"{revoked} is revoked: it will be refused{unsent}")
         if self.config.mdns:
             interfaces = (
                 None if self.config.mdns_interfaces is None else list(self.config.mdns_interfaces)
@@ -1203,14 +1213,19 @@ class Agent:
                     with contextlib.suppress(LocalProtocolError):
                         session.close(now)
             del self.peers[gone]  # nothing from it is taken any more (link_up, _relay_received)
-            why = "is revoked" if gone in bundle.revoked else "is no longer a dialogue mate"
-            waiting = len(self.store.undelivered(gone, limit=MAX_UNSENT_COUNT))
-            unsent = (
-                f"; {waiting}{'+' * (waiting == MAX_UNSENT_COUNT)} message"
-                f"{'s' * (waiting != 1)} to it stay unsent (kept, should it come back)"
-                if waiting
-                else ""
-            )
+            if gone in bundle.revoked:  # final: what waits for it can never reach it
+                why, unsent = "is revoked", _undeliverable(self.store.abandon(gone))
+            else:  # it may come back in a later bundle: what waits for it is kept
+                why, waiting = (
+                    "is no longer a dialogue mate",
+                    len(self.store.undelivered(gone, limit=MAX_UNSENT_COUNT)),
+                )
+                unsent = (
+                    f"; {waiting}{'+' * (waiting == MAX_UNSENT_COUNT)} message"
+                    f"{'s' * (waiting != 1)} to it stay unsent (kept, should it come back)"
+                    if waiting
+                    else ""
+                )
             alerts.append(
                 ("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused{unsent}")
             )

@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 STATE_DB = "agent.sqlite"
-OUT_STATES = ("pending", "sent", "delivered", "read")
+# One recipient's progress, in order: a state only moves forward. ``undeliverable`` is a
+# recipient revoked before the message reached it (a revocation is final); a late receipt still
+# moves it on, since the message did arrive.
+OUT_STATES = ("pending", "sent", "undeliverable", "delivered", "read")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -149,10 +152,13 @@ class Alert:
         }
 
 
+# The best state over a message's recipients; ``undeliverable`` only when it is every one's (a
+# group message with one member revoked is still on its way to the others).
 _BEST_STATE = """
-    (SELECT CASE MAX(CASE o.state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1
-                                  WHEN 'delivered' THEN 2 ELSE 3 END)
-            WHEN 0 THEN 'pending' WHEN 1 THEN 'sent' WHEN 2 THEN 'delivered' WHEN 3 THEN 'read' END
+    (SELECT CASE MAX(CASE o.state WHEN 'undeliverable' THEN -1 WHEN 'pending' THEN 0
+                                  WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 ELSE 3 END)
+            WHEN -1 THEN 'undeliverable' WHEN 0 THEN 'pending' WHEN 1 THEN 'sent'
+            WHEN 2 THEN 'delivered' WHEN 3 THEN 'read' END
        FROM outbox o WHERE o.id = m.id AND m.direction = 'out')"""
 
 
@@ -225,6 +231,21 @@ class AgentStore:
                 "WHERE id = ? AND recipient = ? AND state = 'pending'",
                 list(entries),
             )
+
+    def abandon(self, recipient: str) -> int:
+        """Mark every message still on its way to ``recipient`` undeliverable; return how many.
+
+        For a revoked mate: it will never be let in again, so nothing in the outbox can reach
+        it, and its sender should see that rather than ``pending`` for ever.
+        """
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "UPDATE outbox SET state = 'undeliverable' "
+                "WHERE recipient = ? AND state IN ('pending', 'sent')",
+                (recipient,),
+            )
+        return cur.rowcount
 
     def receipts(self, batch: list[tuple[bytes, str, str]]) -> list[tuple[bytes, str, str]]:
         """Apply receipts (id, recipient, state) in one transaction; return those that were news.

@@ -106,6 +106,36 @@ def test_message_to_an_agent_that_is_down_is_delivered_once_when_it_starts(
     assert ids(sim, "c", peer="a") == [sent["message_id"]]
 
 
+def test_messages_to_a_mate_revoked_while_the_sender_was_down_become_undeliverable(
+    make_sim: MakeSim,
+) -> None:
+    """The desk revokes c; a restarts on its new bundle: what waited for c is marked, once."""
+    sim = make_sim(["a", "c"])
+    sim.provision()
+    sim.start("a")
+    sent = sim.nodes["a"].request("send", to="c", text="never to arrive")
+    sim.stop("a")
+    with sim.desk() as desk:
+        now = int(time.time())
+        desk.revoke("c", now=now)
+        desk.export("a", sim.nodes["a"].bundle, now=now)
+    sim.start("a", topology=False)  # (a --peer naming c would now be refused)
+    assert [(m["id"], m["state"]) for m in sim.history("a")] == [
+        (sent["message_id"], "undeliverable")
+    ]
+
+    def revoked_alerts() -> list[dict[str, object]]:
+        return [a for a in sim.nodes["a"].request("alerts")["alerts"] if a["kind"] == "revoked"]
+
+    (alert,) = revoked_alerts()
+    assert alert["message"] == (
+        "c is revoked: it will be refused; 1 message to it will not be delivered (undeliverable)"
+    )
+    sim.stop("a")
+    sim.start("a", topology=False)  # nothing more to mark: no second alert
+    assert revoked_alerts() == [alert]
+
+
 def test_read_receipt_for_an_offline_sender_survives_kill_9(make_sim: MakeSim) -> None:
     sim = make_sim(["a", "c"])
     sim.provision()

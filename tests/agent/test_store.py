@@ -77,3 +77,24 @@ def test_alerts_can_be_dismissed(tmp_path: Path) -> None:
     assert store.dismiss_alert(alert.alert_id)
     assert store.alerts() == []
     assert not store.dismiss_alert(alert.alert_id)
+
+
+def test_a_revoked_recipients_messages_become_undeliverable_for_it_alone(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    direct, group = os.urandom(16), os.urandom(16)
+    store.queue([Outgoing(direct, "b", None, "to b", 1.0, ("b",))])
+    store.queue([Outgoing(group, "", "squad", "to all", 2.0, ("b", "c"))])
+    store.mark_sent([(direct, "b")])
+    assert store.abandon("b") == 2  # pending and sent alike
+    assert store.abandon("b") == 0
+    assert [(m.text, m.state) for m in store.history(peer="b")] == [("to b", "undeliverable")]
+    # a group message is undeliverable only once it is for every recipient
+    assert store.history(group="squad")[0].state == "pending"
+    assert [e.recipient for e in store.undelivered("c")] == ["c"]
+    assert store.undelivered("b") == [] and store.recipients_waiting() == ["c"]
+    store.abandon("c")
+    assert store.history(group="squad")[0].state == "undeliverable"
+    # a receipt that was on its way still says what happened: the message did arrive
+    assert store.receipts([(direct, "b", "delivered")]) == [(direct, "b", "delivered")]
+    assert store.history(peer="b")[0].state == "delivered"
+    assert store.counts() == {"undeliverable": 2, "delivered": 1}

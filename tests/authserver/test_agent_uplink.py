@@ -860,7 +860,7 @@ def test_a_second_stop_signal_abandons_a_fetch_in_progress(site: Site, tmp_path:
     assert asyncio.run(main()) < 10
 
 
-def test_messages_to_a_mate_a_bundle_drops_are_kept_and_counted_in_the_alert(
+def test_messages_to_a_mate_a_bundle_revokes_become_undeliverable_and_are_counted(
     site: Site, tmp_path: Path
 ) -> None:
     async def source() -> bytes:
@@ -877,8 +877,14 @@ def test_messages_to_a_mate_a_bundle_drops_are_kept_and_counted_in_the_alert(
             gs.refresh.started()
             await gs._fetch_bundle()
             (alert,) = [a for a in gs.store.alerts() if a.kind == "revoked"]
-            assert alert.peer == "alpha-1" and "2 messages to it stay unsent" in alert.message
-            assert len(gs.store.undelivered("alpha-1")) == 2  # nothing lost
+            assert alert.peer == "alpha-1"
+            assert "2 messages to it will not be delivered (undeliverable)" in alert.message
+            history = gs.store.history(peer="alpha-1")
+            assert [(m.text, m.state) for m in history] == [
+                ("one", "undeliverable"),
+                ("two", "undeliverable"),
+            ]  # kept in the history, never sent, no longer retried
+            assert gs.store.undelivered("alpha-1") == []
         finally:
             gs.store.close()
 

@@ -75,6 +75,17 @@ def test_delivery_state_never_moves_backwards() -> None:
     assert state.with_receipt("unknown", Delivery.READ) == state
 
 
+def test_a_refetch_marks_a_waiting_message_undeliverable_but_not_one_that_arrived() -> None:
+    """The agent marks messages to a revoked mate ``undeliverable``; a late receipt still wins."""
+    waiting = AppState().with_messages([message("b", direction="out", state=Delivery.SENT)])
+    marked = waiting.with_messages([message("b", direction="out", state=Delivery.UNDELIVERABLE)])
+    assert marked.history(GS1)[0].state is Delivery.UNDELIVERABLE
+    assert marked.with_receipt("b", Delivery.DELIVERED).history(GS1)[0].state is Delivery.DELIVERED
+    read = AppState().with_messages([message("b", direction="out", state=Delivery.READ)])
+    again = read.with_messages([message("b", direction="out", state=Delivery.UNDELIVERABLE)])
+    assert again.history(GS1)[0].state is Delivery.READ
+
+
 def test_unread_counts_and_opening_a_conversation_reads_it() -> None:
     state = AppState().with_messages(
         [

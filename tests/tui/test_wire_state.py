@@ -217,3 +217,15 @@ def test_link_and_position_labels() -> None:
     assert link_label(parse_peer({**PEER, "via": None})) == "relayed"
     assert position((48.85661, 2.35222, 41.4)) == "48.8566,2.3522 41m"
     assert position(None) == "—"
+
+
+def test_every_delivery_state_has_a_mark_and_a_meaning_in_help() -> None:
+    """A state the agent reports (``undeliverable`` among them) never leaves a blank or a crash."""
+    from tui.format import DELIVERY_MARK
+    from tui.screens.help import DELIVERY_MEANING
+    from tui.state import Delivery
+
+    assert set(DELIVERY_MARK) == set(DELIVERY_MEANING) == set(Delivery)
+    assert DELIVERY_MARK[Delivery.UNDELIVERABLE] == "✗ undeliverable"
+    assert [d.rank for d in Delivery] == sorted(d.rank for d in Delivery)
+    assert Delivery.SENT.rank < Delivery.UNDELIVERABLE.rank < Delivery.DELIVERED.rank

@@ -38,6 +38,7 @@ LINK_MEANING = {
 DELIVERY_MEANING = {
     Delivery.PENDING: "queued by the agent (mate offline or not yet sent)",
     Delivery.SENT: "sent on the link",
+    Delivery.UNDELIVERABLE: "never to be delivered: the mate was revoked",
     Delivery.DELIVERED: "received by the mate's agent",
     Delivery.READ: "read by the mate",
 }

@@ -1,7 +1,8 @@
 """The chat log of the open conversation: time, sender, text and delivery mark per message.
 
 Delivery marks are words and ticks, not colour alone: ``◷ pending`` (queued,
-e.g. for an offline mate), ``✓`` sent, ``✓✓`` delivered, ``✓✓ read``. The log
+e.g. for an offline mate), ``✓`` sent, ``✓✓`` delivered, ``✓✓ read``, ``✗ undeliverable``
+(its mate was revoked first). The log
 re-renders only when the open conversation's messages change, and then
 scrolls to the newest.
 """
@@ -37,6 +38,7 @@ class ChatLog(VerticalScroll):
         "chat--pending",
         "chat--mark",
         "chat--read",
+        "chat--undeliverable",
         "chat--hint",
     }
 
@@ -118,6 +120,8 @@ class ChatLog(VerticalScroll):
                 mark = Text(DELIVERY_MARK[message.state], style("chat--read"))
             elif pending:
                 mark = Text(DELIVERY_MARK[message.state], style("chat--pending"))
+            elif message.state is Delivery.UNDELIVERABLE:
+                mark = Text(DELIVERY_MARK[message.state], style("chat--undeliverable"))
             else:
                 mark = Text(DELIVERY_MARK[message.state], style("chat--mark"))
             table.add_row(

@@ -37,7 +37,8 @@ class Refusal(Enum):
     MALFORMED = "malformed"  # a message that does not parse or comes at the wrong time
     UNKNOWN = "unknown"  # no such identity, or its key generation is unknown
     AUTH_FAILED = "auth-failed"  # the link's handshake or the challenge answer did not verify
-    SUSPENDED = "suspended"  # the identity is suspended (a cloned token was seen) or revoked
+    SUSPENDED = "suspended"  # the identity is suspended: a cloned token was seen
+    REVOKED = "revoked"  # the desk revoked the identity: final
     POLICY = "policy"  # the target is not a dialogue mate, revoked, or outside the mission
     RATE_LIMITED = "rate-limited"  # too many requests from this source or identity
     BUSY = "busy"  # too many challenges pending: come back after retry-after
@@ -72,7 +73,9 @@ REFUSAL_HINTS = {
     Refusal.UNKNOWN: "this token or its key generation is unknown to the AS",
     Refusal.AUTH_FAILED: "the AS does not know this token at its key generation, or the "
     "token's keys differ: a copy left behind by a key change?",
-    Refusal.SUSPENDED: "this node is suspended (a copy of its token was seen) or revoked",
+    Refusal.SUSPENDED: "this node is suspended: a copy of its token was seen ('snrmesh as "
+    "reinstate' once the trusted token's keys are changed)",
+    Refusal.REVOKED: "the desk revoked this node",
     Refusal.POLICY: "not a dialogue mate, a mate revoked or suspended, an epoch past the next "
     "4 or outside the mission, or too much for one bundle",
     Refusal.RATE_LIMITED: "too many requests from this node or address",

@@ -33,6 +33,7 @@ from mesh.keyset.keyset import CommunicationKeyset
 from mesh.token import Slot
 from mesh.token.interface import DERIVE_INFO, slot_kid
 from mesh.token.keychange import KeyChange, build_key_change
+from provisioning.authserver.errors import Refusal
 from provisioning.authserver.messages import NONCE_SIZE
 
 __all__ = [
@@ -68,7 +69,13 @@ class TokenKeys:
     pending: tuple[bytes, ...] | None
     previous: tuple[bytes, ...] | None
     keys_since: int
-    suspended: bool
+    suspended: bool  # not let in: suspended by a clone alert, or revoked
+    revoked: bool  # ... by the desk (final), which is what a refusal then says
+
+    @property
+    def barred(self) -> Refusal:
+        """The refusal a node not let in gets: ``revoked`` or ``suspended``."""
+        return Refusal.REVOKED if self.revoked else Refusal.SUSPENDED
 
     def __repr__(self) -> str:  # never print a key
         return (

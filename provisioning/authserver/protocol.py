@@ -464,7 +464,9 @@ class ServerSession:
         if self._record is None or self._record.suspended:
             # as read at HELLO, whichever key answered; a suspension since then is caught by
             # ``issue`` under its lock
-            raise RemoteAuthError(Refusal.SUSPENDED)
+            raise RemoteAuthError(
+                Refusal.SUSPENDED if self._record is None else self._record.barred
+            )
         if outcome is Outcome.COMMIT:
             service.store.commit_key_change(identity, key.generation, int(now))
         self._release()  # authenticated: no longer a pending challenge

@@ -336,6 +336,7 @@ class SqlKeyStateStore(KeyStateStore):
             ),
             keys_since=since,
             suspended=suspended is not None or revoked is not None,
+            revoked=revoked is not None,
         )
 
     def _locked(self, cur: Any, identity: str) -> TokenKeys:
@@ -388,6 +389,7 @@ class SqlKeyStateStore(KeyStateStore):
             record.previous,
             record.keys_since,
             record.suspended,
+            record.revoked,
         )
 
     def commit_key_change(
@@ -648,7 +650,7 @@ class SqlKeyStateStore(KeyStateStore):
         if me is None:
             raise RemoteAuthError(Refusal.UNKNOWN, identity)
         if me.suspended:
-            raise RemoteAuthError(Refusal.SUSPENDED, identity)
+            raise RemoteAuthError(me.barred, identity)
         current = self._epoch(None, now).index
         last = min(current + min(ahead, MAX_EPOCHS_AHEAD), self.mission.epoch_count - 1)
         with self.reading() as cur:
@@ -680,8 +682,10 @@ class SqlKeyStateStore(KeyStateStore):
         # worker) would have rewrapped the copies this bundle read, so it is built again
         for _ in range(2):
             me = self.load(identity)
-            if me is None or me.suspended:
-                raise RemoteAuthError(Refusal.SUSPENDED, identity)
+            if me is None:
+                raise RemoteAuthError(Refusal.UNKNOWN, identity)
+            if me.suspended:
+                raise RemoteAuthError(me.barred, identity)
             with self.reading() as cur:
                 rows = self._rows(cur)
                 ((role,),) = rows("SELECT role FROM nodes WHERE identity = ?", (identity,))
@@ -710,7 +714,7 @@ class SqlKeyStateStore(KeyStateStore):
             with self.transaction() as cur:
                 now_keys = self._locked(cur, identity)
                 if now_keys.suspended:
-                    raise RemoteAuthError(Refusal.SUSPENDED, identity)
+                    raise RemoteAuthError(now_keys.barred, identity)
                 if now_keys.generation != me.generation:
                     continue  # rebuilt under the new keys
                 self._audit(
@@ -753,7 +757,7 @@ class SqlKeyStateStore(KeyStateStore):
             raise RemoteAuthError(Refusal.UNKNOWN, requestor)
         me = self._record(requestor, row)
         if me.suspended:
-            raise RemoteAuthError(Refusal.SUSPENDED, requestor)
+            raise RemoteAuthError(me.barred, requestor)
         return me
 
     @staticmethod

@@ -188,7 +188,8 @@ def test_a_mate_revoked_at_the_as_is_dropped_at_the_next_fetch(
             await alpha._fetch_bundle()
             assert alpha.refresh.failures == 0 and alpha.refresh.running is False
             (alert,) = [a for a in alpha.store.alerts() if a.kind == "uplink"]
-            assert "suspended" in alert.message and "running on the keysets held" in alert.message
+            assert "refused: revoked (the desk revoked this node)" in alert.message
+            assert "running on the keysets held" in alert.message
             # and its next handshake with gs-1 is refused
             await _until(lambda: "gs-1" not in alpha.links, "the link to close")
             ck = alpha.keys.keyset_for("gs-1", time.time())

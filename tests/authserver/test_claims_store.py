@@ -438,7 +438,7 @@ def _between_read_and_write(
     ("node", "change", "refusal"),
     [
         ("alpha-1", "suspend", Refusal.SUSPENDED),
-        ("alpha-1", "revoke", Refusal.SUSPENDED),
+        ("alpha-1", "revoke", Refusal.REVOKED),
         ("gs-1", "suspend", Refusal.POLICY),
     ],
 )

@@ -336,7 +336,8 @@ def test_keyset_outside_policy_or_for_revoked_target_refused(
     events = run(service, alpha, [request("gs-1")])
     assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY]
     _revoke(site, store, "alpha-2")
-    assert run(service, site.token("alpha-2"), []) == [Refused(Refusal.SUSPENDED, None)]
+    # a revoked requestor is told so (not "suspended", which a clone alert means)
+    assert run(service, site.token("alpha-2"), []) == [Refused(Refusal.REVOKED, None)]
 
 
 def test_unknown_identity_fails_like_a_wrong_key(site: Site, store: KeyStateStore) -> None:

@@ -177,7 +177,7 @@ def test_a_revoked_token_resuming_its_key_change_is_refused(
     assert store.revoke(meter.identity, NOW)  # type: ignore[attr-defined]
     events = run(service, meter, [])
     assert not any(isinstance(e, Authenticated) for e in events), events
-    assert events == [Refused(Refusal.SUSPENDED, None)]
+    assert events == [Refused(Refusal.REVOKED, None)]
     record = store.load(meter.identity)
     assert record is not None and record.generation == 1 and record.pending is not None
 

@@ -19,7 +19,7 @@ from jwcrypto.common import JWException, base64url_decode, base64url_encode
 from mesh.crypto import CryptoError, b64url, encrypt_compact_a256kw
 from mesh.keyset.errors import KeysetError
 from mesh.keyset.keyset import CK_ID_SIZE, MISSION_ID_SIZE, CommunicationKeyset, check_identity
-from mesh.token.interface import SecureElement
+from mesh.token.interface import SecureElement, is_slot_kid
 
 __all__ = [
     "COPY_TYPE",
@@ -168,7 +168,8 @@ def _protected_header(copy: str, allowed_types: frozenset[str]) -> dict[str, Any
             f"wrapped key must be typ {'/'.join(sorted(allowed_types))} "
             "with alg A256KW, enc A256GCM"
         )
-    _field(header, "kid", str)
+    if not is_slot_kid(_field(header, "kid", str)):
+        raise KeysetError("wrapped key's kid does not name a token's slot key")
     return header
 
 

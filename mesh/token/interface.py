@@ -19,9 +19,11 @@ Every slot key has a generation number that only grows (key change).
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeGuard
 
 __all__ = [
     "KEY_SIZE",
@@ -32,6 +34,7 @@ __all__ = [
     "Slot",
     "SlotInfo",
     "TokenInfo",
+    "is_slot_kid",
     "slot_kid",
 ]
 
@@ -59,6 +62,15 @@ def slot_kid(token_id: bytes, slot: Slot, generation: int) -> str:
     generation or another token is refused by the ``kid`` before any crypto.
     """
     return f"{token_id.hex()}.{int(slot)}.{generation}"
+
+
+_SLOT_KID = re.compile(rf"[0-9a-f]{{{2 * TOKEN_ID_SIZE}}}\.[0-9]\.[0-9]{{1,20}}", re.ASCII)
+
+
+def is_slot_kid(kid: object) -> TypeGuard[str]:
+    """Whether ``kid`` (read from a copy, a ticket or a key change: hostile) has
+    :func:`slot_kid`'s form: bounded ASCII, so it compares and encodes like one."""
+    return isinstance(kid, str) and _SLOT_KID.fullmatch(kid) is not None
 
 
 @dataclass(frozen=True, slots=True)

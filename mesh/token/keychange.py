@@ -21,7 +21,7 @@ from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException, base64url_decode, base64url_encode
 
 from mesh.token.errors import KeyChangeRefused, Refusal
-from mesh.token.interface import KEY_SIZE, SLOT_COUNT, TOKEN_ID_SIZE
+from mesh.token.interface import KEY_SIZE, SLOT_COUNT, TOKEN_ID_SIZE, is_slot_kid
 
 __all__ = [
     "KEY_CHANGE_TYPE",
@@ -71,8 +71,8 @@ def key_change_kid(message: str) -> str:
     if not isinstance(header, dict) or header.get("typ") != KEY_CHANGE_TYPE:
         raise KeyChangeRefused("not a key-change message")
     kid = header.get("kid")
-    if not isinstance(kid, str):
-        raise KeyChangeRefused("key-change message has no kid")
+    if not is_slot_kid(kid):
+        raise KeyChangeRefused("key-change message has no kid naming a token's slot key")
     return kid
 
 

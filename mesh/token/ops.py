@@ -35,7 +35,10 @@ MAC_SLOTS = frozenset({Slot.MAC, Slot.AUTH})
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    # (kids are checked ASCII where they are read; "surrogatepass" keeps any str comparable)
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
+    )
 
 
 def unwrap(copy: str, *, key: bytes, kid: str) -> bytes:

@@ -9,6 +9,7 @@ are ignored, so a newer agent still works with this TUI.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -274,7 +275,11 @@ def _str(value: Any) -> str | None:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range: unknown, like any other bad value
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _int(value: Any) -> int | None:

@@ -71,7 +71,7 @@ def decode_line(line: bytes) -> Response | Event:
         )
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise AgentProtocolError(f"agent sent a line that is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise AgentProtocolError("agent sent a JSON line that is not an object")

@@ -1398,7 +1398,12 @@ class Agent:
 
     def _op_dismiss_alert(self, args: dict[str, Any]) -> dict[str, Any]:
         alert_id = args.get("alert_id")
-        if not isinstance(alert_id, int) or not self.store.dismiss_alert(alert_id):
+        if (
+            not isinstance(alert_id, int)
+            or isinstance(alert_id, bool)
+            or not 0 < alert_id < 2**63  # SQLite's INTEGER
+            or not self.store.dismiss_alert(alert_id)
+        ):
             raise ControlError("bad-request", "no such alert")
         return {}
 

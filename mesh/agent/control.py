@@ -153,7 +153,10 @@ class ControlServer:
     async def _answer(self, raw: bytes) -> dict[str, Any]:
         try:
             request = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            # a lone surrogate ("\\ud800") is valid JSON but no text: refused here, once, rather
+            # than wherever it would reach an encoder (SQLite, a socket, a log)
+            json.dumps(request, ensure_ascii=False).encode("utf-8")
+        except (ValueError, RecursionError):  # (UnicodeError is a ValueError)
             return {
                 "id": None,
                 "ok": False,

@@ -21,6 +21,8 @@ import cbor2
 
 from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError, sha256
+from mesh.keyset.errors import KeysetError
+from mesh.keyset.keyset import check_identity
 from mesh.token.errors import TokenCorrupt, TokenError, TokenLocked, WrongPin
 from mesh.token.interface import (
     KEY_SIZE,
@@ -206,14 +208,26 @@ class TokenImage:
         if (
             not isinstance(image.token_id, bytes)
             or len(image.token_id) != TOKEN_ID_SIZE
-            or not isinstance(image.identity, str)
+            or not _is_identity(image.identity)
             or not isinstance(image.role, str)
             or len(image.role) > MAX_ROLE_LENGTH
+            or not image.role.isprintable()
             or len(image.generations) != SLOT_COUNT
-            or not all(type(g) is int and g >= 1 for g in image.generations)
+            or not all(type(g) is int and 1 <= g < 2**63 for g in image.generations)
             or type(image.tries_left) is not int
             or not 0 <= image.tries_left <= MAX_PIN_TRIES
             or not isinstance(image.sealed, bytes)
         ):
             raise TokenCorrupt("token file is corrupt (bad field)")
         return image
+
+
+def _is_identity(value: object) -> bool:
+    """A node identity as the desk checks it (the file's checksum is no key: anyone can edit)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        check_identity(value)
+    except KeysetError:
+        return False
+    return True

@@ -210,9 +210,18 @@ def _opt_number(doc: dict[str, Any], key: str) -> float | None:
     value = _get(doc, key, (int, float), optional=True)
     if value is None:
         return None
-    if not math.isfinite(value):
-        raise WireError(f"field {key!r} is not a finite number")
-    return float(value)
+    return _finite(value, f"field {key!r}")
+
+
+def _finite(value: int | float, what: str) -> float:
+    """``value`` as a finite float: a CBOR bignum past float's range is refused, not raised."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise WireError(f"{what} is out of range") from None
+    if not math.isfinite(number):
+        raise WireError(f"{what} is not a finite number")
+    return number
 
 
 def _number(doc: dict[str, Any], key: str) -> float:
@@ -262,7 +271,7 @@ def decode(data: bytes) -> Message:
                 isinstance(x, int | float) and not isinstance(x, bool) for x in pos
             ):
                 raise WireError("position must be [lat, lon, alt]")
-            lat, lon, alt = (float(x) for x in pos)
+            lat, lon, alt = (_finite(x, "position") for x in pos)
             if not (-90 <= lat <= 90 and -180 <= lon <= 180 and -1e5 <= alt <= 1e6):
                 raise WireError("position out of range")
             position = (lat, lon, alt)

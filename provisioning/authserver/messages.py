@@ -16,7 +16,6 @@ here holds a key or makes a decision.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -354,9 +353,9 @@ def _retry(body: dict[str, Any]) -> float | None:
     value = body.get("ra")
     if value is None:
         return None
-    if type(value) not in (int, float) or not (
-        math.isfinite(value) and 0 <= value <= MAX_RETRY_AFTER
-    ):
+    # compared, not converted: an int of any size compares exactly with a float (NaN and
+    # infinities fail the range), where math.isfinite(2**1024) would raise OverflowError
+    if type(value) not in (int, float) or not 0 <= value <= MAX_RETRY_AFTER:
         raise MessageError(f"retry-after must be 0..{MAX_RETRY_AFTER:g} seconds")
     return float(value)
 

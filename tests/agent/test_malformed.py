@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 from collections.abc import Callable
 
 import cbor2
@@ -50,6 +52,10 @@ def test_garbage_from_an_authenticated_mate_closes_nothing(make_sim: MakeSim) ->
                 cbor2.dumps({"t": "rcpt", "ids": [b"i" * 16] * 600, "s": "read"}),
                 cbor2.dumps({"t": "nonsense"}),
                 cbor2.dumps([[[[[]]]]] * 100),
+                # CBOR bignums past float's range (they used to close the link: OverflowError)
+                cbor2.dumps({"t": "chat", "id": b"i" * 16, "text": "x", "at": 10**400}),
+                cbor2.dumps({"t": "status", "role": "r", "at": 1, "pos": [10**400, 0, 0]}),
+                cbor2.dumps({"t": "status", "role": "r", "at": 1, "bat": -(10**400)}),
             ):
                 link.send(junk)
             await agent._op_send({"to": "b", "text": "still talking"})
@@ -66,5 +72,31 @@ def test_garbage_from_an_authenticated_mate_closes_nothing(make_sim: MakeSim) ->
     assert [m["text"] for m in sim.history("b")] == ["still talking"]
     assert sim.peer_states("b") == {"a": "offline"}  # a stopped; b is fine
     log = sim.nodes["b"].log.read_text()
-    assert log.count("dropped a malformed message from a") == 6
+    assert log.count("dropped a malformed message from a") == 9
     assert "Traceback" not in log
+
+
+def test_hostile_control_lines_get_a_bad_request_answer(make_sim: MakeSim) -> None:
+    """The control API answers what it cannot take; it used to drop the client on these."""
+    lines = [
+        b"[" * 60_000,  # RecursionError in json.loads
+        b'{"op": "dismiss_alert", "alert_id": 9223372036854775808}',  # past SQLite's INTEGER
+        b'{"op": "dismiss_alert", "alert_id": true}',  # was alert 1
+        b'{"op": "history", "peer": "\\ud800"}',  # a lone surrogate: valid JSON, no text
+        b'{"op": "mark_read", "peer": "\\ud800"}',
+        b'{"op": "set_status", "battery": 1' + b"0" * 400 + b"}",  # an int past float's range
+        b'{"op": "set_status", "battery": 1e400}',  # json reads it as inf
+    ]
+    sim = make_sim(["a"])
+    sim.provision()
+    sim.start()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(sim.nodes["a"].control))
+        reader = client.makefile("rb")
+        for line in lines:
+            client.sendall(line + b"\n")
+            answer = json.loads(reader.readline())
+            assert answer["ok"] is False and answer["error"]["code"] == "bad-request", answer
+    assert sim.nodes["a"].request("alerts") == {"alerts": []}  # the agent is fine
+    assert "Traceback" not in sim.nodes["a"].log.read_text()

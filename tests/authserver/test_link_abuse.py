@@ -13,6 +13,8 @@ import contextlib
 import threading
 from typing import Any
 
+import cbor2
+
 from mesh.token import Slot, TokenError
 from mesh.token.software import SoftwareToken
 from provisioning.authserver.errors import Refusal
@@ -239,3 +241,22 @@ def test_a_pin_check_elsewhere_does_not_write_back_over_a_key_change(
     record = store.load("gs-1")
     assert record is not None
     assert SoftwareToken(path).info().generation(Slot.AUTH) == record.generation
+
+
+def test_a_clear_refuse_with_a_bignum_retry_after_is_malformed_on_both_sides(
+    store: KeyStateStore,
+) -> None:
+    """Unauthenticated: anyone may send it to an AS, or as an AS. It used to raise
+    OverflowError out of ``receive_data`` on both (a traceback per connection in the AS log)."""
+    body = cbor2.dumps({"t": 4, "why": "busy", "ra": 2**1024})
+    frame = len(body).to_bytes(2, "big") + body
+    service = make_service(store)
+    server = service.session("127.0.0.1", NOW)
+    server.receive_data(frame, NOW)
+    assert server.closed and service.counters["refused_malformed"] == 1
+    client = ClientSession(_meter(17), [])
+    client.data_to_send()  # HELLO
+    client.receive_data(frame, NOW)
+    assert client.finished
+    (event,) = [e for e in iter(client.next_event, None)]
+    assert isinstance(event, LinkFailed) and "retry-after" in event.reason

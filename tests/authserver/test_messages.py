@@ -64,6 +64,10 @@ def test_clear_framing_pulls_one_message_and_leaves_the_rest() -> None:
         {"t": 1, "v": 1, "id": "a", "gen": 1, "cn": b"n" * 15},
         {"t": 4, "why": "because"},
         {"t": 4, "why": "busy", "ra": float("nan")},
+        {"t": 4, "why": "busy", "ra": 2**1024},  # past float's range: was OverflowError
+        {"t": 4, "why": "busy", "ra": -(2**1024)},
+        {"t": 4, "why": "busy", "ra": float("inf")},
+        {"t": 4, "why": "busy", "ra": 3601},
         {"t": 8, "rid": b"r" * 16, "to": "gs-1", "for": "x" * 33},
         {
             "t": 9,
@@ -106,3 +110,29 @@ def test_mutated_messages_never_raise_anything_else(message: object, pos: int, b
     data[pos % len(data)] = byte
     with contextlib.suppress(MessageError):
         decode(bytes(data))
+
+
+def _fields(message: object) -> dict[str, object]:
+    return dict(cbor2.loads(encode(message)))  # type: ignore[arg-type]
+
+
+HOSTILE_VALUES = [
+    None, True, -1, 0, 2**64, -(2**64), 2**1024, -(2**1024), float("nan"), float("inf"),
+    "", "x" * 5000, "é", b"", b"\x00" * 5000, [], {}, [[[[]]]],
+    cbor2.CBORTag(2, b"\xff" * 200), cbor2.CBORTag(4, [-1, 2**1024]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_field_replaced_by_a_hostile_value_raises_only_message_errors(
+    message: object,
+) -> None:
+    """A sweep of each field of each message, in the clear framing and the secure one."""
+    body = _fields(message)
+    for key in [*body, "extra"]:
+        for value in HOSTILE_VALUES:
+            data = cbor2.dumps({**body, key: value})
+            with contextlib.suppress(MessageError):
+                decode(data)
+            with contextlib.suppress(MessageError):
+                pull_clear(len(data).to_bytes(2, "big") + data)

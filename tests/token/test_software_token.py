@@ -282,6 +282,26 @@ def test_ill_typed_kdf_parameters_are_corrupt_not_a_crash(
         SoftwareToken(known_token.path).verify_pin(PIN)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("identity", "Alpha\x1b[31m"),  # what `info` would print, unchecked
+        ("identity", ""),
+        ("role", "soldier\n"),
+        ("gens", [2**63, 1, 1, 1]),
+    ],
+)
+def test_a_token_file_with_an_impossible_field_is_corrupt(
+    known_token: KnownToken, field: str, value: object
+) -> None:
+    """Read before the PIN (``info`` needs none): held to the desk's own rules."""
+    fields = _fields(known_token.path.read_bytes())
+    fields[field] = value
+    known_token.path.write_bytes(_encode(fields))
+    with pytest.raises(TokenCorrupt, match="bad field"):
+        SoftwareToken(known_token.path)
+
+
 def test_derive_is_hkdf_of_the_auth_key_and_refuses_other_slots(tmp_path: Path) -> None:
     """DERIVE gives HKDF(AUTH key, context) -- the static key itself never leaves the token."""
     from mesh.crypto import hkdf_sha256

@@ -81,6 +81,7 @@ def test_responses_and_events_decode() -> None:
         b'{"event": 5}',
         b"\xff\xfe",
         b" " * (MAX_LINE_BYTES + 1),
+        b"[" * 60_000,  # deep nesting: RecursionError, which used to end the client's reader
     ],
 )
 def test_lines_the_api_does_not_allow_are_the_agents_fault(line: bytes) -> None:
@@ -107,6 +108,11 @@ def test_peer_parses_and_bad_optional_fields_read_as_unknown() -> None:
     )
     odd = parse_peer({**PEER, "position": [1, "x", 3], "battery": True, "last_seen": "yesterday"})
     assert (odd.position, odd.battery, odd.last_seen) == (None, None, None)
+    huge = 10**400  # an int past float's range (JSON allows it): unknown, not OverflowError
+    far = parse_peer({**PEER, "position": [huge, 0, 0], "battery": huge, "last_seen": huge})
+    assert (far.position, far.battery, far.last_seen) == (None, None, None)
+    nan = parse_peer({**PEER, "battery": float("nan"), "last_seen": float("inf")})
+    assert (nan.battery, nan.last_seen) == (None, None)
 
 
 @pytest.mark.parametrize(

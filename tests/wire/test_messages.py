@@ -59,6 +59,11 @@ def test_round_trip(message: object) -> None:
         ({"t": "rcpt", "ids": [MID[:4]], "s": "read"}, "1..512 ids"),
         ({"t": "status", "role": "uav", "at": 1.0, "pos": [91, 0, 0]}, "out of range"),
         ({"t": "status", "role": "uav", "at": 1.0, "bat": 101}, "battery"),
+        # CBOR bignums past float's range: refused, where float() raises OverflowError
+        ({"t": "chat", "id": MID, "text": "x", "at": 10**400}, "out of range"),
+        ({"t": "status", "role": "uav", "at": 1.0, "bat": 10**400}, "out of range"),
+        ({"t": "status", "role": "uav", "at": 1.0, "pos": [10**400, 0, 0]}, "out of range"),
+        ({"t": "status", "role": "uav", "at": -(10**400)}, "out of range"),
         ({"t": "routes", "r": [["alpha-1", 9]]}, "hops"),
         ({"t": "routes", "r": [["alpha-1", True]]}, "hops"),
         ({"t": "relay", "src": "a", "dst": "b", "ttl": 9, "f": b"x", "i": True}, "ttl"),
@@ -127,3 +132,34 @@ def test_random_bytes_raise_only_wire_errors(data: bytes) -> None:
 def test_random_cbor_documents_raise_only_wire_errors(doc: object) -> None:
     with contextlib.suppress(WireError):
         decode(cbor2.dumps(doc))
+
+
+HOSTILE_VALUES = [
+    None, True, -1, 2**64, -(2**64), 10**400, -(10**400), float("nan"), float("inf"), 1e308,
+    "", "x" * 5000, b"", b"\x00" * 513, [], [10**400] * 3, {}, [[[[[]]]]],
+    cbor2.CBORTag(2, b"\xff" * 64), cbor2.CBORTag(4, [-1, 10**400]), cbor2.CBORTag(30, [1, 0]),
+]  # fmt: skip
+VALID_DOCS = [
+    {"t": "chat", "id": MID, "text": "hi", "at": 1.0, "g": "squad"},
+    {"t": "rcpt", "ids": [MID], "s": "read"},
+    {"t": "status", "role": "uav", "at": 1.0, "pos": [1.0, 2.0, 3.0], "bat": 50, "x": "ok"},
+    {"t": "routes", "r": [["alpha-1", 1]]},
+    {"t": "relay", "src": "a", "dst": "b", "ttl": 1, "f": b"x", "i": True},
+]
+
+
+@pytest.mark.parametrize("doc", VALID_DOCS, ids=lambda d: str(d["t"]))
+def test_every_field_of_every_message_replaced_by_a_hostile_value_raises_only_wire_errors(
+    doc: dict[str, object],
+) -> None:
+    """A sweep (not a sample): each field, and each position element, gets each value."""
+    cases = [{**doc, key: value} for key in doc for value in HOSTILE_VALUES]
+    cases += [
+        {**doc, "pos": [*doc["pos"][:i], value, *doc["pos"][i + 1 :]]}  # type: ignore[index]
+        for i in range(3)
+        for value in HOSTILE_VALUES
+        if "pos" in doc
+    ]
+    for case in cases:
+        with contextlib.suppress(WireError):
+            decode(cbor2.dumps(case))

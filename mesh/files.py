@@ -9,15 +9,59 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from mesh.errors import MeshError
 
-__all__ = ["FileTooLarge", "read_bounded", "write_atomic"]
+__all__ = ["FileTooLarge", "UnsafeOutput", "check_replaceable", "read_bounded", "write_atomic"]
 
 
 class FileTooLarge(MeshError):
     """A file is larger than the format it claims to be allows."""
+
+
+class UnsafeOutput(MeshError):
+    """A file a command was told to write is one it must not replace, or cannot write."""
+
+
+def check_replaceable(
+    path: str,
+    *,
+    option: str,
+    token: str | None = None,
+    looks_like: tuple[bytes, str] | None = None,
+) -> None:
+    """Before the work: a bundle exported over a token, or keys changed with nowhere to write
+    the result, is lost for good, so refuse at once what :func:`write_atomic` must not replace.
+
+    That is anything but a regular file (a folder, a device, a symlink: replaced, not
+    followed), the ``token`` file itself, and -- with ``looks_like`` (magic, "a bundle") -- an
+    existing file of another kind (a desk's database, a token). Then a file is made (and
+    removed) beside ``path``: the write will work.
+    """
+    if not path:
+        raise UnsafeOutput(f"{option} needs a file name")
+    if os.path.lexists(path):
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise UnsafeOutput(f"{option} {path} exists and is not a regular file")
+        if token is not None and os.path.exists(token) and os.path.samefile(path, token):
+            raise UnsafeOutput(f"{option} {path} is the token file")
+        if looks_like is not None:
+            magic, kind = looks_like
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(len(magic))
+            except OSError as exc:
+                raise UnsafeOutput(f"cannot read {path}: {exc.strerror}") from None
+            if head != magic:
+                raise UnsafeOutput(f"{option} {path} exists and is not {kind}: not replaced")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snrmesh-check-"):
+            pass
+    except OSError as exc:
+        raise UnsafeOutput(f"cannot write {path}: {exc.strerror}") from None
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:

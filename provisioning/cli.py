@@ -12,7 +12,8 @@ from typing import Any
 
 from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
-from mesh.files import FileTooLarge, read_bounded
+from mesh.files import FileTooLarge, check_replaceable, read_bounded
+from mesh.keyset.bundle import BUNDLE_MAGIC
 from mesh.token.open import open_token
 from provisioning.authserver.cli import (
     MAX_AUDIT_LIMIT,
@@ -221,6 +222,8 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # a typo must not replace the node's token or the desk's own database with a bundle
+    check_replaceable(args.out, option="--out", looks_like=(BUNDLE_MAGIC, "a bundle"))
     with _desk(args) as desk:
         bundle = desk.export(args.node, args.out, now=_now())
     data = {
@@ -233,7 +236,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"bundle for {bundle.identity} written to {args.out}: {len(bundle.mates)} mate(s), "
         f"{len(bundle.keysets)} keyset(s)"
     )
-    if not bundle.keysets:
+    if not bundle.mates:
+        text += " -- no dialogue mates: none declared, or all revoked"
+    elif not bundle.keysets:
         text += " -- no keysets yet: run 'snrmesh desk issue' first"
     return _emit(args, data, text)
 
@@ -410,7 +415,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     p = add("export", cmd_export, "write a node's bundle")
     p.add_argument("node", metavar="NODE")
-    p.add_argument("--out", required=True, metavar="FILE", help="bundle file to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="bundle file to write (replaced atomically if it is a bundle; anything else, "
+        "such as the token or the desk's database, is refused)",
+    )
 
     add("show", cmd_show, "show the mission, nodes, groups, pairs and keyset counts")
     p = add("audit", cmd_audit, "print the append-only audit log")

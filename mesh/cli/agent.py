@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from mesh.backoff import full_jitter
 from mesh.cli.node import read_bundle, unlock_node
 from mesh.cli.secrets import PIN_ENV, read_secret
 from mesh.errors import MeshError
-from mesh.files import write_atomic
+from mesh.files import check_replaceable, write_atomic
 from mesh.keyset.bundle import BUNDLE_MAGIC, Bundle, open_bundle
 from mesh.keyset.errors import BundleError, BundleStale
 from mesh.timefmt import utc_iso
@@ -149,7 +148,8 @@ def _unlock_with_uplink(
     raw = read_bundle(args.bundle)
     if raw is not None and not raw.startswith(BUNDLE_MAGIC):
         raise BundleError(f"--bundle {args.bundle} exists and is not a bundle: not replaced")
-    _check_writable(args.bundle)  # before a fetch that may change the token's keys
+    # before a fetch that may change the token's keys
+    check_replaceable(args.bundle, option="--bundle", token=args.token)
     token.verify_pin(read_secret(PIN_ENV, f"PIN for {token.info().identity}'s token: "))
     source = agent_bundle_source(host, port, token, ahead=ahead)
     if raw is not None:
@@ -193,18 +193,6 @@ def _as_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise MeshError(f"--as {text!r}: expected HOST:PORT, the AS's address")
     return host.strip("[]"), int(port)
-
-
-def _check_writable(path: str) -> None:
-    """The bundle file can be replaced: its folder takes a new file, and it is not a folder."""
-    if os.path.isdir(path):
-        raise BundleError(f"--bundle {path} is a folder")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snrmesh-check-"):
-            pass
-    except OSError as exc:
-        raise MeshError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _client(args: argparse.Namespace) -> ControlClient:

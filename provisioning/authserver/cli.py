@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
-from mesh.files import FileTooLarge, read_bounded, write_atomic
+from mesh.files import FileTooLarge, check_replaceable, read_bounded, write_atomic
 from mesh.keyset import KeysetError, check_identity
 from mesh.keyset.bundle import BUNDLE_MAGIC, open_bundle
 from mesh.timefmt import utc_iso
@@ -304,37 +303,11 @@ def _check_attempts(args: argparse.Namespace) -> None:
         raise LocalAuthError(f"--attempts must be 1..{MAX_ATTEMPTS}")
 
 
-def _check_out(path: str, *, token: str, looks_like: bytes | None = None) -> None:
-    """Before the link: a keyset issued (or keys changed) with nowhere to write it is lost.
-
-    Refuses what it must not overwrite: the token itself, anything but a regular file
-    (a device, a folder), and -- with ``looks_like`` -- a file not of that kind (a bundle
-    over a desk's database). Then makes (and removes) a file beside it: the write will work.
-    """
-    if not path:
-        raise LocalAuthError("--out needs a file name")
-    if os.path.lexists(path):
-        if os.path.islink(path) or not os.path.isfile(path):
-            raise LocalAuthError(f"--out {path} exists and is not a regular file")
-        if os.path.exists(token) and os.path.samefile(path, token):
-            raise LocalAuthError(f"--out {path} is the token file")
-        if looks_like is not None:
-            with open(path, "rb") as f:
-                if not f.read(len(looks_like)) == looks_like:
-                    raise LocalAuthError(f"--out {path} exists and is not a bundle: not replaced")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".snrmesh-check-"):
-            pass
-    except OSError as exc:
-        raise LocalAuthError(f"cannot write {path}: {exc.strerror}") from None
-
-
 def cmd_request(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     _check_attempts(args)
     if args.out is not None:
-        _check_out(args.out, token=args.token)
+        check_replaceable(args.out, option="--out", token=args.token)
     purpose = args.purpose
     if not (0 < len(purpose) <= MAX_PURPOSE_LENGTH and purpose.isascii() and purpose.isprintable()):
         raise LocalAuthError(f"--purpose is 1..{MAX_PURPOSE_LENGTH} printable ASCII characters")
@@ -395,7 +368,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise LocalAuthError(f"--ahead is 0..{MAX_BUNDLE_AHEAD} epochs")
     _check_attempts(args)
     # before the link: a key change on it would leave no bundle that opens
-    _check_out(args.out, token=args.token, looks_like=BUNDLE_MAGIC)
+    check_replaceable(
+        args.out, option="--out", token=args.token, looks_like=(BUNDLE_MAGIC, "a bundle")
+    )
     token = open_token(args.token)
     identity = token.info().identity
     with token.exclusive():  # the link may change the token's keys: one process at a time

@@ -459,6 +459,8 @@ class ServerSession:
         if outcome is Outcome.FAILED:
             raise RemoteAuthError(Refusal.AUTH_FAILED)
         if outcome is Outcome.CLONE:
+            if self._record is not None and self._record.revoked:  # final already: no alert
+                raise RemoteAuthError(Refusal.REVOKED, "copy of a revoked token")
             service.store.suspend(identity, key.generation, int(now))
             raise RemoteAuthError(Refusal.SUSPENDED, "cloned token")
         if self._record is None or self._record.suspended:

@@ -340,6 +340,22 @@ def test_keyset_outside_policy_or_for_revoked_target_refused(
     assert run(service, site.token("alpha-2"), []) == [Refused(Refusal.REVOKED, None)]
 
 
+def test_a_copy_of_a_revoked_token_is_told_revoked_with_no_clone_alert(
+    site: Site, store: KeyStateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A revocation is final: a copy left behind gets "revoked", not "suspended ... reinstate"
+    (a command that then refuses), and raises no clone alert for a node already out."""
+    service = make_service(store)
+    original = meter_token(SEED, meter_identity("meter", 5))
+    copy = original.clone()
+    assert isinstance(run(service, original, [request("gs-1")])[0], Authenticated)  # keys changed
+    _revoke(site, store, original.identity)
+    with caplog.at_level(logging.WARNING, logger="snrmesh.as"):
+        assert run(service, copy, []) == [Refused(Refusal.REVOKED, None)]
+    assert _audit(store, "as-clone-alert") == []
+    assert not [r for r in caplog.records if "CLONE ALERT" in r.getMessage()]
+
+
 def test_unknown_identity_fails_like_a_wrong_key(site: Site, store: KeyStateStore) -> None:
     service = make_service(store)
     stranger = meter_token(SEED, "meter-9999999")

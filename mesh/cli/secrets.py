@@ -29,9 +29,21 @@ def read_secret(env: str, prompt: str, *, confirm: bool = False) -> str:
         return value
     if not sys.stdin.isatty():
         raise SecretUnavailable(f"{prompt.rstrip(': ')}: set {env} or run in a terminal")
-    value = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Again, to confirm: ") != value:
+    value = _ask(prompt)
+    if confirm and _ask("Again, to confirm: ") != value:
         raise SecretUnavailable("the two entries differ")
     if not value:
         raise SecretUnavailable("empty secret")
     return value
+
+
+def _ask(prompt: str) -> str:
+    """``getpass``, with ctrl-D (end of input) an error and ctrl-C ending the prompt's line."""
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        print(file=sys.stderr)
+        raise SecretUnavailable(f"{prompt.rstrip(': ')}: none given (end of input)") from None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # so "snrmesh: interrupted" starts a line of its own
+        raise

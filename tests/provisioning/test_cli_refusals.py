@@ -445,3 +445,50 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(site: Site) -> None:
     show.stdout.close()  # the reader goes away; some 200 KB are still to come
     assert show.wait(60) == 141
     assert show.stderr.read() == b""
+
+
+def _at_a_prompt(site: Site, keys: bytes) -> tuple[int, str]:
+    """Run ``bundle inspect`` on a terminal (a pty) with no SNRMESH_PIN; type ``keys`` at the
+    PIN prompt; return the exit status and all the terminal showed."""
+    import pty
+    import select
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "SNRMESH_PIN"}
+    argv = [sys.executable, "-m", "mesh.cli", "bundle", "inspect", "alpha-1.bundle"]
+    argv += ["--token", "alpha-1.token"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its terminal is the pty
+        os.chdir(site.root)
+        os.execve(sys.executable, argv, env)
+    shown, deadline, typed = b"", time.monotonic() + 60, False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # the child closed its terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if not typed and b"PIN" in shown:
+                os.write(fd, keys)
+                typed = True
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+
+
+def test_ctrl_d_at_a_pin_prompt_is_one_line_not_a_traceback(site: Site) -> None:
+    code, shown = _at_a_prompt(site, b"\x04")
+    assert "Traceback" not in shown and "EOFError" not in shown
+    assert "none given (end of input)" in shown and code == 1
+
+
+def test_ctrl_c_at_a_pin_prompt_ends_the_prompt_line_first(site: Site) -> None:
+    code, shown = _at_a_prompt(site, b"\x03")
+    assert "Traceback" not in shown
+    assert "\nsnrmesh: interrupted" in shown.replace("\r\n", "\n") and code == 130

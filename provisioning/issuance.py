@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -53,6 +54,13 @@ def _init(targets: dict[str, WrapTarget], mission_id: bytes) -> None:
         }
     )
     _mission_id = mission_id
+
+
+def _worker_init(targets: dict[str, WrapTarget], mission_id: bytes) -> None:
+    """A pool worker leaves ctrl-C to the parent (which ends the pool), so one key press is
+    one line, not a ``KeyboardInterrupt`` traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init(targets, mission_id)
 
 
 def _mint(chunk: list[CkJob]) -> list[CkRow]:
@@ -112,7 +120,7 @@ def mint_keysets(
             _targets.clear()
         return
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(processes, initializer=_init, initargs=(targets, mission_id)) as pool:
+    with ctx.Pool(processes, initializer=_worker_init, initargs=(targets, mission_id)) as pool:
         for rows in pool.imap(_mint, _chunks(jobs)):
             on_chunk(len(rows))
             yield rows

@@ -47,7 +47,7 @@ from mesh.backoff import full_jitter
 from mesh.discovery import discovery_tag, tag_map
 from mesh.discovery.mdns import MdnsDiscovery
 from mesh.errors import MeshError
-from mesh.files import write_atomic
+from mesh.files import read_bounded, write_atomic
 from mesh.keyset.bundle import Bundle, open_bundle
 from mesh.protocol import (
     Connection,
@@ -81,6 +81,7 @@ from mesh.wire import (
     Routes,
     Status,
     WireError,
+    check_position,
     decode,
     encode,
 )
@@ -104,6 +105,7 @@ NO_TAG = "-" * 20
 ALERT_COALESCE = 60.0  # seconds during which the same alert is not raised again
 MAX_ALERT_KEYS = 4096
 TOKEN_CHECK_EVERY = 1.0  # seconds between checks that the token (a card) is still there
+MAX_POSITION_FILE = 256  # bytes: LAT,LON,ALT
 MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 
@@ -923,10 +925,11 @@ class Agent:
 
     def _position(self) -> tuple[float, float, float] | None:
         if self.config.position_file is not None:
-            with contextlib.suppress(OSError, ValueError):
-                parts = self.config.position_file.read_text().split(",")
-                lat, lon, alt = (float(p) for p in parts[:3])
-                return (lat, lon, alt)
+            # another program's file, read at each beat: bounded, and a position a mate takes
+            # (out of range, every mate would drop the whole heartbeat); else as without it
+            with contextlib.suppress(OSError, ValueError, MeshError):
+                raw = read_bounded(self.config.position_file, MAX_POSITION_FILE, what="position")
+                return check_position([float(p) for p in raw.decode("ascii").split(",")[:3]])
         if self.config.simulate_track:
             base = self._own_status["position"] or (48.8566, 2.3522, 100.0)
             angle = (self.clock() / 60.0) % (2 * math.pi)

@@ -66,8 +66,29 @@ def _position(text: str) -> tuple[float, float, float]:
     return (lat, lon, alt)
 
 
+MIN_HEARTBEAT, MAX_HEARTBEAT = 1.0, 3600.0
+
+
+def _check_status(args: argparse.Namespace) -> None:
+    """The heartbeat's own values, held to what a mate accepts (``mesh/wire``): out of range,
+    every heartbeat would be dropped by every mate, as "malformed"."""
+    from mesh.wire import Status, WireError, decode, encode
+
+    if not (math.isfinite(args.heartbeat) and MIN_HEARTBEAT <= args.heartbeat <= MAX_HEARTBEAT):
+        raise MeshError(f"--heartbeat is {MIN_HEARTBEAT:g}..{MAX_HEARTBEAT:g} seconds")
+    try:
+        decode(encode(Status("r", 0.0, args.position, args.battery, args.status_text)))
+    except WireError as exc:
+        raise MeshError(
+            "--position LAT,LON,ALT (-90..90, -180..180, -100000..1000000 m), --battery "
+            f"0..100, --status-text up to 200 printable characters: {exc}"
+        ) from None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from mesh.agent.agent import Agent, AgentConfig, parse_address
+
+    _check_status(args)  # before the PIN is asked for
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -319,7 +340,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=float,
         default=30.0,
         metavar="S",
-        help="status heartbeat period in seconds (default: 30)",
+        help="status heartbeat period in seconds, 1..3600 (default: 30)",
     )
     p.add_argument("--position", type=_position, metavar="LAT,LON,ALT", help="own position")
     p.add_argument(
@@ -330,8 +351,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--simulate-track", action="store_true", help="move the position in a small circle (demos)"
     )
-    p.add_argument("--battery", type=float, metavar="PERCENT", help="battery level to report")
-    p.add_argument("--status-text", metavar="TEXT", help="free text in the status heartbeat")
+    p.add_argument(
+        "--battery", type=float, metavar="PERCENT", help="battery level to report, 0..100"
+    )
+    p.add_argument(
+        "--status-text", metavar="TEXT", help="free text in the status heartbeat (≤ 200 characters)"
+    )
     p.add_argument(
         "--block",
         action="append",

@@ -16,6 +16,7 @@ from mesh.wire.messages import (
     Relay,
     Routes,
     Status,
+    check_position,
     decode,
     encode,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "Routes",
     "Status",
     "WireError",
+    "check_position",
     "decode",
     "encode",
 ]

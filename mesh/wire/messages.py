@@ -43,6 +43,7 @@ __all__ = [
     "Relay",
     "Routes",
     "Status",
+    "check_position",
     "decode",
     "encode",
 ]
@@ -231,6 +232,14 @@ def _number(doc: dict[str, Any], key: str) -> float:
     return value
 
 
+def check_position(values: list[int | float]) -> tuple[float, float, float]:
+    """``[lat, lon, alt]`` as a position a mate accepts (degrees, metres), or :class:`WireError`."""
+    lat, lon, alt = (_finite(x, "position") for x in values)
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180 and -1e5 <= alt <= 1e6):
+        raise WireError("position out of range")
+    return (lat, lon, alt)
+
+
 def decode(data: bytes) -> Message:
     """Decode one message, or raise :class:`WireError`."""
     if len(data) > MAX_MESSAGE_SIZE:
@@ -271,10 +280,7 @@ def decode(data: bytes) -> Message:
                 isinstance(x, int | float) and not isinstance(x, bool) for x in pos
             ):
                 raise WireError("position must be [lat, lon, alt]")
-            lat, lon, alt = (_finite(x, "position") for x in pos)
-            if not (-90 <= lat <= 90 and -180 <= lon <= 180 and -1e5 <= alt <= 1e6):
-                raise WireError("position out of range")
-            position = (lat, lon, alt)
+            position = check_position(pos)
         battery = _opt_number(doc, "bat")
         if battery is not None and not 0 <= battery <= 100:
             raise WireError("battery out of range")

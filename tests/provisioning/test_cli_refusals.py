@@ -303,6 +303,17 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
      ("desk", "export", "desk", "alpha-1", "--out", "/dev/null"), ("not a regular file",), {}),
     ("export-into-a-folder", _nothing,
      ("desk", "export", "desk", "alpha-1", "--out", "desk"), ("not a regular file",), {}),
+    # a heartbeat every mate would drop as malformed (ops review): refused before the PIN
+    *[(f"agent-status-{name}", _nothing,
+       ("agent", "--bundle", "alpha-1.bundle", "--token", "alpha-1.token", "--no-mdns",
+        "--listen", "127.0.0.1:0", *extra), (needle,), {})
+      for name, extra, needle in (
+          ("battery", ("--battery", "150"), "--battery 0..100"),
+          ("text", ("--status-text", "x" * 201), "--status-text up to 200"),
+          ("position", ("--position", "91,0,0"), "position out of range"),
+          ("heartbeat-zero", ("--heartbeat", "0"), "--heartbeat is 1..3600"),
+          ("heartbeat-nan", ("--heartbeat", "nan"), "--heartbeat is 1..3600"),
+      )],
     ("as-request-out-empty", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
       "--out", ""), ("--out needs a file name",), {}),

@@ -68,6 +68,7 @@ from mesh.protocol.events import Termination
 from mesh.timefmt import utc_iso
 from mesh.token import SecureElement, Slot, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
+from mesh.transport.address import parse_address
 from mesh.wire import (
     MAX_HOPS,
     MAX_RECEIPT_IDS,
@@ -120,21 +121,6 @@ def _undeliverable(count: int) -> str:
 def _host(address: object) -> str:
     """``HOST`` of ``HOST:PORT`` (a refusal from a new source port is the same source)."""
     return str(address).rpartition(":")[0] or str(address)
-
-
-def parse_address(
-    text: str, default_port: int = DEFAULT_PORT, *, listening: bool = False
-) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``HOST``) -> (host, port), with a clear error.
-
-    ``listening``: port 0 is allowed (the system picks one), as ``--listen`` says.
-    """
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not (0 if listening else 1) <= int(port) < 65536:
-        raise MeshError(f"bad address {text!r}: expected HOST:PORT")
-    return host, int(port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -271,7 +257,7 @@ class Agent:
 
     def _static_peer(self, text: str) -> StaticPeer:
         identity, _, address = text.rpartition("@")
-        host, port = parse_address(address)
+        host, port = parse_address(address, DEFAULT_PORT)
         if identity and identity not in self.peers:
             raise MeshError(f"--peer {text}: {identity} is not a dialogue mate in this bundle")
         return StaticPeer(host, port, identity or None)

@@ -86,7 +86,7 @@ def _check_status(args: argparse.Namespace) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from mesh.agent.agent import Agent, AgentConfig, parse_address
+    from mesh.agent.agent import DEFAULT_PORT, Agent, AgentConfig, parse_address
 
     _check_status(args)  # before the PIN is asked for
 
@@ -109,7 +109,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     state = Path(args.state or _default_state())
     config = AgentConfig(
         state_dir=state,
-        listen=parse_address(args.listen, listening=True),
+        listen=parse_address(args.listen, DEFAULT_PORT, listening=True),
         peers=tuple(args.peer),
         mdns=not args.no_mdns,
         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None,
@@ -210,10 +210,12 @@ def _unlock_with_uplink(
 
 def _as_address(text: str) -> tuple[str, int]:
     """``--as HOST:PORT``: the port is required (the AS has no default; 7717 is the agent's)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MeshError(f"--as {text!r}: expected HOST:PORT, the AS's address")
-    return host.strip("[]"), int(port)
+    from mesh.transport.address import AddressError, parse_address
+
+    try:
+        return parse_address(text)
+    except AddressError:
+        raise MeshError(f"--as {text!r}: expected HOST:PORT, the AS's address") from None
 
 
 def _client(args: argparse.Namespace) -> ControlClient:

@@ -51,7 +51,7 @@ machine: --vpcd 127.0.0.1:{VPCD_DEFAULT_PORT + 1} is the reader "Virtual PCD 00 
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
-    from mesh.agent.agent import parse_address
+    from mesh.transport.address import parse_address
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     host, port = parse_address(args.vpcd, VPCD_DEFAULT_PORT)

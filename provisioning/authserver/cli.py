@@ -26,6 +26,7 @@ from mesh.keyset import KeysetError, check_identity
 from mesh.keyset.bundle import BUNDLE_MAGIC, open_bundle
 from mesh.timefmt import utc_iso
 from mesh.token.open import open_token
+from mesh.transport.address import AddressError, parse_address
 from provisioning.authserver import eventloop
 from provisioning.authserver.client import Backoff, fetch_bundle, request_keysets
 from provisioning.authserver.cookies import AdmissionConfig
@@ -70,10 +71,10 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise LocalAuthError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_address(text, listening=True)  # (port 0: as serve's pick-one)
+    except AddressError:
+        raise LocalAuthError(f"{text!r} is not HOST:PORT (a host name, IPv4 or [IPv6])") from None
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> int:

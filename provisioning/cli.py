@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -61,6 +62,10 @@ _NEW_TOKEN_HELP = (
 )
 
 
+MAX_MISSION_HOURS = 10 * 366 * 24  # ten years: far past any epoch budget
+DEFAULT_EPOCH_HOURS = 6.0
+
+
 def _now() -> int:
     return int(time.time())
 
@@ -108,8 +113,19 @@ def _parse_time(value: str) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    if args.hours <= 0 or args.epoch_hours <= 0:
-        raise MissionError("--hours and --epoch-hours must be positive")
+    epoch_hours = DEFAULT_EPOCH_HOURS if args.epoch_hours is None else args.epoch_hours
+    if args.epoch_hours is None and math.isfinite(args.hours) and args.hours > 0:
+        epoch_hours = min(epoch_hours, args.hours)  # a short mission is one epoch
+    for option, value in (("--hours", args.hours), ("--epoch-hours", epoch_hours)):
+        if not (math.isfinite(value) and 0 < value <= MAX_MISSION_HOURS):
+            raise MissionError(
+                f"{option} is a number of hours, more than 0 and at most {MAX_MISSION_HOURS:,}"
+            )
+    if epoch_hours > args.hours:
+        raise MissionError(
+            f"--epoch-hours {epoch_hours:g} is longer than the mission ({args.hours:g} h): "
+            "its one epoch would end with the mission; give at most --hours"
+        )
     now = _now()
     start = now if args.start is None else _parse_time(args.start)
     passphrase = read_secret(DESK_PASSPHRASE_ENV, "Desk passphrase: ", confirm=True)
@@ -119,7 +135,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         name=args.mission,
         start=start,
         end=start + round(args.hours * 3600),
-        epoch_seconds=round(args.epoch_hours * 3600),
+        epoch_seconds=round(epoch_hours * 3600),
         now=now,
     )
     with contextlib.closing(desk):
@@ -358,9 +374,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--epoch-hours",
         type=float,
-        default=6.0,
         metavar="E",
-        help="epoch length; one CK per pair per epoch (default: 6)",
+        help="epoch length in hours, at most --hours; one CK per pair per epoch "
+        "(default: 6, or the mission's length if shorter)",
     )
 
     p = add(

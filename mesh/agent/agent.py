@@ -111,11 +111,15 @@ MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 
 
-def _undeliverable(count: int) -> str:
-    """The tail of a revoked alert that says how many messages ``abandon`` marked."""
-    if not count:
-        return ""
-    return f"; {count} message{'s' * (count != 1)} to it will not be delivered (undeliverable)"
+def _undeliverable(counts: tuple[int, int]) -> str:
+    """The tail of a revoked alert that says what ``abandon`` marked: its own messages (now
+    ``undeliverable``), and group messages (still on their way to the other members)."""
+    own, groups = counts
+    parts = [f"{own} message{'s' * (own != 1)} to it will not be delivered (undeliverable)"] * (
+        own > 0
+    )
+    parts += [f"{groups} group message{'s' * (groups != 1)} will not reach it"] * (groups > 0)
+    return "".join(f"; {part}" for part in parts)
 
 
 def _host(address: object) -> str:
@@ -1367,6 +1371,11 @@ class Agent:
         if not all(v is None or isinstance(v, str) for v in (peer, group)):
             raise ControlError("bad-request", "peer and group must be text")
         messages: list[StoredMessage] = self.store.history(peer=peer, group=group, limit=limit)
+        # a typo would otherwise read as an empty conversation; a former mate's history stays
+        if not messages and peer is not None and peer not in self.peers:
+            raise ControlError("unknown-peer", f"no dialogue mate named {peer}, and no history")
+        if not messages and group is not None and group not in self.bundle.groups:
+            raise ControlError("unknown-group", f"no group named {group}, and no history")
         return {"messages": [m.to_json() for m in messages]}
 
     def _op_mark_read(self, args: dict[str, Any]) -> dict[str, Any]:

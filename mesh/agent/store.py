@@ -232,20 +232,26 @@ class AgentStore:
                 list(entries),
             )
 
-    def abandon(self, recipient: str) -> int:
-        """Mark every message still on its way to ``recipient`` undeliverable; return how many.
+    def abandon(self, recipient: str) -> tuple[int, int]:
+        """Mark every message still on its way to ``recipient`` undeliverable.
 
         For a revoked mate: it will never be let in again, so nothing in the outbox can reach
-        it, and its sender should see that rather than ``pending`` for ever.
+        it, and its sender should see that rather than ``pending`` for ever. Returns how many
+        were its own and how many group messages (which still go to their other members).
         """
+        waiting = "recipient = ? AND state IN ('pending', 'sent')"
         with self.db:
             self.db.execute("BEGIN")
-            cur = self.db.execute(
-                "UPDATE outbox SET state = 'undeliverable' "
-                "WHERE recipient = ? AND state IN ('pending', 'sent')",
+            ((own, groups),) = self.db.execute(
+                "SELECT COALESCE(SUM(m.grp IS NULL), 0), COALESCE(SUM(m.grp IS NOT NULL), 0) "
+                "FROM outbox JOIN messages m ON m.id = outbox.id AND m.direction = 'out' "
+                f"WHERE {waiting}",
                 (recipient,),
             )
-        return cur.rowcount
+            self.db.execute(
+                f"UPDATE outbox SET state = 'undeliverable' WHERE {waiting}", (recipient,)
+            )
+        return own, groups
 
     def receipts(self, batch: list[tuple[bytes, str, str]]) -> list[tuple[bytes, str, str]]:
         """Apply receipts (id, recipient, state) in one transaction; return those that were news.

@@ -397,8 +397,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     client.add_argument(
         "--control",
         metavar="SOCKET",
-        help="the agent's control socket (default: $SNRMESH_CONTROL or "
-        "~/.local/state/snrmesh/control.sock)",
+        help="the agent's control socket (default: $SNRMESH_CONTROL, else "
+        "$XDG_STATE_HOME/snrmesh/control.sock, else ~/.local/state/snrmesh/control.sock)",
     )
 
     p = commands.add_parser(

@@ -55,7 +55,8 @@ class WrongPin(TokenError):
     """The PIN was wrong; ``tries_left`` more attempts before the token locks."""
 
     def __init__(self, tries_left: int) -> None:
-        super().__init__(f"wrong PIN ({tries_left} tries left before the token locks)")
+        tries = "try" if tries_left == 1 else "tries"
+        super().__init__(f"wrong PIN ({tries_left} {tries} left before the token locks)")
         self.tries_left = tries_left
 
 

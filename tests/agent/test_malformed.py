@@ -98,5 +98,13 @@ def test_hostile_control_lines_get_a_bad_request_answer(make_sim: MakeSim) -> No
             client.sendall(line + b"\n")
             answer = json.loads(reader.readline())
             assert answer["ok"] is False and answer["error"]["code"] == "bad-request", answer
+        # a name that is no mate and has no history is a typo, not an empty conversation
+        for line, code in (
+            (b'{"op": "history", "peer": "zulu"}', "unknown-peer"),
+            (b'{"op": "history", "group": "nosuch"}', "unknown-group"),
+        ):
+            client.sendall(line + b"\n")
+            answer = json.loads(reader.readline())
+            assert answer["ok"] is False and answer["error"]["code"] == code, answer
     assert sim.nodes["a"].request("alerts") == {"alerts": []}  # the agent is fine
     assert "Traceback" not in sim.nodes["a"].log.read_text()

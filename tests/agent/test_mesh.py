@@ -110,10 +110,11 @@ def test_messages_to_a_mate_revoked_while_the_sender_was_down_become_undeliverab
     make_sim: MakeSim,
 ) -> None:
     """The desk revokes c; a restarts on its new bundle: what waited for c is marked, once."""
-    sim = make_sim(["a", "c"])
+    sim = make_sim(["a", "c"], groups={"pair": ["a", "c"]})
     sim.provision()
     sim.start("a")
     sent = sim.nodes["a"].request("send", to="c", text="never to arrive")
+    to_group = sim.nodes["a"].request("send", group="pair", text="nor this")
     sim.stop("a")
     with sim.desk() as desk:
         now = int(time.time())
@@ -121,7 +122,8 @@ def test_messages_to_a_mate_revoked_while_the_sender_was_down_become_undeliverab
         desk.export("a", sim.nodes["a"].bundle, now=now)
     sim.start("a", topology=False)  # (a --peer naming c would now be refused)
     assert [(m["id"], m["state"]) for m in sim.history("a")] == [
-        (sent["message_id"], "undeliverable")
+        (sent["message_id"], "undeliverable"),
+        (to_group["message_id"], "undeliverable"),  # c was its only other member
     ]
 
     def revoked_alerts() -> list[dict[str, object]]:
@@ -130,6 +132,7 @@ def test_messages_to_a_mate_revoked_while_the_sender_was_down_become_undeliverab
     (alert,) = revoked_alerts()
     assert alert["message"] == (
         "c is revoked: it will be refused; 1 message to it will not be delivered (undeliverable)"
+        "; 1 group message will not reach it"
     )
     sim.stop("a")
     sim.start("a", topology=False)  # nothing more to mark: no second alert

@@ -325,6 +325,14 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     # secrets nobody can type: no variable, no terminal
     ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
      {"passphrase": None}),
+    *[(f"init-{name}", _nothing,
+       ("desk", "init", "new-desk", "--mission", "x", *extra), (needle,), {})
+      for name, extra, needle in (
+          ("hours-nan", ("--hours", "nan"), "--hours is a number of hours"),  # was a traceback
+          ("hours-inf", ("--hours", "inf"), "--hours is a number of hours"),
+          ("epoch-nan", ("--hours", "5", "--epoch-hours", "nan"), "--epoch-hours is a number"),
+          ("epoch-longer", ("--hours", "5", "--epoch-hours", "10"), "longer than the mission"),
+      )],
     ("no-passphrase-init", _nothing, ("desk", "init", "new-desk", "--mission", "x", "--hours", "1"),
      ("SNRMESH_DESK_PASSPHRASE",), {"passphrase": None}),
     ("no-pin-enrol", _nothing,

@@ -92,7 +92,7 @@ def test_five_wrong_pins_lock_the_token_for_good(known_token: KnownToken) -> Non
         with pytest.raises(WrongPin) as caught:
             token.verify_pin(WRONG)
         assert caught.value.tries_left == left
-        assert f"{left} tries left" in str(caught.value)
+        assert f"{left} {'try' if left == 1 else 'tries'} left" in str(caught.value)
     with pytest.raises(TokenLocked):
         token.verify_pin(WRONG)
 

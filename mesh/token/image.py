@@ -186,6 +186,11 @@ class TokenImage:
 
     @classmethod
     def decode(cls, raw: bytes) -> TokenImage:
+        if raw.startswith(MAGIC[:-1]) and raw[len(MAGIC) - 1 : len(MAGIC)] != MAGIC[-1:]:
+            version = raw[len(MAGIC) - 1]
+            raise TokenCorrupt(
+                f"token file of format version {version}, this snrmesh reads {MAGIC[-1]}"
+            )
         if len(raw) < len(MAGIC) + DIGEST_SIZE or not raw.startswith(MAGIC):
             raise TokenCorrupt("not a snrmesh token file (bad magic or truncated)")
         body, digest = raw[:-DIGEST_SIZE], raw[-DIGEST_SIZE:]

@@ -222,6 +222,14 @@ def test_every_flipped_byte_of_a_token_file_is_reported_corrupt(known_token: Kno
     assert SoftwareToken(probe).info().token_id == known_token.token_id  # the probe is sound
 
 
+def test_a_token_file_of_another_format_version_says_so(known_token: KnownToken) -> None:
+    raw = bytearray(known_token.path.read_bytes())
+    raw[len(b"SNRTOKEN")] = 2  # the version byte after the magic
+    known_token.path.write_bytes(bytes(raw))
+    with pytest.raises(TokenCorrupt, match="format version 2, this snrmesh reads 1"):
+        SoftwareToken(known_token.path)
+
+
 def test_every_truncation_or_extension_is_reported_corrupt(known_token: KnownToken) -> None:
     raw = known_token.path.read_bytes()
     probe = known_token.path.with_name("probe.token")

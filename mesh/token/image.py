@@ -186,7 +186,11 @@ class TokenImage:
 
     @classmethod
     def decode(cls, raw: bytes) -> TokenImage:
-        if raw.startswith(MAGIC[:-1]) and raw[len(MAGIC) - 1 : len(MAGIC)] != MAGIC[-1:]:
+        if (
+            len(raw) >= len(MAGIC)
+            and raw.startswith(MAGIC[:-1])
+            and raw[len(MAGIC) - 1] != MAGIC[-1]
+        ):
             version = raw[len(MAGIC) - 1]
             raise TokenCorrupt(
                 f"token file of format version {version}, this snrmesh reads {MAGIC[-1]}"

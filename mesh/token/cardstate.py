@@ -20,6 +20,7 @@ import cbor2
 from mesh.crypto.primitives import sha256
 from mesh.token.errors import TokenCorrupt
 from mesh.token.image import TokenImage
+from mesh.wire.plain import check_plain
 
 __all__ = ["MAX_CARD_STATE_SIZE", "CardState", "LifeCycle"]
 
@@ -60,6 +61,7 @@ class CardState:
         if not hmac.compare_digest(sha256(body), digest):
             raise TokenCorrupt("card state is corrupt (checksum mismatch)")
         try:
+            check_plain(body[len(MAGIC) :])
             fields: Any = cbor2.loads(body[len(MAGIC) :])
             life = LifeCycle(fields["life"])
             image = fields["image"]

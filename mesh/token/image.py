@@ -36,6 +36,7 @@ from mesh.token.interface import (
     TokenInfo,
     slot_kid,
 )
+from mesh.wire.plain import check_plain
 
 __all__ = ["MAX_ROLE_LENGTH", "PinCheck", "TokenImage", "check_pin"]
 
@@ -201,6 +202,7 @@ class TokenImage:
         if not hmac.compare_digest(sha256(body), digest):
             raise TokenCorrupt("token file is corrupt (checksum mismatch)")
         try:
+            check_plain(body[len(MAGIC) :])  # an unkeyed checksum: anyone can write this file
             fields: Any = cbor2.loads(body[len(MAGIC) :])
             kdf = fields["kdf"]
             image = cls(

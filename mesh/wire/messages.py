@@ -25,6 +25,7 @@ import cbor2
 from mesh.keyset.errors import KeysetError
 from mesh.keyset.keyset import check_identity
 from mesh.wire.errors import WireError
+from mesh.wire.plain import check_plain
 
 __all__ = [
     "MAX_GROUP_NAME",
@@ -245,6 +246,7 @@ def decode(data: bytes) -> Message:
     if len(data) > MAX_MESSAGE_SIZE:
         raise WireError("message too large")
     try:
+        check_plain(data)  # before cbor2: what it would take exponential time over (plain.py)
         doc = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
         raise WireError("message is not valid CBOR") from None

@@ -26,6 +26,7 @@ from mesh.keyset import KeysetError, check_identity
 from mesh.keyset.copies import MAX_COPY_SIZE
 from mesh.keyset.keyset import CK_ID_SIZE
 from mesh.token.keychange import MAX_KEY_CHANGE_SIZE
+from mesh.wire.plain import check_plain
 from provisioning.authserver.errors import MessageError, Refusal
 
 __all__ = [
@@ -365,6 +366,7 @@ def decode(data: bytes, *, limit: int = MAX_SECURE_MESSAGE) -> Message:
     if len(data) > limit:
         raise MessageError(f"message over {limit} bytes")
     try:
+        check_plain(data)  # before cbor2: shared references could freeze it (mesh/wire/plain.py)
         body = cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
         raise MessageError("message is not CBOR") from None

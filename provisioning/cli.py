@@ -15,6 +15,7 @@ from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.files import FileTooLarge, check_replaceable, read_bounded
 from mesh.keyset.bundle import BUNDLE_MAGIC
+from mesh.keyset.mission import MIN_EPOCH_SECONDS
 from mesh.token.open import open_token
 from provisioning.authserver.cli import (
     MAX_AUDIT_LIMIT,
@@ -116,6 +117,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     epoch_hours = DEFAULT_EPOCH_HOURS if args.epoch_hours is None else args.epoch_hours
     if args.epoch_hours is None and math.isfinite(args.hours) and args.hours > 0:
         epoch_hours = min(epoch_hours, args.hours)  # a short mission is one epoch
+    if math.isfinite(args.hours) and 0 < args.hours * 3600 < MIN_EPOCH_SECONDS:
+        raise MissionError(f"--hours: a mission lasts at least {MIN_EPOCH_SECONDS} s (one epoch)")
     for option, value in (("--hours", args.hours), ("--epoch-hours", epoch_hours)):
         if not (math.isfinite(value) and 0 < value <= MAX_MISSION_HOURS):
             raise MissionError(

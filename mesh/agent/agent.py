@@ -693,7 +693,7 @@ class Agent:
                 self._peer_changed(peer)
                 if src_initiated:
                     self._on_session_up(peer)
-                else:
+                elif peer not in self.links:  # (a direct link carries it all)
                     self._relay_session(peer, create=True)
             elif isinstance(event, HandshakeRefused):
                 self._alert(
@@ -1190,6 +1190,7 @@ class Agent:
         nothing changes), then the peers follow.
         """
         previous_discovery = self.keys.discovery_keys
+        was_revoked = self.keys.bundle.revoked
         self.keys.install(contents)
         bundle = contents.bundle
         alerts: list[tuple[str, str | None, str]] = []
@@ -1222,6 +1223,11 @@ class Agent:
             alerts.append(
                 ("revoked", gone, f"{gone} {why} (bundle from the AS): it will be refused{unsent}")
             )
+        # a node dropped by an earlier bundle (suspended, say) and revoked now: what was kept
+        # for it, should it come back, now never will be delivered
+        for late in sorted(bundle.revoked - was_revoked - {a[1] for a in alerts} - set(mates)):
+            if unsent := _undeliverable(self.store.abandon(late)):
+                alerts.append(("revoked", late, f"{late} is revoked (bundle from the AS){unsent}"))
         added = [identity for identity in mates if identity not in self.peers]
         for identity in added:
             self.peers[identity] = PeerInfo(identity, mates[identity].role)

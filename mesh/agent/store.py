@@ -153,12 +153,16 @@ class Alert:
 
 
 # The best state over a message's recipients; ``undeliverable`` only when it is every one's (a
-# group message with one member revoked is still on its way to the others).
+# group message with one member revoked is still on its way to the others). A recipient made
+# undeliverable still counts as ``sent`` if it was (``attempts``), so that the best state never
+# moves back (a group message ``sent`` to b, ``pending`` for c, stays ``sent`` when b is revoked).
 _BEST_STATE = """
-    (SELECT CASE MAX(CASE o.state WHEN 'undeliverable' THEN -1 WHEN 'pending' THEN 0
-                                  WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 ELSE 3 END)
-            WHEN -1 THEN 'undeliverable' WHEN 0 THEN 'pending' WHEN 1 THEN 'sent'
-            WHEN 2 THEN 'delivered' WHEN 3 THEN 'read' END
+    (SELECT CASE WHEN MIN(o.state = 'undeliverable') THEN 'undeliverable'
+            ELSE CASE MAX(CASE o.state WHEN 'pending' THEN 0 WHEN 'sent' THEN 1
+                                       WHEN 'undeliverable' THEN IIF(o.attempts > 0, 1, -1)
+                                       WHEN 'delivered' THEN 2 ELSE 3 END)
+                 WHEN 0 THEN 'pending' WHEN 1 THEN 'sent' WHEN 2 THEN 'delivered'
+                 WHEN 3 THEN 'read' END END
        FROM outbox o WHERE o.id = m.id AND m.direction = 'out')"""
 
 

@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 KEY_CHANGE_TYPE = "snrmesh-keychange"
+# the highest generation any store or wire takes (the AS's HELLO: 31 bits; a card: 32): one
+# past it, a token would be refused everywhere, or no longer load (its file takes < 2**63)
+MAX_GENERATION = 2**31 - 1
 MAX_KEY_CHANGE_SIZE = 4096
 
 
@@ -50,8 +53,11 @@ class KeyChange:
             raise KeyChangeRefused(f"key change must carry {SLOT_COUNT} slots")
         if any(len(k) != KEY_SIZE for k in self.keys):
             raise KeyChangeRefused(f"key change keys must be {KEY_SIZE} bytes")
-        if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in self.generations):
-            raise KeyChangeRefused("key change generations must be positive integers")
+        if any(
+            not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= MAX_GENERATION
+            for g in self.generations
+        ):
+            raise KeyChangeRefused(f"key change generations must be 1..{MAX_GENERATION:,}")
 
     def __repr__(self) -> str:
         return f"KeyChange(token={self.token_id.hex()}, generations={self.generations})"

@@ -29,7 +29,28 @@ def _is_host(host: str) -> bool:
     except ValueError:
         pass
     labels = host.removesuffix(".").split(".")
-    return 0 < len(host) <= MAX_HOST_NAME and all(_LABEL.fullmatch(label) for label in labels)
+    return (
+        0 < len(host) <= MAX_HOST_NAME
+        and all(_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()  # RFC 1123: a name never ends in digits; '999.1.1.1' is
+    )  # a mistyped IPv4 address, not a name to look up
+
+
+def _split(text: str) -> tuple[str | None, str | None]:
+    """(host or None if it is not one, port text: None when left out, "" when empty)."""
+    if text.startswith("["):
+        inside, closed, rest = text[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            return None, None
+        if not closed or (rest and not rest.startswith(":")):
+            return None, None
+        return inside, (rest[1:] if rest else None)
+    host, sep, after = text.rpartition(":")
+    if not sep:
+        return (text if _is_host(text) else None), None
+    return (host if _is_host(host) else None), after
 
 
 def parse_address(
@@ -37,24 +58,19 @@ def parse_address(
 ) -> tuple[str, int]:
     """``HOST:PORT`` (or ``HOST`` when there is a ``default_port``) -> (host, port).
 
-    ``listening``: port 0 is allowed (the system picks one), as ``--listen`` says.
+    ``listening``: port 0 is allowed (the system picks one), as ``--listen`` says. ``HOST:``
+    with nothing after the colon is refused: a port left out by mistake, not the default.
     """
-    if text.startswith("["):
-        host, closed, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else (None if rest else "")
-        try:
-            valid = bool(closed) and port is not None and bool(ipaddress.IPv6Address(host))
-        except ValueError:
-            valid = False
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, ""
-        valid = _is_host(host)
-    if valid and port == "" and default_port is not None:
+    host, port = _split(text)
+    if port is None and default_port is not None:
         port = str(default_port)
     lowest = 0 if listening else 1
-    if not (valid and port and port.isdigit() and lowest <= int(port) < 65536):
+    if (
+        host is None
+        or not port
+        or not (port.isascii() and port.isdigit())
+        or not lowest <= int(port) < 65536
+    ):
         raise AddressError(
             f"bad address {text!r}: expected HOST:PORT (a host name, an IPv4 address or [IPv6])"
         )

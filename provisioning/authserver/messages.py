@@ -25,7 +25,7 @@ import cbor2
 from mesh.keyset import KeysetError, check_identity
 from mesh.keyset.copies import MAX_COPY_SIZE
 from mesh.keyset.keyset import CK_ID_SIZE
-from mesh.token.keychange import MAX_KEY_CHANGE_SIZE
+from mesh.token.keychange import MAX_GENERATION, MAX_KEY_CHANGE_SIZE
 from mesh.wire.plain import check_plain
 from provisioning.authserver.errors import MessageError, Refusal
 
@@ -72,12 +72,11 @@ NONCE_SIZE = 16
 CHALLENGE_SIZE = 32
 MAC_SIZE = 32
 MAX_COOKIE_SIZE = 64
-MAX_GENERATION = 2**31 - 1
 MAX_EPOCH = 10_000
 MAX_PURPOSE_LENGTH = 32
 MAX_RETRY_AFTER = 3600.0
 MAX_FIELDS = 8
-MAX_TIME = 2**40
+MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z: past it, no date prints (a hostile AS)
 BUNDLE_PART_SIZE = 7168  # bytes of bundle per record, under MAX_SECURE_MESSAGE with its map
 MAX_BUNDLE_PARTS = 1024
 MAX_LINK_BUNDLE = BUNDLE_PART_SIZE * MAX_BUNDLE_PARTS  # 7 MiB: a squad's, not a head-end's

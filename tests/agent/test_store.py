@@ -98,3 +98,17 @@ def test_a_revoked_recipients_messages_become_undeliverable_for_it_alone(tmp_pat
     assert store.receipts([(direct, "b", "delivered")]) == [(direct, "b", "delivered")]
     assert store.history(peer="b")[0].state == "delivered"
     assert store.counts() == {"undeliverable": 2, "delivered": 1}
+
+
+def test_a_group_messages_best_state_does_not_move_back_when_a_member_is_revoked(
+    tmp_path: Path,
+) -> None:
+    store = AgentStore(tmp_path)
+    mid = os.urandom(16)
+    store.queue([Outgoing(mid, "", "squad", "all", 1.0, ("b", "c"))])
+    store.mark_sent([(mid, "b")])
+    assert store.history(group="squad")[0].state == "sent"
+    store.abandon("b")  # b had it sent; c still waits
+    assert store.history(group="squad")[0].state == "sent"
+    store.abandon("c")
+    assert store.history(group="squad")[0].state == "undeliverable"

@@ -890,3 +890,44 @@ def test_messages_to_a_mate_a_bundle_revokes_become_undeliverable_and_are_counte
             gs.store.close()
 
     asyncio.run(main())
+
+
+def test_messages_kept_for_a_dropped_mate_become_undeliverable_when_it_is_revoked_later(
+    site: Site, tmp_path: Path
+) -> None:
+    """Dropped (suspended, say): kept. Revoked by a later bundle: undeliverable, with an alert.
+    (It used to stay pending until a restart: only peers were looked at.)"""
+    import dataclasses
+
+    from mesh.agent.keyring import RingContents
+
+    async def never() -> bytes:
+        raise AssertionError("not fetched")
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", never)
+        try:
+            await gs._op_send({"to": "alpha-1", "text": "kept for now"})
+            held = gs.keys.bundle
+            now = time.time()
+            mates = tuple(m for m in held.mates if m.identity != "alpha-1")
+            dropped = dataclasses.replace(held, mates=mates)
+            gs._adopt(RingContents.open(dropped, gs.token, now=now), None, now)
+            assert [m.state for m in gs.store.history(peer="alpha-1")] == ["pending"]
+            revoked = dataclasses.replace(dropped, revoked=dropped.revoked | {"alpha-1"})
+            alerts = gs._adopt(RingContents.open(revoked, gs.token, now=now), None, now)
+            assert [m.state for m in gs.store.history(peer="alpha-1")] == ["undeliverable"]
+            assert alerts == [
+                (
+                    "revoked",
+                    "alpha-1",
+                    "alpha-1 is revoked (bundle from the AS); 1 message to it will not be "
+                    "delivered (undeliverable)",
+                )
+            ]
+            again = gs._adopt(RingContents.open(revoked, gs.token, now=now), None, now)
+            assert again == []  # once
+        finally:
+            gs.store.close()
+
+    asyncio.run(main())

@@ -79,6 +79,16 @@ def test_clear_framing_pulls_one_message_and_leaves_the_rest() -> None:
             "own": "é",
             "tkt": "x",
         },
+        {
+            "t": 9,
+            "rid": b"r" * 16,
+            "ck": b"k" * 16,
+            "peer": "a",
+            "nbf": 1,
+            "exp": 253_402_300_800,
+            "own": "a.b.c.d.e",
+            "tkt": "f.g.h.i.j",
+        },  # after year 9999
         {"t": 99},
         {str(i): i for i in range(9)},
     ],

@@ -332,6 +332,7 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
           ("hours-inf", ("--hours", "inf"), "--hours is a number of hours"),
           ("epoch-nan", ("--hours", "5", "--epoch-hours", "nan"), "--epoch-hours is a number"),
           ("epoch-longer", ("--hours", "5", "--epoch-hours", "10"), "longer than the mission"),
+          ("under-a-minute", ("--hours", "0.01"), "a mission lasts at least 60 s"),
       )],
     ("no-passphrase-init", _nothing, ("desk", "init", "new-desk", "--mission", "x", "--hours", "1"),
      ("SNRMESH_DESK_PASSPHRASE",), {"passphrase": None}),

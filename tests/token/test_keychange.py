@@ -114,3 +114,27 @@ def test_key_change_message_does_not_carry_keys_in_the_clear(known_token: KnownT
     opened = open_key_change(message, current_key=known_token.key(Slot.KEY_CHANGE))
     assert opened.keys == new
     assert all(key.hex() not in repr(opened) for key in new)
+
+
+@pytest.mark.parametrize("generation", [2**31, 2**63, 2**64 + 5])
+def test_a_key_change_to_a_generation_no_store_takes_is_refused(
+    known_token: KnownToken, generation: int
+) -> None:
+    """Authentic (under the KEY_CHANGE key) but past any AS's or file's bound: taken, it left
+    a token refused by every AS, or one whose file no longer loads (secure-phase fuzz)."""
+    change = object.__new__(KeyChange)  # past the constructor's check, as a hostile AS's would be
+    for name, value in (
+        ("token_id", known_token.token_id),
+        ("generations", (generation,) * SLOT_COUNT),
+        ("keys", _new_keys()),
+    ):
+        object.__setattr__(change, name, value)
+    message = build_key_change(
+        change, kid=known_token.kid(Slot.KEY_CHANGE), current_key=known_token.key(Slot.KEY_CHANGE)
+    )
+    token = known_token.open()
+    before = known_token.path.read_bytes()
+    with pytest.raises(KeyChangeRefused, match="generations must be"):
+        token.key_change(message)
+    assert known_token.path.read_bytes() == before
+    assert known_token.open().info().generation(Slot.AUTH) == 1

@@ -45,6 +45,11 @@ def test_addresses_that_parse(text: str, expected: tuple[str, int]) -> None:
         "host: 1",
         "host:65536",
         "host:0",  # only a listener may ask for port 0
+        "999.1.1.1:80",  # a mistyped IPv4 address, not a name (RFC 1123: no all-digit TLD)
+        "1.2.3.4.5:80",
+        "127.0.0.1:",  # a port left out by mistake: not the default
+        "[::1]:",
+        "host:\u0663",  # an Arabic-Indic digit three: isdigit() says yes
         "",
     ],
 )

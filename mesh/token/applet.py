@@ -401,7 +401,12 @@ class Applet:
             identity = check_identity(fields[Tag.IDENTITY].decode("utf-8"))
             role = fields[Tag.ROLE].decode("utf-8")
             pin = fields[Tag.PIN].decode("utf-8")
-            if not role or len(role) > MAX_ROLE_LENGTH or min(generations) < 1:
+            if (
+                not role
+                or len(role) > MAX_ROLE_LENGTH
+                or not role.isprintable()  # as the token file's loader holds it (image.py)
+                or min(generations) < 1
+            ):
                 return _refuse(SW.WRONG_DATA)
             image = TokenImage.create(
                 pin=pin,

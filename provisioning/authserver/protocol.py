@@ -831,6 +831,9 @@ class ClientSession:
         elif self.state is ClientState.REQUESTING and isinstance(message, KeysetGrant):
             if message.request_id not in self._pending or message.request_id in self._bundles:
                 raise MessageError("a keyset we did not ask for")
+            asked = next(r for r in self._requests if r.request_id == message.request_id)
+            if isinstance(asked, KeysetRequest) and message.peer != asked.target:
+                raise MessageError(f"a keyset with {message.peer}, asked for {asked.target}")
             self._pending.discard(message.request_id)
             self._events.append(Granted(message))
             self._maybe_done()

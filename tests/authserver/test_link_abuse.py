@@ -260,3 +260,34 @@ def test_a_clear_refuse_with_a_bignum_retry_after_is_malformed_on_both_sides(
     assert client.finished
     (event,) = [e for e in iter(client.next_event, None)]
     assert isinstance(event, LinkFailed) and "retry-after" in event.reason
+
+
+def test_a_grant_for_another_mate_than_asked_is_refused_by_the_client(
+    site: Site, store: KeyStateStore
+) -> None:
+    """A hostile (or confused) AS answering the request id with another pair's CK: the client
+    would hand a ticket for the wrong mate to its caller (secure-phase fuzz review)."""
+    import pytest
+
+    from provisioning.authserver.errors import MessageError
+    from provisioning.authserver.messages import KeysetGrant, Ready
+    from provisioning.authserver.protocol import ClientState
+
+    service = make_service(store, key_lifetime=1e9)
+    asked = request("gs-1")
+    client = ClientSession(site.token("alpha-1"), [asked])
+    downs: list[bytes] = []
+
+    def hold_the_grant(direction: str, data: bytes) -> bytes | None:
+        if direction == "down":
+            downs.append(data)
+            return None if len(downs) >= 3 else data  # the flight after READY: the grant
+        return data
+
+    transfer(client, service.session("127.0.0.1", NOW), hook=hold_the_grant)
+    client._on_message(Ready(1), NOW)  # READY came with the grant: let it through alone
+    assert client.state is ClientState.REQUESTING  # waiting for its keyset
+    forged = KeysetGrant(asked.request_id, b"k" * 16, "uav-1", 1, 2, "a.b.c.d.e", "f.g.h.i.j")
+    with pytest.raises(MessageError, match="asked for gs-1"):
+        client._on_message(forged, NOW)
+    assert not any(isinstance(e, Granted) for e in iter(client.next_event, None))

@@ -87,7 +87,7 @@ from mesh.wire import (
     encode,
 )
 
-__all__ = ["Agent", "AgentConfig", "parse_address"]
+__all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger("snrmesh.agent")
 
@@ -115,11 +115,12 @@ def _undeliverable(counts: tuple[int, int]) -> str:
     """The tail of a revoked alert that says what ``abandon`` marked: its own messages (now
     ``undeliverable``), and group messages (still on their way to the other members)."""
     own, groups = counts
-    parts = [f"{own} message{'s' * (own != 1)} to it will not be delivered (undeliverable)"] * (
-        own > 0
-    )
-    parts += [f"{groups} group message{'s' * (groups != 1)} will not reach it"] * (groups > 0)
-    return "".join(f"; {part}" for part in parts)
+    tail = ""
+    if own:
+        tail += f"; {own} message{'s' * (own != 1)} to it will not be delivered (undeliverable)"
+    if groups:
+        tail += f"; {groups} group message{'s' * (groups != 1)} will not reach it"
+    return tail
 
 
 def _host(address: object) -> str:

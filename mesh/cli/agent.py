@@ -86,7 +86,8 @@ def _check_status(args: argparse.Namespace) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from mesh.agent.agent import DEFAULT_PORT, Agent, AgentConfig, parse_address
+    from mesh.agent.agent import DEFAULT_PORT, Agent, AgentConfig
+    from mesh.transport.address import parse_address
 
     _check_status(args)  # before the PIN is asked for
 

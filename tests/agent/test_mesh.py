@@ -63,12 +63,18 @@ def test_group_message_reaches_five_agents_once_each(make_sim: MakeSim) -> None:
     sim.wait_for(lambda: delivered(sim, "gs-1", sent["message_id"]), 10, "receipts")
 
 
-def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> None:
+def _relayed_line(make_sim: MakeSim) -> Simulation:
+    """a - b - c in a line, running, with a reaching c through b."""
     sim = make_sim(["a", "b", "c"], topology="line")
     sim.provision()
     sim.start()
     sim.wait_for(sim.links_up, 20, "a-b and b-c links")
     sim.wait_for(lambda: sim.peer_states("a")["c"] == "relayed", 20, "a to see c relayed")
+    return sim
+
+
+def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> None:
+    sim = _relayed_line(make_sim)
     sent = sim.nodes["a"].request("send", to="c", text="for c only")
     sim.wait_for(lambda: sent["message_id"] in ids(sim, "c", peer="a"), 20, "c to receive")
     sim.wait_for(lambda: delivered(sim, "a", sent["message_id"]), 20, "c's receipt back to a")
@@ -97,11 +103,7 @@ def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> N
     "does not tell a new session from a rekey), and ours is lost to it (closing note)",
 )
 def test_a_relayed_mate_that_restarts_is_reached_again(make_sim: MakeSim) -> None:
-    sim = make_sim(["a", "b", "c"], topology="line")
-    sim.provision()
-    sim.start()
-    sim.wait_for(sim.links_up, 20, "a-b and b-c links")
-    sim.wait_for(lambda: sim.peer_states("a")["c"] == "relayed", 20, "a to see c relayed")
+    sim = _relayed_line(make_sim)
     first = sim.nodes["a"].request("send", to="c", text="one")
     sim.wait_for(lambda: delivered(sim, "a", first["message_id"]), 20, "the first receipt")
     sim.stop("c")

@@ -19,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from mesh.token import Slot
 from mesh.token.software import SoftwareToken
 from provisioning.authserver.client import agent_bundle_source
 from provisioning.authserver.errors import Refusal, RemoteAuthError
+from provisioning.authserver.protocol import AuthService
 from provisioning.authserver.server import AuthServer
 from provisioning.authserver.store import (
     CLONE_ALERT,
@@ -95,6 +96,32 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) ->
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _linked(
+    site: Site, tmp_path: Path, service: AuthService
+) -> AsyncIterator[tuple[Agent, Agent]]:
+    """An AS on ``service``; gs-1 and alpha-1 (which dials it) fetching from it, linked."""
+    server = AuthServer(service)
+    address = await server.start("127.0.0.1", 0)
+    gs, _ = _agent(site, tmp_path, "gs-1", address=address)
+    await gs.start()
+    alpha, _ = _agent(
+        site,
+        tmp_path,
+        "alpha-1",
+        address=address,
+        peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+    )
+    await alpha.start()
+    try:
+        await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
+        yield gs, alpha
+    finally:
+        await alpha.stop()
+        await gs.stop()
+        await server.stop()
 
 
 def test_agents_fetch_their_keysets_from_the_as_live_and_chat(
@@ -155,20 +182,8 @@ def test_a_mate_revoked_at_the_as_is_dropped_at_the_next_fetch(
     assert isinstance(store, SqlKeyStateStore)
 
     async def main() -> None:
-        server = AuthServer(make_service(store, identity_burst=100.0))
-        address = await server.start("127.0.0.1", 0)
-        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
-        await gs.start()
-        alpha, _ = _agent(
-            site,
-            tmp_path,
-            "alpha-1",
-            address=address,
-            peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
-        )
-        await alpha.start()
-        try:
-            await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
+        service = make_service(store, identity_burst=100.0)
+        async with _linked(site, tmp_path, service) as (gs, alpha):
             store.revoke("alpha-1", int(time.time()))
             emitted: list[str] = []
             emit = gs._emit
@@ -195,10 +210,6 @@ def test_a_mate_revoked_at_the_as_is_dropped_at_the_next_fetch(
             ck = alpha.keys.keyset_for("gs-1", time.time())
             assert ck is not None  # it still holds the CK, but gs-1 no longer takes it
             assert not await alpha._dial("127.0.0.1", gs.listen_address[1], expect="gs-1")
-        finally:
-            await alpha.stop()
-            await gs.stop()
-            await server.stop()
 
     asyncio.run(main())
 
@@ -728,20 +739,8 @@ def test_a_suspended_mate_that_keeps_dialling_is_no_reason_to_fetch_every_minute
     assert isinstance(store, SqlKeyStateStore)
 
     async def main() -> None:
-        server = AuthServer(make_service(store, key_lifetime=1e9, identity_burst=100.0))
-        address = await server.start("127.0.0.1", 0)
-        gs, _ = _agent(site, tmp_path, "gs-1", address=address)
-        await gs.start()
-        alpha, _ = _agent(
-            site,
-            tmp_path,
-            "alpha-1",
-            address=address,
-            peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
-        )
-        await alpha.start()
-        try:
-            await _until(lambda: "gs-1" in alpha.links and "alpha-1" in gs.links, "the link")
+        service = make_service(store, key_lifetime=1e9, identity_burst=100.0)
+        async with _linked(site, tmp_path, service) as (gs, alpha):
             store.suspend("alpha-1", 1, int(time.time()))
             gs.refresh.started()
             await gs._fetch_bundle()  # alpha-1 left out: dropped, but not revoked
@@ -752,10 +751,6 @@ def test_a_suspended_mate_that_keeps_dialling_is_no_reason_to_fetch_every_minute
             now = time.time()
             assert gs.keys.strangers == set(), "a suspended mate made a stranger"
             assert not gs._lacking(now)
-        finally:
-            await alpha.stop()
-            await gs.stop()
-            await server.stop()
 
     asyncio.run(main())
 

@@ -109,6 +109,7 @@ TOKEN_CHECK_EVERY = 1.0  # seconds between checks that the token (a card) is sti
 MAX_POSITION_FILE = 256  # bytes: LAT,LON,ALT
 MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
+_LIVE = (State.ESTABLISHED, State.REKEYING)  # a session that carries records
 
 
 def _undeliverable(counts: tuple[int, int]) -> str:
@@ -383,10 +384,7 @@ class Agent:
         session = self.relayed.outgoing.get(identity)
         route = self.routing.route(identity)
         incoming = self.relayed.listener.connection(identity) if self.relayed.listener else None
-        relayed_up = any(
-            c is not None and c.state in (State.ESTABLISHED, State.REKEYING)
-            for c in (session, incoming)
-        )
+        relayed_up = any(c is not None and c.state in _LIVE for c in (session, incoming))
         if relayed_up and route is not None:
             return "relayed", route.next_hop
         info = self.peers.get(identity)
@@ -674,6 +672,20 @@ class Agent:
         self._pump_relayed(peer, session, src_initiated=True)
         return session
 
+    def _mate_restarted(self, peer: str) -> None:
+        """A new session from a mate whose session with us was live: it restarted.
+
+        The listener took that session only once the mate confirmed its keys
+        (``Listener``), so this is the mate itself; what it held
+        of our own session to it went with the restart, so ours is dropped (no
+        CLOSE: nobody is left to read it) and a new one started. The outbox is
+        sent again on it when it comes up.
+        """
+        log.info("relayed mate %s restarted: a new session to it", peer)
+        self.relayed.outgoing.pop(peer, None)
+        if peer not in self.links:
+            self._relay_session(peer, create=True)
+
     def _pump_relayed(self, peer: str, session: Connection, *, src_initiated: bool) -> None:
         """Send a relayed session's datagrams toward ``peer`` and handle its events."""
         for frame in session.datagrams_to_send():
@@ -733,10 +745,15 @@ class Agent:
             listener = self.relayed.listener
             if listener is None or (not self.token_ok and listener.connection(peer) is None):
                 return  # (no new relayed session while the card is out)
+            before = listener.connection(peer)
             session = listener.datagram_received(relay.frame, peer, now)
             self._drain_listener_events()
-            if session is not None:
-                self._pump_relayed(peer, session, src_initiated=False)
+            if session is None:
+                return
+            restarted = before is not None and before.state in _LIVE
+            if restarted and listener.connection(peer) not in (before, None):
+                self._mate_restarted(peer)  # it confirmed a new session in place of the live one
+            self._pump_relayed(peer, session, src_initiated=False)
         else:
             outgoing = self.relayed.outgoing.get(peer)
             if outgoing is not None:
@@ -757,7 +774,7 @@ class Agent:
             except LocalProtocolError:
                 return False
         session = self._relay_session(peer, create=create)
-        if session is None or session.state not in (State.ESTABLISHED, State.REKEYING):
+        if session is None or session.state not in _LIVE:
             return False
         try:
             session.send_data(data, self.clock())

@@ -69,8 +69,8 @@ __all__ = ["MICROSECONDS", "Connection"]
 
 MICROSECONDS = 1_000_000
 _EMPTY = b""
-_HANDSHAKE_FRAMES = frozenset({FrameType.INIT, FrameType.TICKET_INIT, FrameType.RESPONSE})
-_INIT_FRAMES = frozenset({FrameType.INIT, FrameType.TICKET_INIT})
+_INIT_FRAMES = frozenset({FrameType.INIT, FrameType.TICKET_INIT, FrameType.REKEY_INIT})
+_HANDSHAKE_FRAMES = _INIT_FRAMES | {FrameType.RESPONSE}
 
 
 class Connection:
@@ -356,6 +356,10 @@ class Connection:
         if self.ck is not None and self._config.single_handshake:
             raise RemoteProtocolError(Reason.UNEXPECTED_FRAME, "a second message 1")
         init = pull_init(frame)
+        if init.rekey != (self._epoch >= 0):  # (a Listener takes a restarted peer's new session)
+            raise RemoteProtocolError(
+                Reason.UNEXPECTED_FRAME, "a rekey" if init.rekey else "a new session's message 1"
+            )
         ck, from_ticket = self._responder_keyset(init, now)
         if self.ck is not None and ck.ck_id != self.ck.ck_id:
             raise RemoteProtocolError(Reason.CK_CHANGED, "a rekey must keep the session's CK")
@@ -369,7 +373,7 @@ class Connection:
             skew=config.clock_skew,
         )
         peer = ck.peer_of(config.identity)
-        handshake = ResponderHandshake(ck, me=config.identity, peer=peer)
+        handshake = ResponderHandshake(ck, me=config.identity, peer=peer, rekey=init.rekey)
         timestamp, capabilities = handshake.read_init(init.noise_message)
         # Authentic from here on; now is it fresh?
         if timestamp <= self._keys.high_water(ck.ck_id, Role.RESPONDER):
@@ -516,13 +520,15 @@ class Connection:
         keys = self._keys
         timestamp = max(int(now * MICROSECONDS), keys.high_water(ck.ck_id, Role.INITIATOR) + 1)
         keys.set_high_water(ck.ck_id, Role.INITIATOR, timestamp)
+        rekey = self._epoch >= 0
         self._initiation = InitiatorHandshake(
             ck,
             me=self._config.identity,
             peer=peer,
             timestamp=timestamp,
             capabilities=self._config.capabilities,
-            ticket=self._ticket if self._epoch < 0 else None,
+            ticket=None if rekey else self._ticket,
+            rekey=rekey,
         )
         self._state.process(trigger)
         self._output.append(self._initiation.frame)

@@ -12,6 +12,7 @@ INIT (0x11)             type 1 | ck_id 16 | Noise msg 1: e 32, payload 10 + tag 
 TICKET_INIT (0x12)      type 1 | ck_id 16 | ticket length 2 | ticket | Noise msg 1
 RESPONSE (0x13)         type 1 | Noise msg 2: e 32, payload 2 + tag 16
 REFUSE (0x14)           type 1 (nothing else: the peer learns no reason)
+REKEY_INIT (0x15)       as INIT: message 1 of a rekey on a live session
 record (0x18-0x1F)      header 8: type 1 | ciphertext length 2 | counter 5
                         then ciphertext + tag 16
 ======================  ==========================================================
@@ -111,6 +112,7 @@ class FrameType(IntEnum):
     TICKET_INIT = 0x2
     RESPONSE = 0x3
     REFUSE = 0x4
+    REKEY_INIT = 0x5  # message 1 of a rekey: a fresh INIT on a live session is a restart
     RECORD = 0x8  # a flag: 0x8-0xF are records
 
 
@@ -128,9 +130,11 @@ _VERSION_BITS = VERSION << 4
 REFUSE_FRAME = bytes([_VERSION_BITS | FrameType.REFUSE])
 _INIT_TYPE = bytes([_VERSION_BITS | FrameType.INIT])
 _TICKET_INIT_TYPE = bytes([_VERSION_BITS | FrameType.TICKET_INIT])
+_REKEY_INIT_TYPE = bytes([_VERSION_BITS | FrameType.REKEY_INIT])
 _RESPONSE_TYPE = bytes([_VERSION_BITS | FrameType.RESPONSE])
 _FIXED_SIZES: dict[int, int] = {
     FrameType.INIT: INIT_FRAME_SIZE,
+    FrameType.REKEY_INIT: INIT_FRAME_SIZE,
     FrameType.RESPONSE: RESPONSE_FRAME_SIZE,
     FrameType.REFUSE: len(REFUSE_FRAME),
 }
@@ -177,15 +181,25 @@ def frame_size(buffer: bytes | bytearray, offset: int = 0) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Init:
-    """Message 1 with its clear header; ``ticket`` is the responder's wrapped CK copy, if sent."""
+    """Message 1 with its clear header; ``ticket`` is the responder's wrapped CK copy, if sent.
+
+    ``rekey`` marks message 1 of a rekey (REKEY_INIT), which never carries a
+    ticket: a responder tells a rekey of the live session from a new session
+    of a peer that restarted by it, and the prologue binds it (``prologue.py``).
+    """
 
     ck_id: bytes
     noise_message: bytes
     ticket: str | None = None
+    rekey: bool = False
 
 
 def push_init(init: Init) -> bytes:
     """Serialise message 1; the ticket comes from the caller, so it is checked here."""
+    if init.rekey:
+        if init.ticket is not None:
+            raise LocalProtocolError("a rekey carries no ticket")
+        return b"".join((_REKEY_INIT_TYPE, init.ck_id, init.noise_message))
     if init.ticket is None:
         return b"".join((_INIT_TYPE, init.ck_id, init.noise_message))
     try:
@@ -200,10 +214,11 @@ def push_init(init: Init) -> bytes:
 
 
 def pull_init(frame: bytes) -> Init:
-    """Parse a complete INIT or TICKET_INIT frame (as sized by :func:`frame_size`)."""
+    """Parse a complete INIT, REKEY_INIT or TICKET_INIT frame (as sized by :func:`frame_size`)."""
     ck_id = frame[TYPE_SIZE : TYPE_SIZE + CK_ID_SIZE]
-    if frame[0] & 0x0F == FrameType.INIT:
-        return Init(ck_id, frame[TYPE_SIZE + CK_ID_SIZE :])
+    kind = frame[0] & 0x0F
+    if kind != FrameType.TICKET_INIT:
+        return Init(ck_id, frame[TYPE_SIZE + CK_ID_SIZE :], rekey=kind == FrameType.REKEY_INIT)
     raw = frame[TICKET_HEADER_SIZE:-NOISE_INIT_SIZE]
     try:
         ticket = raw.decode("ascii")

@@ -91,26 +91,33 @@ def check_keyset(
 
 
 @lru_cache(maxsize=TEMPLATE_CACHE_SIZE)
-def _initialized(ck: CommunicationKeyset, initiator: bool, me: str, peer: str) -> HandshakeState:
-    """``Initialize()`` for one CK and pair of roles: prologue and PSK mixed, once.
+def _initialized(
+    ck: CommunicationKeyset, initiator: bool, me: str, peer: str, rekey: bool
+) -> HandshakeState:
+    """``Initialize()`` for one CK, pair of roles and kind: prologue and PSK mixed, once.
 
     It depends on nothing else, so each handshake starts from a copy; the
     benchmark's raw bound leaves these calls out of the per-handshake cost too.
     """
     prologue = build_prologue(
-        ck, initiator=me if initiator else peer, responder=peer if initiator else me
+        ck, initiator=me if initiator else peer, responder=peer if initiator else me, rekey=rekey
     )
     return HandshakeState(
         NOISE_PROTOCOL, initiator=initiator, prologue=prologue, psks=(ck.pair_key,)
     )
 
 
-def _new_state(ck: CommunicationKeyset, *, initiator: bool, me: str, peer: str) -> HandshakeState:
-    return _initialized(ck, initiator, me, peer).copy()  # positional: a cheaper cache key
+def _new_state(
+    ck: CommunicationKeyset, *, initiator: bool, me: str, peer: str, rekey: bool
+) -> HandshakeState:
+    return _initialized(ck, initiator, me, peer, rekey).copy()  # positional: a cheaper key
 
 
 class InitiatorHandshake:
-    """Writes message 1 on creation (:attr:`frame`), then reads message 2."""
+    """Writes message 1 on creation (:attr:`frame`), then reads message 2.
+
+    ``rekey``: message 1 of a rekey (REKEY_INIT, bound by the prologue).
+    """
 
     __slots__ = ("_state", "frame")
 
@@ -123,10 +130,11 @@ class InitiatorHandshake:
         timestamp: int,
         capabilities: int,
         ticket: str | None = None,
+        rekey: bool = False,
     ) -> None:
-        self._state = _new_state(ck, initiator=True, me=me, peer=peer)
+        self._state = _new_state(ck, initiator=True, me=me, peer=peer, rekey=rekey)
         noise_message = self._state.write_message(pack_init_payload(timestamp, capabilities))
-        self.frame = push_init(Init(ck.ck_id, noise_message, ticket))
+        self.frame = push_init(Init(ck.ck_id, noise_message, ticket, rekey))
 
     def read_response(self, frame: bytes, *, retry: bool) -> SessionKeys:
         """Authenticate message 2.
@@ -148,12 +156,16 @@ class InitiatorHandshake:
 
 
 class ResponderHandshake:
-    """Reads message 1 (no DH yet), then writes message 2."""
+    """Reads message 1 (no DH yet), then writes message 2.
+
+    ``rekey`` is what the frame claims (REKEY_INIT); the prologue holds the
+    message to it, so a frame whose type was changed on the way fails its tag.
+    """
 
     __slots__ = ("_state",)
 
-    def __init__(self, ck: CommunicationKeyset, *, me: str, peer: str) -> None:
-        self._state = _new_state(ck, initiator=False, me=me, peer=peer)
+    def __init__(self, ck: CommunicationKeyset, *, me: str, peer: str, rekey: bool = False) -> None:
+        self._state = _new_state(ck, initiator=False, me=me, peer=peer, rekey=rekey)
 
     def read_init(self, noise_message: bytes) -> tuple[int, int]:
         """(timestamp in microseconds, capabilities) of an authentic message 1."""

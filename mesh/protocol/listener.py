@@ -7,8 +7,22 @@ complete its handshake within ``handshake_timeout`` of being created is
 closed; ticket unwraps share one per-source :class:`RateLimiter`.
 
 Sources are whatever the transport adapter uses to tell peers apart (an
-address tuple); they are opaque here. Refusals made before any connection
-exists are logged as ``(source, HandshakeRefused)`` events on the listener.
+address tuple, a relayed mate's identity); they are opaque here. Refusals made
+before any connection exists are logged as ``(source, HandshakeRefused)``
+events on the listener.
+
+A **restarted peer**: on datagrams a source can stay the same across a peer's
+restart (a relayed mate, a fixed UDP port), so its new session's message 1
+(INIT, not the REKEY_INIT of a rekey) meets our live session with its old
+self. Once that message 1 authenticated and was fresh (above the CK's
+high-water mark) it gets a *candidate* connection beside the live one, and the
+candidate replaces the live session only when the peer confirms its keys (a
+record under them): a message 1 alone never authenticates a peer
+(``docs/protocol.md``, key confirmation), so it does not end a session either.
+An unconfirmed candidate times out; a forged, replayed or refused message 1
+changes nothing and is not answered (the REFUSE would reach the live peer).
+While a candidate waits, each record from its source is tried under the
+candidate's keys first (one failed AEAD); only the CK's holder can make one.
 """
 
 from __future__ import annotations
@@ -31,7 +45,8 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_HALF_OPEN", "Listener"]
 DEFAULT_MAX_HALF_OPEN = 64
 DEFAULT_MAX_CONNECTIONS = 1024
 _HALF_OPEN = (State.START, State.AWAIT_CONFIRM)
-_INIT_TYPES = (FrameType.INIT, FrameType.TICKET_INIT)
+_LIVE = (State.ESTABLISHED, State.REKEYING)
+_NEW_SESSION_TYPES = (FrameType.INIT, FrameType.TICKET_INIT)
 
 
 class Listener:
@@ -39,6 +54,7 @@ class Listener:
 
     __slots__ = (
         "_born",
+        "_candidates",
         "_config",
         "_connections",
         "_events",
@@ -66,13 +82,15 @@ class Listener:
         self._limiter = ticket_limiter if ticket_limiter is not None else RateLimiter()
         self._connections: dict[Hashable, Connection] = {}
         self._born: dict[Hashable, float] = {}
+        self._candidates: dict[Hashable, Connection] = {}  # a restarted peer's, unconfirmed
         self._events: deque[tuple[Hashable, HandshakeRefused]] = deque()
 
     def connection(self, source: Hashable) -> Connection | None:
         return self._connections.get(source)
 
     def half_open(self) -> int:
-        return sum(c.state in _HALF_OPEN for c in self._connections.values())
+        half_open = sum(c.state in _HALF_OPEN for c in self._connections.values())
+        return half_open + len(self._candidates)
 
     def accept(self, source: Hashable, now: float) -> Connection | None:
         """A new responder connection for ``source``, or None (logged) when over a bound."""
@@ -82,16 +100,19 @@ class Listener:
         ):
             self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
             return None
-        connection = Connection(
+        connection = self._new_connection(source)
+        self._connections[source] = connection
+        self._born[source] = now
+        return connection
+
+    def _new_connection(self, source: Hashable) -> Connection:
+        return Connection(
             config=self._config,
             keys=self._keys,
             role=Role.RESPONDER,
             ticket_limiter=self._limiter,
             source=source,
         )
-        self._connections[source] = connection
-        self._born[source] = now
-        return connection
 
     def datagram_received(self, data: bytes, source: Hashable, now: float) -> Connection | None:
         """Route a datagram; returns the connection that took it (to pull its output), if any.
@@ -105,16 +126,66 @@ class Listener:
         if self._config.transport is not Transport.DATAGRAM:
             raise LocalProtocolError("this listener serves streams: use accept()")
         connection = self._connections.get(source)
+        if connection is not None and connection.state in TERMINAL:
+            self._prune()  # (a restarted peer's candidate, if any, takes its place)
+            connection = self._connections.get(source)
+        new_session = bool(data) and data[0] & 0x0F in _NEW_SESSION_TYPES
         if connection is None or connection.state in TERMINAL:
-            if not data or data[0] & 0x0F not in _INIT_TYPES:
+            if not new_session:
                 self._events.append((source, HandshakeRefused(Reason.UNEXPECTED_FRAME)))
                 return None
             connection = self.accept(source, now)
             if connection is None:
                 return None
+        elif connection.state in _LIVE:
+            if new_session:
+                return self._restarted(source, data, now)
+            candidate = self._candidates.get(source)
+            if (
+                candidate is not None
+                and data[0] & FrameType.RECORD
+                and self._confirms(source, candidate, data, now)
+            ):
+                return candidate
         with suppress(RemoteProtocolError):  # logged on the connection, its REFUSE still to send
             connection.datagram_received(data, now)
         return connection
+
+    def _restarted(self, source: Hashable, data: bytes, now: float) -> Connection | None:
+        """A new session's message 1 from a source whose session is live (module docstring).
+
+        Returns the candidate that answered it (its message 2 to send), or None.
+        """
+        candidate = self._candidates.get(source)
+        if candidate is None or candidate.state in TERMINAL:
+            self._prune()
+            if self.half_open() >= self._max_half_open:
+                self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
+                return None
+            candidate = self._new_connection(source)
+        with suppress(RemoteProtocolError):
+            candidate.datagram_received(data, now)
+        if candidate.state is not State.AWAIT_CONFIRM:  # refused: its REFUSE is not sent
+            while (event := candidate.next_event()) is not None:
+                if isinstance(event, HandshakeRefused):
+                    self._events.append((source, event))
+            self._candidates.pop(source, None)
+            return None
+        self._candidates[source] = candidate
+        return candidate
+
+    def _confirms(self, source: Hashable, candidate: Connection, data: bytes, now: float) -> bool:
+        """Is this record the candidate's key confirmation? If so it takes the live one's place."""
+        with suppress(RemoteProtocolError):
+            candidate.datagram_received(data, now)
+        if candidate.state is State.ESTABLISHED:
+            del self._candidates[source]
+            self._connections[source] = candidate  # the live one goes, with its keys
+            self._born[source] = now
+            return True
+        while candidate.next_event() is not None:  # only this record's rejection: not its keys
+            pass
+        return False
 
     def next_event(self) -> tuple[Hashable, HandshakeRefused] | None:
         return self._events.popleft() if self._events else None
@@ -125,6 +196,7 @@ class Listener:
             for source, c in self._connections.items()
             if (t := self._deadline(source, c)) is not None
         ]
+        times += [t for c in self._candidates.values() if (t := c.get_timer()) is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -135,6 +207,10 @@ class Listener:
                     connection.close(now)
                 else:
                     connection.handle_timer(now)
+        for candidate in self._candidates.values():  # unconfirmed: its handshake deadline
+            deadline = candidate.get_timer()
+            if deadline is not None and now >= deadline:
+                candidate.handle_timer(now)
         self._prune()
 
     def _deadline(self, source: Hashable, connection: Connection) -> float | None:
@@ -144,5 +220,11 @@ class Listener:
 
     def _prune(self) -> None:
         for source in [s for s, c in self._connections.items() if c.state in TERMINAL]:
+            candidate = self._candidates.pop(source, None)
+            if candidate is not None and candidate.state not in TERMINAL:
+                self._connections[source] = candidate  # what it would have replaced is gone
+                continue
             del self._connections[source]
             del self._born[source]
+        for source in [s for s, c in self._candidates.items() if c.state in TERMINAL]:
+            del self._candidates[source]

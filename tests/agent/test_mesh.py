@@ -96,21 +96,27 @@ def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> N
     assert a_log.count("relayed session from c up") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: a relayed mate that restarts is not reached again while our session "
-    "with it lives; its new message 1 reaches our listener's old session as a rekey (the wire "
-    "does not tell a new session from a rekey), and ours is lost to it (closing note)",
-)
 def test_a_relayed_mate_that_restarts_is_reached_again(make_sim: MakeSim) -> None:
+    """c's new session reaches a's listener as a new session, not a rekey of the old one.
+
+    The relay's source for c stays "c" across its restart, so the wire must tell a new
+    session's message 1 (INIT) from a rekey's (REKEY_INIT); a then drops its own session to
+    c, whose other end went with the restart, and opens a new one.
+    """
     sim = _relayed_line(make_sim)
     first = sim.nodes["a"].request("send", to="c", text="one")
     sim.wait_for(lambda: delivered(sim, "a", first["message_id"]), 20, "the first receipt")
     sim.stop("c")
     sim.start("c")
-    sim.wait_for(lambda: sim.peer_states("a").get("c") == "relayed", 30, "c relayed again")
+    sim.wait_for(
+        lambda: "relayed mate c restarted" in sim.nodes["a"].log.read_text(), 30, "c's new session"
+    )
     second = sim.nodes["a"].request("send", to="c", text="two")
     sim.wait_for(lambda: delivered(sim, "a", second["message_id"]), 20, "the second receipt")
+    back = sim.nodes["c"].request("send", to="a", text="three")
+    sim.wait_for(lambda: delivered(sim, "c", back["message_id"]), 20, "c's message to a")
+    time.sleep(1.0)
+    assert ids(sim, "c", peer="a").count(second["message_id"]) == 1
 
 
 def test_message_to_an_agent_that_is_down_is_delivered_once_when_it_starts(

@@ -125,9 +125,10 @@ def test_message_1_replayed_immediately(transport: Transport) -> None:
     assert fresh.state is State.ERROR
     assert b"".join(outgoing(fresh)) == REFUSE_FRAME
     assert_refused(fresh, Reason.REPLAYED_INIT)
-    # into the live session itself
+    # into the live session itself: a new session's message 1 has no place there (a Listener
+    # hands it a connection of its own, test_listener.py)
     error = wire.to("r", init)
-    assert_refused(wire.responder, Reason.REPLAYED_INIT)
+    assert_refused(wire.responder, Reason.UNEXPECTED_FRAME)
     assert_fatal_or_dropped(wire, "r", error, transport)
     chat(world.bystander_session())
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.protocol.errors import Reason, RemoteProtocolError
+from mesh.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from mesh.protocol.frames import (
     INIT_FRAME_SIZE,
     MAX_FRAME_SIZE,
@@ -44,6 +44,11 @@ def test_init_round_trip_with_and_without_ticket() -> None:
     ticketed = push_init(Init(CK_ID, NOISE, "a.b.c.d.e"))
     assert ticketed[0] == 0x12 and frame_size(ticketed) == len(ticketed)
     assert pull_init(ticketed) == Init(CK_ID, NOISE, "a.b.c.d.e")
+    rekey = push_init(Init(CK_ID, NOISE, rekey=True))
+    assert rekey[0] == 0x15 and frame_size(rekey) == len(rekey) == INIT_FRAME_SIZE
+    assert pull_init(rekey) == Init(CK_ID, NOISE, rekey=True)
+    with pytest.raises(LocalProtocolError):
+        push_init(Init(CK_ID, NOISE, "a.b.c.d.e", rekey=True))  # a rekey's mate holds the CK
 
 
 @pytest.mark.parametrize("kind", list(RecordKind))
@@ -70,7 +75,7 @@ def test_frame_size_waits_for_enough_header() -> None:
         (b"\x21", Reason.UNSUPPORTED_VERSION),
         (b"\x01", Reason.UNSUPPORTED_VERSION),
         (b"\x10", Reason.MALFORMED),
-        (b"\x15", Reason.MALFORMED),
+        (b"\x16", Reason.MALFORMED),
         (b"\x18\x00\x0f", Reason.MALFORMED),  # shorter than a tag
         (b"\x18\x00\x00", Reason.MALFORMED),  # zero length
         (b"\x18" + (MAX_RECORD_PLAINTEXT + 17).to_bytes(2, "big"), Reason.OVERSIZE),
@@ -105,9 +110,9 @@ def test_frame_size_on_arbitrary_bytes(data: bytes, offset: int) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(min_size=INIT_FRAME_SIZE, max_size=INIT_FRAME_SIZE))
-def test_pull_init_on_arbitrary_init_frames(body: bytes) -> None:
-    frame = b"\x11" + body[1:]
+@given(st.binary(min_size=INIT_FRAME_SIZE, max_size=INIT_FRAME_SIZE), st.sampled_from([0x11, 0x15]))
+def test_pull_init_on_arbitrary_init_frames(body: bytes, kind: int) -> None:
+    frame = bytes([kind]) + body[1:]
     init = pull_init(frame)
     assert len(init.ck_id) == 16 and len(init.noise_message) == NOISE_INIT_SIZE
     assert push_init(init) == frame

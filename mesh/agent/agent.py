@@ -70,6 +70,7 @@ from mesh.token import SecureElement, Slot, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
 from mesh.transport.address import parse_address
 from mesh.wire import (
+    BOOT_ID_SIZE,
     MAX_HOPS,
     MAX_RECEIPT_IDS,
     MAX_TEXT,
@@ -159,6 +160,7 @@ class PeerInfo:
     position: tuple[float, float, float] | None = None
     battery: float | None = None
     text: str | None = None
+    boot: bytes | None = None  # its agent's current start (Status.boot)
     refused_reason: str | None = None
     address: tuple[str, int] | None = None  # where to dial it (discovered or configured)
     next_dial: float = 0.0
@@ -214,8 +216,11 @@ class Agent:
             transport=Transport.DATAGRAM,
         )
         self._relay_config = relay_config
+        self._boot = os.urandom(BOOT_ID_SIZE)  # this start of the agent (Status.boot)
         self.listener = Listener(config=self.session_config, keys=self.keys)
-        self.relayed = RelayedSessions(listener=Listener(config=relay_config, keys=self.keys))
+        self.relayed = RelayedSessions(
+            listener=Listener(config=relay_config, keys=self.keys, source_is_peer=True)
+        )
         self.routing = RoutingTable(self.identity)
         self.peers = {m.identity: PeerInfo(m.identity, m.role) for m in self.keys.mates.values()}
         self.links: dict[str, Link] = {}  # established, one per mate
@@ -673,13 +678,14 @@ class Agent:
         return session
 
     def _mate_restarted(self, peer: str) -> None:
-        """A new session from a mate whose session with us was live: it restarted.
+        """The mate's agent started again (a new ``Status.boot``, authenticated).
 
-        The listener took that session only once the mate confirmed its keys
-        (``Listener``), so this is the mate itself; what it held
-        of our own session to it went with the restart, so ours is dropped (no
-        CLOSE: nobody is left to read it) and a new one started. The outbox is
-        sent again on it when it comes up.
+        What it held of our relayed session to it went with the restart: ours
+        is dropped (no CLOSE: nobody is left to read it) and a new one opened,
+        on which the outbox goes again. Only a new boot id says so: a mate that
+        merely opened a new session to us (its own had failed) still holds its
+        end of ours, and taking that for a restart would have the two of us
+        replacing each other's sessions for ever.
         """
         log.info("relayed mate %s restarted: a new session to it", peer)
         self.relayed.outgoing.pop(peer, None)
@@ -745,15 +751,10 @@ class Agent:
             listener = self.relayed.listener
             if listener is None or (not self.token_ok and listener.connection(peer) is None):
                 return  # (no new relayed session while the card is out)
-            before = listener.connection(peer)
             session = listener.datagram_received(relay.frame, peer, now)
             self._drain_listener_events()
-            if session is None:
-                return
-            restarted = before is not None and before.state in _LIVE
-            if restarted and listener.connection(peer) not in (before, None):
-                self._mate_restarted(peer)  # it confirmed a new session in place of the live one
-            self._pump_relayed(peer, session, src_initiated=False)
+            if session is not None:
+                self._pump_relayed(peer, session, src_initiated=False)
         else:
             outgoing = self.relayed.outgoing.get(peer)
             if outgoing is not None:
@@ -897,6 +898,11 @@ class Agent:
                     message.battery,
                     message.text,
                 )
+                if message.boot is not None:
+                    restarted = info.boot not in (None, message.boot)
+                    info.boot = message.boot
+                    if restarted and peer in self.relayed.outgoing:
+                        self._mate_restarted(peer)
                 self._peer_changed(peer)
             elif link is not None and isinstance(message, Routes):
                 if self.routing.update(peer, message.reach):
@@ -929,6 +935,7 @@ class Agent:
             position=self._position(),
             battery=self._own_status["battery"],
             text=self._own_status["text"],
+            boot=self._boot,
         )
 
     def _position(self) -> tuple[float, float, float] | None:

@@ -79,6 +79,10 @@ class Connection:
     The initiator calls :meth:`connect`; the responder just feeds what it
     receives. ``ticket_limiter`` and ``source`` let a :class:`Listener` share
     one per-source limit of ticket unwraps between its connections.
+    ``expected_peer``: a responder whose transport already names its peer (a
+    relayed mate's frames come as that mate's) refuses a CK with anyone else
+    (``IDENTITY_MISMATCH``), so a holder of another CK with us cannot speak
+    under that name.
     """
 
     __slots__ = (
@@ -86,6 +90,7 @@ class Connection:
         "_datagram",
         "_epoch",
         "_events",
+        "_expected_peer",
         "_handshake_deadline",
         "_inbox",
         "_initiation",
@@ -117,6 +122,7 @@ class Connection:
         role: Role,
         ticket_limiter: RateLimiter | None = None,
         source: Hashable = None,
+        expected_peer: str | None = None,
     ) -> None:
         self._config = config
         self._keys = keys
@@ -124,6 +130,7 @@ class Connection:
         self._datagram = config.transport is Transport.DATAGRAM
         self._limiter = ticket_limiter  # made on the first ticket if the caller gave none
         self._source = source
+        self._expected_peer = expected_peer  # a responder whose transport names its peer
         self._events: deque[Event] = deque()
         self._output: list[bytes] = []
         self._inbox = b""  # the start of an incomplete frame (streams)
@@ -373,6 +380,8 @@ class Connection:
             skew=config.clock_skew,
         )
         peer = ck.peer_of(config.identity)
+        if self._expected_peer is not None and peer != self._expected_peer:
+            raise RemoteProtocolError(Reason.IDENTITY_MISMATCH, f"{peer} as {self._expected_peer}")
         handshake = ResponderHandshake(ck, me=config.identity, peer=peer, rekey=init.rekey)
         timestamp, capabilities = handshake.read_init(init.noise_message)
         # Authentic from here on; now is it fresh?

@@ -7,7 +7,9 @@ complete its handshake within ``handshake_timeout`` of being created is
 closed; ticket unwraps share one per-source :class:`RateLimiter`.
 
 Sources are whatever the transport adapter uses to tell peers apart (an
-address tuple, a relayed mate's identity); they are opaque here. Refusals made
+address tuple, a relayed mate's identity); they are opaque here, unless
+``source_is_peer``: then a source *is* the identity its frames claim to come
+from, and a connection for it takes a CK with that peer only. Refusals made
 before any connection exists are logged as ``(source, HandshakeRefused)``
 events on the listener.
 
@@ -15,7 +17,9 @@ A **restarted peer**: on datagrams a source can stay the same across a peer's
 restart (a relayed mate, a fixed UDP port), so its new session's message 1
 (INIT, not the REKEY_INIT of a rekey) meets our live session with its old
 self. Once that message 1 authenticated and was fresh (above the CK's
-high-water mark) it gets a *candidate* connection beside the live one, and the
+high-water mark), and under a CK with the live session's peer (a source that
+another mate of ours now holds gets nothing), it gets a *candidate* connection
+beside the live one, and the
 candidate replaces the live session only when the peer confirms its keys (a
 record under them): a message 1 alone never authenticates a peer
 (``docs/protocol.md``, key confirmation), so it does not end a session either.
@@ -62,6 +66,7 @@ class Listener:
         "_limiter",
         "_max_connections",
         "_max_half_open",
+        "_source_is_peer",
     )
 
     def __init__(
@@ -72,6 +77,7 @@ class Listener:
         max_half_open: int = DEFAULT_MAX_HALF_OPEN,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         ticket_limiter: RateLimiter | None = None,
+        source_is_peer: bool = False,
     ) -> None:
         if not 0 < max_half_open <= max_connections:
             raise LocalProtocolError("need 0 < max_half_open <= max_connections")
@@ -79,6 +85,7 @@ class Listener:
         self._keys = keys
         self._max_half_open = max_half_open
         self._max_connections = max_connections
+        self._source_is_peer = source_is_peer
         self._limiter = ticket_limiter if ticket_limiter is not None else RateLimiter()
         self._connections: dict[Hashable, Connection] = {}
         self._born: dict[Hashable, float] = {}
@@ -100,18 +107,24 @@ class Listener:
         ):
             self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
             return None
-        connection = self._new_connection(source)
+        expected: str | None = None
+        if self._source_is_peer:
+            if not isinstance(source, str):
+                raise LocalProtocolError("with source_is_peer, a source is an identity")
+            expected = source
+        connection = self._new_connection(source, expected)
         self._connections[source] = connection
         self._born[source] = now
         return connection
 
-    def _new_connection(self, source: Hashable) -> Connection:
+    def _new_connection(self, source: Hashable, expected_peer: str | None) -> Connection:
         return Connection(
             config=self._config,
             keys=self._keys,
             role=Role.RESPONDER,
             ticket_limiter=self._limiter,
             source=source,
+            expected_peer=expected_peer,
         )
 
     def datagram_received(self, data: bytes, source: Hashable, now: float) -> Connection | None:
@@ -139,7 +152,7 @@ class Listener:
                 return None
         elif connection.state in _LIVE:
             if new_session:
-                return self._restarted(source, data, now)
+                return self._restarted(source, connection, data, now)
             candidate = self._candidates.get(source)
             if (
                 candidate is not None
@@ -151,7 +164,9 @@ class Listener:
             connection.datagram_received(data, now)
         return connection
 
-    def _restarted(self, source: Hashable, data: bytes, now: float) -> Connection | None:
+    def _restarted(
+        self, source: Hashable, live: Connection, data: bytes, now: float
+    ) -> Connection | None:
         """A new session's message 1 from a source whose session is live (module docstring).
 
         Returns the candidate that answered it (its message 2 to send), or None.
@@ -162,7 +177,7 @@ class Listener:
             if self.half_open() >= self._max_half_open:
                 self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
                 return None
-            candidate = self._new_connection(source)
+            candidate = self._new_connection(source, live.peer)
         with suppress(RemoteProtocolError):
             candidate.datagram_received(data, now)
         if candidate.state is not State.AWAIT_CONFIRM:  # refused: its REFUSE is not sent

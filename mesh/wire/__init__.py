@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mesh.wire.errors import WireError
 from mesh.wire.messages import (
+    BOOT_ID_SIZE,
     MAX_HOPS,
     MAX_RECEIPT_IDS,
     MAX_TEXT,
@@ -22,6 +23,7 @@ from mesh.wire.messages import (
 )
 
 __all__ = [
+    "BOOT_ID_SIZE",
     "MAX_HOPS",
     "MAX_RECEIPT_IDS",
     "MAX_TEXT",

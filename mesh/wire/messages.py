@@ -28,6 +28,7 @@ from mesh.wire.errors import WireError
 from mesh.wire.plain import check_plain
 
 __all__ = [
+    "BOOT_ID_SIZE",
     "MAX_GROUP_NAME",
     "MAX_HOPS",
     "MAX_MESSAGE_SIZE",
@@ -59,6 +60,7 @@ MAX_RECEIPT_IDS = 512
 MAX_HOPS = 8
 MAX_RELAYED_FRAME = 16 * 1024 + 64
 MAX_MESSAGE_SIZE = 64 * 1024
+BOOT_ID_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +83,15 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Status:
+    """A mate's heartbeat. ``boot`` is random per start of its agent: a new one says the mate
+    restarted, and so lost its end of every relayed session it held with us."""
+
     role: str
     sent_at: float
     position: tuple[float, float, float] | None = None
     battery: float | None = None
     text: str | None = None
+    boot: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +148,8 @@ def encode(message: Message) -> bytes:
                 doc["bat"] = message.battery
             if message.text is not None:
                 doc["text"] = message.text
+            if message.boot is not None:
+                doc["boot"] = message.boot
         case Routes():
             doc = {"t": "routes", "r": [[name, hops] for name, hops in message.reach]}
         case Relay():
@@ -286,12 +294,16 @@ def decode(data: bytes) -> Message:
         battery = _opt_number(doc, "bat")
         if battery is not None and not 0 <= battery <= 100:
             raise WireError("battery out of range")
+        boot = _get(doc, "boot", bytes, optional=True)
+        if boot is not None and len(boot) != BOOT_ID_SIZE:
+            raise WireError(f"a boot id is {BOOT_ID_SIZE} bytes")
         return Status(
             _text(doc, "role", 32),
             _number(doc, "at"),
             position,
             battery,
             _opt_text(doc, "text", MAX_STATUS_TEXT),
+            boot,
         )
     if kind == "routes":
         entries = _get(doc, "r", list)

@@ -11,10 +11,11 @@ import cbor2
 
 from mesh.agent.agent import Agent, AgentConfig
 from mesh.keyset.bundle import open_bundle
+from mesh.protocol import Connection, Role
 from mesh.sim import Simulation
 from mesh.sim.harness import PIN
 from mesh.token.software import SoftwareToken
-from mesh.wire import MAX_TEXT
+from mesh.wire import MAX_HOPS, MAX_TEXT, Relay, encode
 
 MakeSim = Callable[..., Simulation]
 
@@ -108,3 +109,51 @@ def test_hostile_control_lines_get_a_bad_request_answer(make_sim: MakeSim) -> No
             assert answer["ok"] is False and answer["error"]["code"] == code, answer
     assert sim.nodes["a"].request("alerts") == {"alerts": []}  # the agent is fine
     assert "Traceback" not in sim.nodes["a"].log.read_text()
+
+
+def test_a_relay_cannot_speak_as_another_mate_with_its_own_ck(make_sim: MakeSim) -> None:
+    """b relays for a, and holds a CK with c: a relayed session "from a" under b's CK is refused.
+
+    The relayed listener's source is the identity the relay claims (``Relay.src``); it used to
+    take any CK of c's, so b could open a session that c's agent took as a's.
+    """
+    sim = make_sim(["a", "b", "c"])
+    sim.provision()
+    sim.start("c", topology=False)
+    node = sim.nodes["b"]
+    token = SoftwareToken(node.token)
+    token.verify_pin(PIN)
+    bundle = open_bundle(node.bundle.read_bytes(), token)
+    config = AgentConfig(
+        state_dir=node.state,
+        listen=("127.0.0.1", node.port),
+        mdns=False,
+        peers=(f"c@127.0.0.1:{sim.nodes['c'].port}",),
+    )
+
+    async def run() -> None:
+        agent = Agent(config, bundle, token)  # "b", in this process, so we can misbehave
+        await agent.start()
+        try:
+            for _ in range(200):
+                if "c" in agent.links:
+                    break
+                await asyncio.sleep(0.05)
+            now = agent.clock()
+            keyset = agent.keys.keyset_for("c", now)
+            assert keyset is not None
+            forged = Connection(config=agent._relay_config, keys=agent.keys, role=Role.INITIATOR)
+            forged.connect(keyset.ck.ck_id, now)
+            for frame in forged.datagrams_to_send():
+                agent.links["c"].send(encode(Relay("a", "c", MAX_HOPS, frame, True)))
+            for _ in range(200):
+                if "identity-mismatch" in sim.nodes["c"].log.read_text():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await agent.stop()
+
+    asyncio.run(run())
+    log = sim.nodes["c"].log.read_text()
+    assert "refused a relayed handshake from a: identity-mismatch" in log
+    assert "relayed session from a up" not in log

@@ -173,6 +173,7 @@ class _Live:
     via: _Via
     ck: CommunicationKeyset
     alpha_store: MemoryKeyStore
+    bravo_store: MemoryKeyStore
     first_init: bytes
 
     @property
@@ -194,7 +195,7 @@ def _live(rekeys: int = 0) -> _Live:
     for _ in range(rekeys):
         via.chat()  # two records each way: the initiator rekeys
         via.pump()
-    live = _Live(listener, via, pair.ck, pair.initiator_store, first)
+    live = _Live(listener, via, pair.ck, pair.initiator_store, pair.responder_store, first)
     assert live.connection.state is State.ESTABLISHED and live.connection.epoch == rekeys
     return live
 
@@ -317,3 +318,48 @@ def test_a_rekey_from_a_stranger_opens_nothing() -> None:
     rekey, _ = _rekey_init(live.via)
     assert live.listener.datagram_received(rekey, "elsewhere", NOW) is None
     assert live.listener.next_event() == ("elsewhere", HandshakeRefused(Reason.UNEXPECTED_FRAME))
+
+
+def test_a_source_that_names_its_peer_takes_that_peers_ck_only() -> None:
+    """A relayed mate's frames come as ``Relay.src``: a relay holding its own CK with us
+    cannot open a session under another mate's name."""
+    ab, cb = make_ck("alpha", "bravo"), make_ck("charlie", "bravo")
+    bravo = MemoryKeyStore([ab, cb])
+    listener = Listener(config=config("bravo", Transport.DATAGRAM), keys=bravo, source_is_peer=True)
+    charlie = Connection(
+        config=config("charlie", Transport.DATAGRAM),
+        keys=MemoryKeyStore([cb]),
+        role=Role.INITIATOR,
+    )
+    charlie.connect(cb.ck_id, NOW)
+    [init] = charlie.datagrams_to_send()
+    claimed = listener.datagram_received(init, "alpha", NOW)
+    assert claimed is not None and claimed.state is State.ERROR and claimed.peer is None
+    assert [e.reason for e in drain(claimed) if isinstance(e, HandshakeRefused)] == [
+        Reason.IDENTITY_MISMATCH
+    ]
+    honest = listener.datagram_received(init, "charlie", NOW)
+    assert honest is not None and honest.state is State.AWAIT_CONFIRM
+    assert honest.peer == "charlie"
+
+
+def test_a_restart_candidate_must_be_the_live_sessions_peer() -> None:
+    """Sources that are addresses: another mate of ours on a live peer's address gets nothing."""
+    live = _live()
+    old = live.connection
+    cb = make_ck("charlie", "bravo")
+    live.bravo_store.cache(cb)  # bravo holds a CK with charlie too
+    charlie = Connection(
+        config=config("charlie", Transport.DATAGRAM),
+        keys=MemoryKeyStore([cb]),
+        role=Role.INITIATOR,
+    )
+    charlie.connect(cb.ck_id, NOW + 1)
+    [init] = charlie.datagrams_to_send()
+    assert live.via.to_listener(init, NOW + 1) is None
+    assert live.listener.next_event() == (
+        "alpha",
+        HandshakeRefused(Reason.IDENTITY_MISMATCH, cb.ck_id),
+    )
+    assert live.connection is old and live.listener.half_open() == 0
+    live.via.chat(NOW + 1)

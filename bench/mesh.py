@@ -40,12 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.agent.agent import Agent, AgentConfig
 from mesh.agent.client import ControlClient
-from mesh.keyset.bundle import open_bundle
 from mesh.keyset.keyset import CommunicationKeyset
 from mesh.protocol import Connection, DataReceived, MemoryKeyStore, Role, SessionConfig
 from mesh.sim import Simulation
-from mesh.sim.harness import PIN
-from mesh.token.software import SoftwareToken
 
 TEXT = "x" * 100
 
@@ -105,9 +102,7 @@ def link_throughput(count: int) -> dict[str, Any]:
         sim.provision()
         sim.start("b", topology=False)
         node = sim.nodes["a"]
-        token = SoftwareToken(node.token)
-        token.verify_pin(PIN)
-        bundle = open_bundle(node.bundle.read_bytes(), token)
+        token, bundle = node.unlock()
         config = AgentConfig(
             state_dir=node.state,
             listen=("127.0.0.1", node.port),

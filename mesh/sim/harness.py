@@ -29,7 +29,9 @@ from typing import Any
 
 from mesh.agent.client import ControlClient
 from mesh.errors import MeshError
+from mesh.keyset.bundle import Bundle, open_bundle
 from mesh.sim.topology import reachable_pairs, squads_of
+from mesh.token.software import SoftwareToken
 from provisioning.desk import Desk
 from provisioning.plan import MissionPlan, PlannedNode
 
@@ -91,6 +93,12 @@ class SimNode:
 
     def client(self, timeout: float = 10.0) -> ControlClient:
         return ControlClient(str(self.control), timeout=timeout)
+
+    def unlock(self) -> tuple[SoftwareToken, Bundle]:
+        """Its token, PIN verified, and its bundle opened: to run its agent in this process."""
+        token = SoftwareToken(self.token)
+        token.verify_pin(PIN)
+        return token, open_bundle(self.bundle.read_bytes(), token)
 
     def request(self, op: str, **args: Any) -> dict[str, Any]:
         with self.client() as client:

@@ -5,19 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh.agent.agent import ALERT_COALESCE, Agent, AgentConfig
-from mesh.keyset.bundle import open_bundle
 from mesh.sim import Simulation
-from mesh.sim.harness import PIN
-from mesh.token.software import SoftwareToken
 
 
 def test_the_same_refusal_is_alerted_once_per_window(tmp_path: Path) -> None:
     with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
         sim.provision()
         node = sim.nodes["a"]
-        token = SoftwareToken(node.token)
-        token.verify_pin(PIN)
-        bundle = open_bundle(node.bundle.read_bytes(), token)
+        token, bundle = node.unlock()
         now = [1_000.0]
         agent = Agent(
             AgentConfig(state_dir=node.state, mdns=False), bundle, token, clock=lambda: now[0]

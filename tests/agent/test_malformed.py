@@ -10,39 +10,41 @@ from collections.abc import Callable
 import cbor2
 
 from mesh.agent.agent import Agent, AgentConfig
-from mesh.keyset.bundle import open_bundle
 from mesh.protocol import Connection, Role
 from mesh.sim import Simulation
-from mesh.sim.harness import PIN
-from mesh.token.software import SoftwareToken
 from mesh.wire import MAX_HOPS, MAX_TEXT, Relay, encode
 
 MakeSim = Callable[..., Simulation]
+
+
+async def _misbehaving(sim: Simulation, name: str, mate: str) -> Agent:
+    """``name``'s agent, started in this process (so the test can misbehave), linked to
+    ``mate``'s, which runs as a process."""
+    node = sim.nodes[name]
+    token, bundle = node.unlock()
+    config = AgentConfig(
+        state_dir=node.state,
+        listen=("127.0.0.1", node.port),
+        mdns=False,
+        peers=(f"{mate}@127.0.0.1:{sim.nodes[mate].port}",),
+    )
+    agent = Agent(config, bundle, token)
+    await agent.start()
+    for _ in range(200):
+        if mate in agent.links:
+            break
+        await asyncio.sleep(0.05)
+    return agent
 
 
 def test_garbage_from_an_authenticated_mate_closes_nothing(make_sim: MakeSim) -> None:
     sim = make_sim(["a", "b"])
     sim.provision()
     sim.start("b", topology=False)
-    node = sim.nodes["a"]
-    token = SoftwareToken(node.token)
-    token.verify_pin(PIN)
-    bundle = open_bundle(node.bundle.read_bytes(), token)
-    config = AgentConfig(
-        state_dir=node.state,
-        listen=("127.0.0.1", node.port),
-        mdns=False,
-        peers=(f"b@127.0.0.1:{sim.nodes['b'].port}",),
-    )
 
     async def run() -> None:
-        agent = Agent(config, bundle, token)  # "a", in this process, so we can misbehave
-        await agent.start()
+        agent = await _misbehaving(sim, "a", "b")
         try:
-            for _ in range(200):
-                if "b" in agent.links:
-                    break
-                await asyncio.sleep(0.05)
             link = agent.links["b"]
             for junk in (
                 b"\xff\x00 not cbor",
@@ -120,25 +122,10 @@ def test_a_relay_cannot_speak_as_another_mate_with_its_own_ck(make_sim: MakeSim)
     sim = make_sim(["a", "b", "c"])
     sim.provision()
     sim.start("c", topology=False)
-    node = sim.nodes["b"]
-    token = SoftwareToken(node.token)
-    token.verify_pin(PIN)
-    bundle = open_bundle(node.bundle.read_bytes(), token)
-    config = AgentConfig(
-        state_dir=node.state,
-        listen=("127.0.0.1", node.port),
-        mdns=False,
-        peers=(f"c@127.0.0.1:{sim.nodes['c'].port}",),
-    )
 
     async def run() -> None:
-        agent = Agent(config, bundle, token)  # "b", in this process, so we can misbehave
-        await agent.start()
+        agent = await _misbehaving(sim, "b", "c")
         try:
-            for _ in range(200):
-                if "c" in agent.links:
-                    break
-                await asyncio.sleep(0.05)
             now = agent.clock()
             keyset = agent.keys.keyset_for("c", now)
             assert keyset is not None

@@ -11,10 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mesh.keyset.bundle import open_bundle
 from mesh.sim import Simulation
-from mesh.sim.harness import PIN
-from mesh.token.software import SoftwareToken
 
 MakeSim = Callable[..., Simulation]
 
@@ -83,9 +80,7 @@ def test_relay_carries_end_to_end_session_it_cannot_read(make_sim: MakeSim) -> N
     ac = {s["ck_id"] for s in a_sessions["sessions"] if s["peer"] == "c"}
     assert ac and a_sessions["routes"]["c"] == {"via": "b", "hops": 2}
     # ... and b never holds the a-c CK: not in its bundle, not in any of its sessions.
-    token = SoftwareToken(sim.nodes["b"].token)
-    token.verify_pin(PIN)
-    b_bundle = open_bundle(sim.nodes["b"].bundle.read_bytes(), token)
+    _, b_bundle = sim.nodes["b"].unlock()
     assert not ac & {k.ck_id.hex() for k in b_bundle.keysets}
     assert not ac & {s["ck_id"] for s in sim.nodes["b"].request("sessions")["sessions"]}
     assert "for c only" not in sim.nodes["b"].log.read_text()

@@ -11,11 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh.agent.agent import Agent, AgentConfig
-from mesh.keyset.bundle import open_bundle
 from mesh.protocol import Connection, Role
 from mesh.sim import Simulation
-from mesh.sim.harness import PIN
-from mesh.token.software import SoftwareToken
 from mesh.wire import BOOT_ID_SIZE, Status, encode
 
 
@@ -23,9 +20,7 @@ def test_only_a_new_boot_id_replaces_our_relayed_session(tmp_path: Path) -> None
     with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
         sim.provision()
         node = sim.nodes["a"]
-        token = SoftwareToken(node.token)
-        token.verify_pin(PIN)
-        bundle = open_bundle(node.bundle.read_bytes(), token)
+        token, bundle = node.unlock()
         agent = Agent(AgentConfig(state_dir=node.state, mdns=False), bundle, token)
         try:
             ours = Connection(config=agent._relay_config, keys=agent.keys, role=Role.INITIATOR)

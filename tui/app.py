@@ -25,7 +25,7 @@ from textual.screen import Screen
 
 from tui.client import RetryPolicy, connect_with_retry
 from tui.commands import MeshCommands
-from tui.errors import AgentProtocolError, AgentUnavailable, TuiError
+from tui.errors import AgentProtocolError, AgentUnavailable, RequestRefused, TuiError
 from tui.link import AgentLink
 from tui.messages import (
     AgentEventReceived,
@@ -54,6 +54,7 @@ from tui.widgets import ChatInput
 __all__ = ["DEFAULT_RETRY", "SnrmeshApp"]
 
 DEFAULT_RETRY = RetryPolicy()
+_GONE = ("unknown-peer", "unknown-group")  # history of a name the bundle no longer has
 
 TICK_SECONDS = 1.0
 """How often countdowns and 'seen' times are refreshed."""
@@ -262,7 +263,20 @@ class SnrmeshApp(App[None]):
         try:
             messages, problems = await link.history(conversation)
         except TuiError as exc:
-            self.notify(f"Could not load {conversation.name}'s history: {exc}", severity="warning")
+            gone = isinstance(exc, RequestRefused) and exc.code in _GONE
+            if gone and conversation == self.state.active:
+                # a new bundle dropped the mate (or group), and nothing was ever said there:
+                # close it, or every refetch would say this again
+                self.state = self.state.with_active(None)
+                self.notify(
+                    f"{conversation.name} is no longer in the bundle and has no history: "
+                    "closed the conversation.",
+                    severity="warning",
+                )
+            else:
+                self.notify(
+                    f"Could not load {conversation.name}'s history: {exc}", severity="warning"
+                )
             return
         self.state = self.state.with_messages(messages)
         if conversation == self.state.active and self.state.unread(conversation):

@@ -409,7 +409,17 @@ class FakeAgent:
         return True
 
     def _op_history(self, request: Json, writer: asyncio.StreamWriter) -> Json:
-        peer, group = self._conversation(request, required=False)
+        try:
+            peer, group = self._conversation(request, required=False)
+        except BadRequest as exc:  # as the real agent: a former mate's history stays readable
+            peer, group = request.get("peer"), request.get("group")
+            named = all(v is None or isinstance(v, str) for v in (peer, group))
+            if (
+                exc.code == "bad-request"
+                or not named
+                or not any(self._in_conversation(m, peer, group) for m in self.messages)
+            ):
+                raise
         limit = request.get("limit", 200)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise BadRequest("bad-request", "'limit' must be a positive integer")

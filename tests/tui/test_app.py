@@ -354,6 +354,37 @@ async def test_a_bundle_from_the_as_refetches_everything(socket_path: Path) -> N
         await wait_until(pilot, lambda: app.state.peer("bravo-9") is None, "the refetch")
 
 
+async def test_an_open_conversation_with_a_dropped_mate_and_no_history_is_closed_once(
+    socket_path: Path,
+) -> None:
+    """It used to warn "unknown-peer" again at every refetch."""
+    bravo = Conversation("peer", "bravo-9")
+    async with FakeAgent(socket_path) as agent, make_app(socket_path).run_test() as pilot:
+        await loaded(pilot)
+        app = pilot.app
+        app.post_message(ConversationSelected(bravo))
+        await wait_until(pilot, lambda: app.state.active == bravo, "bravo-9 open")
+        del agent.peers["bravo-9"]
+        for _ in range(3):  # a new bundle, then two lags: three refetches
+            await agent.push({"event": "bundle", "keysets": 4, "mates": 2, "at": FIXED_NOW})
+            await wait_until(pilot, lambda: app.state.peer("bravo-9") is None, "the refetch")
+            await pilot.pause(0.2)
+        assert app.state.active is None
+        said = [n for n in notifications(app) if "bravo-9" in n and "history" in n]
+        assert said == [
+            "bravo-9 is no longer in the bundle and has no history: closed the conversation."
+        ]
+        # a former mate's history stays readable (the agent answers it, as the real one does)
+        gs1 = agent.peers.pop("gs-1")
+        assert gs1
+        app.post_message(ConversationSelected(GS1))
+        await wait_until(pilot, lambda: app.state.active == GS1, "gs-1 open")
+        await agent.lag()
+        await pilot.pause(0.3)
+        assert app.state.active == GS1
+        assert not [n for n in notifications(app) if "gs-1" in n and "history" in n]
+
+
 async def test_malformed_event_is_reported_and_the_link_survives(socket_path: Path) -> None:
     async with FakeAgent(socket_path) as agent, make_app(socket_path).run_test() as pilot:
         await loaded(pilot)

@@ -65,12 +65,12 @@ from mesh.protocol import (
     Transport,
 )
 from mesh.protocol.events import Termination
+from mesh.protocol.frames import starts_session
 from mesh.timefmt import utc_iso
 from mesh.token import SecureElement, Slot, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
 from mesh.transport.address import parse_address
 from mesh.wire import (
-    BOOT_ID_SIZE,
     MAX_HOPS,
     MAX_RECEIPT_IDS,
     MAX_TEXT,
@@ -81,6 +81,7 @@ from mesh.wire import (
     Receipt,
     Relay,
     Routes,
+    SessionGone,
     Status,
     WireError,
     check_position,
@@ -111,6 +112,7 @@ MAX_POSITION_FILE = 256  # bytes: LAT,LON,ALT
 MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 _LIVE = (State.ESTABLISHED, State.REKEYING)  # a session that carries records
+GONE_EVERY = 5.0  # seconds between two SessionGone to the same mate
 
 
 def _undeliverable(counts: tuple[int, int]) -> str:
@@ -160,7 +162,6 @@ class PeerInfo:
     position: tuple[float, float, float] | None = None
     battery: float | None = None
     text: str | None = None
-    boot: bytes | None = None  # its agent's current start (Status.boot)
     refused_reason: str | None = None
     address: tuple[str, int] | None = None  # where to dial it (discovered or configured)
     next_dial: float = 0.0
@@ -216,7 +217,7 @@ class Agent:
             transport=Transport.DATAGRAM,
         )
         self._relay_config = relay_config
-        self._boot = os.urandom(BOOT_ID_SIZE)  # this start of the agent (Status.boot)
+        self._gone_told: dict[str, float] = {}  # mate -> when we last sent it SessionGone
         self.listener = Listener(config=self.session_config, keys=self.keys)
         self.relayed = RelayedSessions(
             listener=Listener(config=relay_config, keys=self.keys, source_is_peer=True)
@@ -677,20 +678,32 @@ class Agent:
         self._pump_relayed(peer, session, src_initiated=True)
         return session
 
-    def _mate_restarted(self, peer: str) -> None:
-        """The mate's agent started again (a new ``Status.boot``, authenticated).
+    def _our_session_gone(self, peer: str) -> None:
+        """The mate says it holds no relayed session of ours (``SessionGone``, authenticated).
 
-        What it held of our relayed session to it went with the restart: ours
-        is dropped (no CLOSE: nobody is left to read it) and a new one opened,
-        on which the outbox goes again. Only a new boot id says so: a mate that
-        merely opened a new session to us (its own had failed) still holds its
-        end of ours, and taking that for a restart would have the two of us
-        replacing each other's sessions for ever.
+        It restarted, or our session ended at its side: ours goes (no CLOSE:
+        nobody is left to read it) and a new one is opened, on which the outbox
+        goes again. A session still in its handshake is the new one already
+        (the mate's word was about records, which only a live session sends).
         """
-        log.info("relayed mate %s restarted: a new session to it", peer)
-        self.relayed.outgoing.pop(peer, None)
+        session = self.relayed.outgoing.get(peer)
+        if session is None or session.state not in _LIVE:
+            return
+        log.info("relayed session to %s is gone at %s: a new one", peer, peer)
+        del self.relayed.outgoing[peer]
         if peer not in self.links:
             self._relay_session(peer, create=True)
+
+    def _tell_session_gone(self, peer: str, now: float) -> None:
+        """Records of a session we do not hold came from ``peer``: say so, on our own session.
+
+        Only our session to it can carry it authenticated; without one, the mate learns it
+        when ours comes up (it then probes its own, below). At most once per GONE_EVERY.
+        """
+        if now - self._gone_told.get(peer, -math.inf) < GONE_EVERY:
+            return
+        if self._send_to(peer, SessionGone(), create=False):
+            self._gone_told[peer] = now
 
     def _pump_relayed(self, peer: str, session: Connection, *, src_initiated: bool) -> None:
         """Send a relayed session's datagrams toward ``peer`` and handle its events."""
@@ -713,7 +726,11 @@ class Agent:
                 if src_initiated:
                     self._on_session_up(peer)
                 elif peer not in self.links:  # (a direct link carries it all)
-                    self._relay_session(peer, create=True)
+                    ours = self._relay_session(peer, create=True)
+                    if ours is not None and ours.state in _LIVE:
+                        # a new session of theirs may mean they restarted: does ours still
+                        # reach them? (if not, they answer SessionGone)
+                        self._send_to(peer, Ping(), create=False)
             elif isinstance(event, HandshakeRefused):
                 self._alert(
                     "refused",
@@ -749,12 +766,18 @@ class Agent:
         now = self.clock()
         if relay.src_initiated:
             listener = self.relayed.listener
-            if listener is None or (not self.token_ok and listener.connection(peer) is None):
+            if listener is None:
+                return
+            held = listener.connection(peer)
+            new_session = starts_session(relay.frame)
+            if not self.token_ok and (new_session or held is None):
                 return  # (no new relayed session while the card is out)
             session = listener.datagram_received(relay.frame, peer, now)
             self._drain_listener_events()
             if session is not None:
                 self._pump_relayed(peer, session, src_initiated=False)
+            elif not new_session and (held is None or held.state in (State.CLOSED, State.ERROR)):
+                self._tell_session_gone(peer, now)
         else:
             outgoing = self.relayed.outgoing.get(peer)
             if outgoing is not None:
@@ -898,11 +921,6 @@ class Agent:
                     message.battery,
                     message.text,
                 )
-                if message.boot is not None:
-                    restarted = info.boot not in (None, message.boot)
-                    info.boot = message.boot
-                    if restarted and peer in self.relayed.outgoing:
-                        self._mate_restarted(peer)
                 self._peer_changed(peer)
             elif link is not None and isinstance(message, Routes):
                 if self.routing.update(peer, message.reach):
@@ -912,6 +930,8 @@ class Agent:
                 self._relay_received(peer, message)
             elif isinstance(message, Ping):
                 pass
+            elif isinstance(message, SessionGone) and link is None:
+                self._our_session_gone(peer)
             else:
                 log.info("dropped a hop-by-hop message from %s on a relayed session", peer)
         for message_id, _, state in self.store.receipts(receipts) if receipts else ():
@@ -935,7 +955,6 @@ class Agent:
             position=self._position(),
             battery=self._own_status["battery"],
             text=self._own_status["text"],
-            boot=self._boot,
         )
 
     def _position(self) -> tuple[float, float, float] | None:

@@ -66,6 +66,7 @@ __all__ = [
     "pull_response",
     "push_init",
     "push_response",
+    "starts_session",
     "unpack_init_payload",
     "unpack_record_header",
     "unpack_response_payload",
@@ -138,6 +139,11 @@ _FIXED_SIZES: dict[int, int] = {
     FrameType.RESPONSE: RESPONSE_FRAME_SIZE,
     FrameType.REFUSE: len(REFUSE_FRAME),
 }
+
+
+def starts_session(frame: bytes) -> bool:
+    """Is this a new session's message 1 (INIT or TICKET_INIT; not a rekey's REKEY_INIT)?"""
+    return bool(frame) and frame[0] & 0x0F in (FrameType.INIT, FrameType.TICKET_INIT)
 
 
 def frame_size(buffer: bytes | bytearray, offset: int = 0) -> int | None:

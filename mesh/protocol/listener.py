@@ -39,7 +39,7 @@ from mesh.protocol.config import Role, SessionConfig, Transport
 from mesh.protocol.connection import Connection
 from mesh.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from mesh.protocol.events import HandshakeRefused
-from mesh.protocol.frames import FrameType
+from mesh.protocol.frames import FrameType, starts_session
 from mesh.protocol.keysets import KeysetLookup
 from mesh.protocol.ratelimit import RateLimiter
 from mesh.protocol.state import TERMINAL, State
@@ -50,7 +50,6 @@ DEFAULT_MAX_HALF_OPEN = 64
 DEFAULT_MAX_CONNECTIONS = 1024
 _HALF_OPEN = (State.START, State.AWAIT_CONFIRM)
 _LIVE = (State.ESTABLISHED, State.REKEYING)
-_NEW_SESSION_TYPES = (FrameType.INIT, FrameType.TICKET_INIT)
 
 
 class Listener:
@@ -142,7 +141,7 @@ class Listener:
         if connection is not None and connection.state in TERMINAL:
             self._prune()  # (a restarted peer's candidate, if any, takes its place)
             connection = self._connections.get(source)
-        new_session = bool(data) and data[0] & 0x0F in _NEW_SESSION_TYPES
+        new_session = starts_session(data)
         if connection is None or connection.state in TERMINAL:
             if not new_session:
                 self._events.append((source, HandshakeRefused(Reason.UNEXPECTED_FRAME)))

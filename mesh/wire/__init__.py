@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mesh.wire.errors import WireError
 from mesh.wire.messages import (
-    BOOT_ID_SIZE,
     MAX_HOPS,
     MAX_RECEIPT_IDS,
     MAX_TEXT,
@@ -16,6 +15,7 @@ from mesh.wire.messages import (
     Receipt,
     Relay,
     Routes,
+    SessionGone,
     Status,
     check_position,
     decode,
@@ -23,7 +23,6 @@ from mesh.wire.messages import (
 )
 
 __all__ = [
-    "BOOT_ID_SIZE",
     "MAX_HOPS",
     "MAX_RECEIPT_IDS",
     "MAX_TEXT",
@@ -35,6 +34,7 @@ __all__ = [
     "Receipt",
     "Relay",
     "Routes",
+    "SessionGone",
     "Status",
     "WireError",
     "check_position",

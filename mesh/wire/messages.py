@@ -28,7 +28,6 @@ from mesh.wire.errors import WireError
 from mesh.wire.plain import check_plain
 
 __all__ = [
-    "BOOT_ID_SIZE",
     "MAX_GROUP_NAME",
     "MAX_HOPS",
     "MAX_MESSAGE_SIZE",
@@ -44,6 +43,7 @@ __all__ = [
     "Receipt",
     "Relay",
     "Routes",
+    "SessionGone",
     "Status",
     "check_position",
     "decode",
@@ -60,7 +60,6 @@ MAX_RECEIPT_IDS = 512
 MAX_HOPS = 8
 MAX_RELAYED_FRAME = 16 * 1024 + 64
 MAX_MESSAGE_SIZE = 64 * 1024
-BOOT_ID_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +82,11 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """A mate's heartbeat. ``boot`` is random per start of its agent: a new one says the mate
-    restarted, and so lost its end of every relayed session it held with us."""
-
     role: str
     sent_at: float
     position: tuple[float, float, float] | None = None
     battery: float | None = None
     text: str | None = None
-    boot: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +114,20 @@ class Relay:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    """Keepalive on an idle link."""
+    """Keepalive on an idle link; on a relayed session, a probe that our mate still holds it."""
 
 
-Message = Chat | Receipt | Status | Routes | Relay | Ping
+@dataclass(frozen=True, slots=True)
+class SessionGone:
+    """On the relayed session the sender opened: "your relayed session to me is unknown here".
+
+    A relayed mate's frames reach us under its identity, so records of a session we
+    no longer hold (we restarted, or it ended at our side) say only that; this tells
+    the mate, authenticated by our own session to it, to open a new one.
+    """
+
+
+Message = Chat | Receipt | Status | Routes | Relay | Ping | SessionGone
 RECEIPT_STATES = ("delivered", "read")
 
 
@@ -148,8 +153,6 @@ def encode(message: Message) -> bytes:
                 doc["bat"] = message.battery
             if message.text is not None:
                 doc["text"] = message.text
-            if message.boot is not None:
-                doc["boot"] = message.boot
         case Routes():
             doc = {"t": "routes", "r": [[name, hops] for name, hops in message.reach]}
         case Relay():
@@ -163,6 +166,8 @@ def encode(message: Message) -> bytes:
             }
         case Ping():
             doc = {"t": "ping"}
+        case SessionGone():
+            doc = {"t": "gone"}
     data = cbor2.dumps(doc)
     if len(data) > MAX_MESSAGE_SIZE:
         raise WireError("message too large")
@@ -294,16 +299,12 @@ def decode(data: bytes) -> Message:
         battery = _opt_number(doc, "bat")
         if battery is not None and not 0 <= battery <= 100:
             raise WireError("battery out of range")
-        boot = _get(doc, "boot", bytes, optional=True)
-        if boot is not None and len(boot) != BOOT_ID_SIZE:
-            raise WireError(f"a boot id is {BOOT_ID_SIZE} bytes")
         return Status(
             _text(doc, "role", 32),
             _number(doc, "at"),
             position,
             battery,
             _opt_text(doc, "text", MAX_STATUS_TEXT),
-            boot,
         )
     if kind == "routes":
         entries = _get(doc, "r", list)
@@ -331,4 +332,6 @@ def decode(data: bytes) -> Message:
         return Relay(_identity(doc.get("src")), _identity(doc.get("dst")), ttl, frame, initiated)
     if kind == "ping":
         return Ping()
+    if kind == "gone":
+        return SessionGone()
     raise WireError("unknown message kind")

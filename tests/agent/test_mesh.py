@@ -96,7 +96,7 @@ def test_a_relayed_mate_that_restarts_is_reached_again(make_sim: MakeSim) -> Non
 
     The relay's source for c stays "c" across its restart, so the wire must tell a new
     session's message 1 (INIT) from a rekey's (REKEY_INIT); a then drops its own session to
-    c, whose other end went with the restart, and opens a new one.
+    c, whose other end went with the restart (c says so: ``SessionGone``), and opens a new one.
     """
     sim = _relayed_line(make_sim)
     first = sim.nodes["a"].request("send", to="c", text="one")
@@ -104,7 +104,9 @@ def test_a_relayed_mate_that_restarts_is_reached_again(make_sim: MakeSim) -> Non
     sim.stop("c")
     sim.start("c")
     sim.wait_for(
-        lambda: "relayed mate c restarted" in sim.nodes["a"].log.read_text(), 30, "c's new session"
+        lambda: "relayed session to c is gone at c" in sim.nodes["a"].log.read_text(),
+        30,
+        "c's word that a's session is gone",
     )
     second = sim.nodes["a"].request("send", to="c", text="two")
     sim.wait_for(lambda: delivered(sim, "a", second["message_id"]), 20, "the second receipt")

@@ -1,0 +1,204 @@
+"""Relayed sessions across restarts, in every order: two real agents, one relay in memory.
+
+The agents are real (store, key ring, listener, outbox); only the links are replaced by a
+queue of ``Relay`` messages, so the test can restart either side at any point, drop or hold
+frames, and count handshakes. A relayed mate's frames come under its identity, so after a
+restart the two sides must learn that a session is gone: a node that receives records of a
+session it does not hold answers ``SessionGone`` on its own session, and a node whose mate
+opened a new session probes its own with a ``Ping`` (``docs/agent.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from mesh.agent.agent import Agent, AgentConfig
+from mesh.agent.routing import Route
+from mesh.protocol import State
+from mesh.sim import Simulation
+from mesh.wire import Chat, Relay
+
+
+class Mission:
+    """a and b, each reaching the other through relay "r"; frames wait in ``net``."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.now = time.time()  # inside the provisioned CKs' window
+        self.net: deque[Relay] = deque()
+        self.agents: dict[str, Agent] = {}
+        self.handshakes = 0  # message 1 of new sessions, both ways
+        self.loop = asyncio.new_event_loop()  # for what a tick spawns (the token check)
+        for name in ("a", "b"):
+            self.start(name)
+
+    def start(self, name: str) -> Agent:
+        """(Re)start ``name``'s agent on its state folder: what was in memory is gone."""
+        old = self.agents.pop(name, None)
+        if old is not None:
+            old.store.close()
+        node = self.sim.nodes[name]
+        token, bundle = node.unlock()
+        agent = Agent(
+            AgentConfig(state_dir=node.state, mdns=False), bundle, token, clock=lambda: self.now
+        )
+        agent.routing.route = lambda dest: Route(dest, "r", 2)  # type: ignore[method-assign]
+        agent._forward = self._forward  # type: ignore[method-assign]
+        self.agents[name] = agent
+        return agent
+
+    def _forward(self, relay: Relay) -> bool:
+        if relay.frame[0] & 0x0F in (0x1, 0x2):
+            self.handshakes += 1
+        self.net.append(relay)
+        return True
+
+    def open(self, name: str) -> None:
+        """``name`` opens its relayed session to its mate (as a route appearing does)."""
+        self.agents[name]._relay_session("b" if name == "a" else "a", create=True)
+
+    def run(self, limit: int = 2000) -> int:
+        """Deliver until quiet; returns the frames moved (a loop would hit ``limit``)."""
+        moved = 0
+        while self.net and moved < limit:
+            relay = self.net.popleft()
+            agent = self.agents.get(relay.dst)
+            if agent is not None:
+                agent._relay_received("r", relay)
+            moved += 1
+        return moved
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+        async def tick_all() -> None:
+            for agent in self.agents.values():
+                agent._tick(self.now)
+            await asyncio.sleep(0)
+
+        self.loop.run_until_complete(tick_all())
+        self.run()
+
+    def close(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+        for agent in self.agents.values():
+            agent.store.close()
+
+    def up(self, name: str) -> bool:
+        """Does ``name``'s own session reach its mate, who holds it?"""
+        mate = "b" if name == "a" else "a"
+        ours = self.agents[name].relayed.outgoing.get(mate)
+        listener = self.agents[mate].relayed.listener
+        theirs = listener.connection(name) if listener is not None else None
+        return (
+            ours is not None
+            and ours.state is State.ESTABLISHED
+            and theirs is not None
+            and theirs.state is State.ESTABLISHED
+        )
+
+    def chat(self, sender: str, text: str) -> bool:
+        """Does a chat from ``sender`` reach its mate now (one delivery, no retries)?"""
+        mate = "b" if sender == "a" else "a"
+        message = Chat(bytes(16), text, self.now)
+        sent = self.agents[sender]._send_to(mate, message, create=False)
+        self.run()
+        return sent and any(
+            m.text == text for m in self.agents[mate].store.history(peer=sender, limit=50)
+        )
+
+
+@pytest.fixture
+def mission(tmp_path: Path) -> Mission:
+    sim = Simulation(["a", "b"], workdir=tmp_path / "sim")
+    sim.provision()
+    mission = Mission(sim)
+    yield mission
+    mission.close()
+    sim.close()
+
+
+def _both_up(mission: Mission) -> None:
+    mission.open("a")
+    mission.open("b")
+    assert mission.run() < 2000
+    assert mission.up("a") and mission.up("b")
+
+
+@pytest.mark.parametrize("who", ["a", "b"])
+def test_a_restart_of_either_side_is_healed_at_once(mission: Mission, who: str) -> None:
+    _both_up(mission)
+    mission.tick(1)
+    mission.start(who)
+    mission.open(who)
+    assert mission.run() < 2000  # no loop
+    assert mission.up("a") and mission.up("b")
+    assert mission.chat("a", "to b") and mission.chat("b", "to a")
+
+
+def test_restarts_of_both_sides_one_after_the_other_mid_handshake(mission: Mission) -> None:
+    """The order a review found stale for ~10 minutes with boot ids: a restarts, its new
+    session comes up at b, b's answer is on its way, and b restarts before it lands."""
+    _both_up(mission)
+    mission.tick(1)
+    mission.start("a")
+    mission.open("a")
+    for _ in range(6):  # a's new session reaches b, and b starts to answer
+        relay = mission.net.popleft()
+        mission.agents[relay.dst]._relay_received("r", relay)
+    mission.net.clear()  # what b had sent is lost with it
+    mission.tick(1)
+    mission.start("b")
+    mission.open("b")
+    assert mission.run() < 2000
+    for _ in range(3):  # a few heartbeats at most, not the 10-minute rekey
+        if mission.up("a") and mission.up("b"):
+            break
+        mission.tick(5)
+    assert mission.up("a") and mission.up("b")
+    assert mission.chat("a", "to b") and mission.chat("b", "to a")
+
+
+def test_a_session_reopened_without_a_restart_leaves_the_other_alone(mission: Mission) -> None:
+    """a's own session fails (say its rekey was lost) and a opens a new one: b's stays."""
+    _both_up(mission)
+    b_session = mission.agents["b"].relayed.outgoing["a"]
+    del mission.agents["a"].relayed.outgoing["b"]
+    mission.tick(1)
+    mission.open("a")
+    handshakes = mission.handshakes
+    assert mission.run() < 2000
+    assert mission.handshakes == handshakes  # (counted when sent: a's one was before)
+    assert mission.agents["b"].relayed.outgoing["a"] is b_session
+    assert mission.up("a") and mission.up("b")
+    mission.tick(5)
+    mission.tick(5)
+    assert mission.agents["b"].relayed.outgoing["a"] is b_session
+
+
+def test_no_new_relayed_session_is_accepted_while_the_card_is_out(mission: Mission) -> None:
+    """Not even one that would take the place of a live one (a restarted mate's)."""
+    _both_up(mission)
+    a = mission.agents["a"]
+    live = a.relayed.listener.connection("b")  # type: ignore[union-attr]
+    a._token_state = "absent"  # the card is pulled out
+    mission.tick(1)
+    mission.start("b")
+    mission.open("b")
+    mission.run()
+    assert a.relayed.listener.connection("b") is live  # type: ignore[union-attr]
+    assert a.relayed.listener.half_open() == 0  # type: ignore[union-attr]
+    a._token_state = "ok"  # back in: b's retries get through
+    for _ in range(6):
+        if mission.up("a") and mission.up("b"):
+            break
+        mission.tick(2)
+    assert mission.up("a") and mission.up("b")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import inspect
 import logging
 import math
@@ -59,6 +60,7 @@ from mesh.protocol import (
     Listener,
     LocalProtocolError,
     ProtocolError,
+    Reason,
     Role,
     SessionConfig,
     State,
@@ -112,7 +114,9 @@ MAX_POSITION_FILE = 256  # bytes: LAT,LON,ALT
 MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
 _LIVE = (State.ESTABLISHED, State.REKEYING)  # a session that carries records
+_UNREADABLE = (Reason.AUTH_FAILED, Reason.UNKNOWN_KEY_PHASE)  # a record under other keys
 GONE_EVERY = 5.0  # seconds between two SessionGone to the same mate
+GONE_AGAIN = 120.0  # said twice on one session within this (4 heartbeats): it is dead too
 
 
 def _undeliverable(counts: tuple[int, int]) -> str:
@@ -217,7 +221,8 @@ class Agent:
             transport=Transport.DATAGRAM,
         )
         self._relay_config = relay_config
-        self._gone_told: dict[str, float] = {}  # mate -> when we last sent it SessionGone
+        # mate -> when we last said SessionGone to it, and on which of our sessions
+        self._gone_told: dict[str, tuple[float, Connection | None]] = {}
         self.listener = Listener(config=self.session_config, keys=self.keys)
         self.relayed = RelayedSessions(
             listener=Listener(config=relay_config, keys=self.keys, source_is_peer=True)
@@ -678,32 +683,58 @@ class Agent:
         self._pump_relayed(peer, session, src_initiated=True)
         return session
 
-    def _our_session_gone(self, peer: str) -> None:
-        """The mate says it holds no relayed session of ours (``SessionGone``, authenticated).
+    def _our_session_gone(self, peer: str, held: bytes | None) -> None:
+        """The mate could not read records of ours (``SessionGone``, authenticated).
 
-        It restarted, or our session ended at its side: ours goes (no CLOSE:
-        nobody is left to read it) and a new one is opened, on which the outbox
-        goes again. A session still in its handshake is the new one already
-        (the mate's word was about records, which only a live session sends).
+        If the session of ours it holds (``held``) is not our current one, ours
+        is dead at its side (it restarted, or lost our key confirmation): ours
+        goes and a new one is opened. If it is ours, the records it could not
+        read were an older session's, still on their way, or forged; and a
+        session still in its handshake is the new one already.
         """
         session = self.relayed.outgoing.get(peer)
-        if session is None or session.state not in _LIVE:
+        if session is None or session.state not in _LIVE or session.session_id is None:
+            return
+        if held is not None and hmac.compare_digest(held, session.session_id):
             return
         log.info("relayed session to %s is gone at %s: a new one", peer, peer)
-        del self.relayed.outgoing[peer]
+        self._renew_relayed(peer)
+
+    def _renew_relayed(self, peer: str) -> None:
+        """Drop our relayed session to ``peer`` (no CLOSE: nobody reads it) and open another;
+        the outbox goes again on it when it comes up."""
+        self.relayed.outgoing.pop(peer, None)
         if peer not in self.links:
             self._relay_session(peer, create=True)
 
     def _tell_session_gone(self, peer: str, now: float) -> None:
-        """Records of a session we do not hold came from ``peer``: say so, on our own session.
+        """``peer`` sent records no session of ours can read: tell it, on our own session.
 
-        Only our session to it can carry it authenticated; without one, the mate learns it
-        when ours comes up (it then probes its own, below). At most once per GONE_EVERY.
+        Only our session to it carries that authenticated. If we have none up,
+        we open one (the mate probes its own when ours comes up). If we already
+        said it on this same session within GONE_AGAIN and the records still
+        come, our word did not get through: that session is dead at its side
+        too (lost frames, or both sides restarted), so it is renewed. At most
+        once per GONE_EVERY.
         """
-        if now - self._gone_told.get(peer, -math.inf) < GONE_EVERY:
+        when, told_on = self._gone_told.get(peer, (-math.inf, None))
+        if now - when < GONE_EVERY:
             return
-        if self._send_to(peer, SessionGone(), create=False):
-            self._gone_told[peer] = now
+        ours = self.relayed.outgoing.get(peer)
+        if ours is not None and ours.state in _LIVE:
+            if ours is told_on and now - when < GONE_AGAIN:
+                log.info("relayed session to %s unanswered: a new one", peer)
+                self._renew_relayed(peer)
+                self._gone_told[peer] = (now, None)
+            else:
+                listener = self.relayed.listener
+                theirs = listener.connection(peer) if listener is not None else None
+                held = theirs.session_id if theirs is not None and theirs.state in _LIVE else None
+                self._send_to(peer, SessionGone(held), create=False)
+                self._gone_told[peer] = (now, ours)
+        else:
+            self._relay_session(peer, create=True)
+            self._gone_told[peer] = (now, None)
 
     def _pump_relayed(self, peer: str, session: Connection, *, src_initiated: bool) -> None:
         """Send a relayed session's datagrams toward ``peer`` and handle its events."""
@@ -739,6 +770,15 @@ class Agent:
                 )
             elif isinstance(event, ConnectionTerminated):
                 self._peer_changed(peer)
+            elif (
+                isinstance(event, FrameRejected)
+                and not src_initiated
+                and event.reason in _UNREADABLE
+                and session.state in _LIVE
+            ):
+                # records under keys this session does not hold: the mate's session to us is
+                # not this one (its key confirmation was lost, and the candidate expired)
+                self._tell_session_gone(peer, self.clock())
         if batch:
             self._seen(peer)
             self._handle_messages(peer, batch, link=None)
@@ -931,7 +971,7 @@ class Agent:
             elif isinstance(message, Ping):
                 pass
             elif isinstance(message, SessionGone) and link is None:
-                self._our_session_gone(peer)
+                self._our_session_gone(peer, message.held)
             else:
                 log.info("dropped a hop-by-hop message from %s on a relayed session", peer)
         for message_id, _, state in self.store.receipts(receipts) if receipts else ():
@@ -1008,6 +1048,9 @@ class Agent:
                 incoming = listener.connection(peer)
                 if incoming is not None:
                     self._pump_relayed(peer, incoming, src_initiated=False)
+                    if incoming.state in _LIVE and peer not in self.links:
+                        # theirs is up, so ours should be: again if its handshake was lost
+                        self._relay_session(peer, create=True)
         self._drain_listener_events()
         self.listener.handle_timer(now)
         if self._routes_dirty or now - self._last_routes >= ROUTES_EVERY:

@@ -112,6 +112,7 @@ class Connection:
         "_ticket",
         "ck",
         "peer",
+        "session_id",
     )
 
     def __init__(
@@ -137,6 +138,10 @@ class Connection:
         self._queued: list[bytes] = []
         self.ck: CommunicationKeyset | None = None
         self.peer: str | None = None
+        # the handshake hash of this connection's first handshake (its keys, not yet their
+        # confirmation): what names this session to both sides, e.g. in a peer's "which of
+        # your sessions I hold" (the agent's SessionGone)
+        self.session_id: bytes | None = None
         self._ticket: str | None = None
         self._initiation: InitiatorHandshake | None = None
         self._epoch = -1
@@ -397,6 +402,8 @@ class Connection:
         self.ck, self.peer = ck, peer
         self._output.append(response)
         phase = (self._epoch + 1) & 1
+        if self._epoch < 0:
+            self.session_id = keys.handshake_hash
         self._install_opener(keys, phase)
         self._pending_sender = RecordSealer(keys.send, phase=phase, limit=config.record_limit)
         self._pending_capabilities = keys.peer_capabilities
@@ -431,6 +438,8 @@ class Connection:
         self._handshake_deadline = self._retransmit_at = None
         self._retransmit_delay = self._config.retransmit_interval
         self._epoch += 1
+        if self._epoch == 0:
+            self.session_id = keys.handshake_hash
         phase = self._epoch & 1
         self._install_opener(keys, phase)
         self._sender = RecordSealer(keys.send, phase=phase, limit=self._config.record_limit)

@@ -66,6 +66,7 @@ class SessionKeys(NamedTuple):
     send: CipherState
     receive: CipherState
     peer_capabilities: int
+    handshake_hash: bytes  # Noise's final h: names this handshake on both sides
 
 
 def check_keyset(
@@ -150,9 +151,9 @@ class InitiatorHandshake:
             raise RemoteProtocolError(Reason.AUTH_FAILED, "message 2") from None
         except NoiseError as exc:
             raise RemoteProtocolError(Reason.BAD_PUBLIC_KEY, str(exc)) from None
-        assert state.cipher_states is not None  # message 2 is the last one
+        assert state.cipher_states is not None and state.handshake_hash is not None
         send, receive = state.cipher_states
-        return SessionKeys(send, receive, unpack_response_payload(payload))
+        return SessionKeys(send, receive, unpack_response_payload(payload), state.handshake_hash)
 
 
 class ResponderHandshake:
@@ -184,6 +185,6 @@ class ResponderHandshake:
             frame = push_response(state.write_message(pack_response_payload(capabilities)))
         except NoiseError as exc:  # the initiator's ephemeral is a low-order point
             raise RemoteProtocolError(Reason.BAD_PUBLIC_KEY, str(exc)) from None
-        assert state.cipher_states is not None
+        assert state.cipher_states is not None and state.handshake_hash is not None
         receive, send = state.cipher_states
-        return frame, SessionKeys(send, receive, peer_capabilities)
+        return frame, SessionKeys(send, receive, peer_capabilities, state.handshake_hash)

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_TEXT",
     "MAX_TEXT_BYTES",
     "MESSAGE_ID_SIZE",
+    "SESSION_ID_SIZE",
     "Chat",
     "Message",
     "Ping",
@@ -60,6 +61,7 @@ MAX_RECEIPT_IDS = 512
 MAX_HOPS = 8
 MAX_RELAYED_FRAME = 16 * 1024 + 64
 MAX_MESSAGE_SIZE = 64 * 1024
+SESSION_ID_SIZE = 32  # a Noise handshake hash (SHA-256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +121,15 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class SessionGone:
-    """On the relayed session the sender opened: "your relayed session to me is unknown here".
+    """On the relayed session the sender opened: "records of yours came that I cannot read".
 
-    A relayed mate's frames reach us under its identity, so records of a session we
-    no longer hold (we restarted, or it ended at our side) say only that; this tells
-    the mate, authenticated by our own session to it, to open a new one.
+    ``held`` names the session of the recipient's that the sender does hold (its
+    ``Connection.session_id``), or is None: if that is not the recipient's current
+    session, the recipient's is dead at the sender's side (lost, or the sender
+    restarted) and it opens a new one; if it is, the records were stale or forged.
     """
+
+    held: bytes | None = None
 
 
 Message = Chat | Receipt | Status | Routes | Relay | Ping | SessionGone
@@ -168,6 +173,8 @@ def encode(message: Message) -> bytes:
             doc = {"t": "ping"}
         case SessionGone():
             doc = {"t": "gone"}
+            if message.held is not None:
+                doc["h"] = message.held
     data = cbor2.dumps(doc)
     if len(data) > MAX_MESSAGE_SIZE:
         raise WireError("message too large")
@@ -333,5 +340,8 @@ def decode(data: bytes) -> Message:
     if kind == "ping":
         return Ping()
     if kind == "gone":
-        return SessionGone()
+        held = _get(doc, "h", bytes, optional=True)
+        if held is not None and len(held) != SESSION_ID_SIZE:
+            raise WireError(f"a session id is {SESSION_ID_SIZE} bytes")
+        return SessionGone(held)
     raise WireError("unknown message kind")

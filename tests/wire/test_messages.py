@@ -41,6 +41,7 @@ MID = os.urandom(16)
         Relay("alpha-1", "gs-1", 5, b"\x18" * 40),
         Ping(),
         SessionGone(),
+        SessionGone(bytes(range(32))),
     ],
 )
 def test_round_trip(message: object) -> None:
@@ -71,6 +72,8 @@ def test_round_trip(message: object) -> None:
         ({"t": "relay", "src": "a", "dst": "b", "ttl": 9, "f": b"x", "i": True}, "ttl"),
         ({"t": "relay", "src": "a", "dst": "b", "ttl": 1, "f": b"x"}, "boolean"),
         ({"t": "relay", "src": "a", "dst": "b", "ttl": 1, "f": b""}, "frame"),
+        ({"t": "gone", "h": b"\x00" * 31}, "32 bytes"),
+        ({"t": "gone", "h": "not bytes"}, "h"),
         ({"t": "nope"}, "unknown"),
         ([1, 2], "map"),
     ],

@@ -223,6 +223,7 @@ class Agent:
         self._relay_config = relay_config
         # mate -> when we last said SessionGone to it, and on which of our sessions
         self._gone_told: dict[str, tuple[float, Connection | None]] = {}
+        self._heard: dict[str, float] = {}  # mate -> when we last read its session to us
         self.listener = Listener(config=self.session_config, keys=self.keys)
         self.relayed = RelayedSessions(
             listener=Listener(config=relay_config, keys=self.keys, source_is_peer=True)
@@ -696,6 +697,9 @@ class Agent:
         if session is None or session.state not in _LIVE or session.session_id is None:
             return
         if held is not None and hmac.compare_digest(held, session.session_id):
+            # ours is fine: the records were older ones, or forged. Say so on it, so the mate
+            # hears from us and does not take its own session for dead (_tell_session_gone)
+            self._send_to(peer, Ping(), create=False)
             return
         log.info("relayed session to %s is gone at %s: a new one", peer, peer)
         self._renew_relayed(peer)
@@ -712,17 +716,21 @@ class Agent:
 
         Only our session to it carries that authenticated. If we have none up,
         we open one (the mate probes its own when ours comes up). If we already
-        said it on this same session within GONE_AGAIN and the records still
-        come, our word did not get through: that session is dead at its side
-        too (lost frames, or both sides restarted), so it is renewed. At most
-        once per GONE_EVERY.
+        said it on this same session within GONE_AGAIN, and nothing of the
+        mate's has been read since (a mate that got it answers, at least with a
+        ``ping``), our word did not get through: that session is dead at its side
+        too (lost frames, or both sides restarted), so it is renewed. Records
+        that merely fail (forged by whoever routes frames, or late ones of an
+        older session) therefore never renew a session that works. At most once
+        per GONE_EVERY.
         """
         when, told_on = self._gone_told.get(peer, (-math.inf, None))
         if now - when < GONE_EVERY:
             return
         ours = self.relayed.outgoing.get(peer)
         if ours is not None and ours.state in _LIVE:
-            if ours is told_on and now - when < GONE_AGAIN:
+            unanswered = self._heard.get(peer, -math.inf) < when
+            if ours is told_on and now - when < GONE_AGAIN and unanswered:
                 log.info("relayed session to %s unanswered: a new one", peer)
                 self._renew_relayed(peer)
                 self._gone_told[peer] = (now, None)
@@ -741,9 +749,11 @@ class Agent:
         for frame in session.datagrams_to_send():
             self._forward(Relay(self.identity, peer, MAX_HOPS, frame, src_initiated))
         batch: list[bytes] = []
+        read = False  # a record of this session authenticated
         while (event := session.next_event()) is not None:
             if isinstance(event, DataReceived):
                 batch.append(event.data)
+                read = True
                 continue
             if batch:
                 self._handle_messages(peer, batch, link=None)
@@ -752,6 +762,7 @@ class Agent:
                 # A relayed pair runs two sessions, one each way: we send on ours, so only ours
                 # coming up flushes the outbox; theirs coming up makes sure ours is on its way.
                 log.info("relayed session %s %s up", "to" if src_initiated else "from", peer)
+                read = True
                 self._seen(peer)
                 self._peer_changed(peer)
                 if src_initiated:
@@ -782,6 +793,8 @@ class Agent:
         if batch:
             self._seen(peer)
             self._handle_messages(peer, batch, link=None)
+        if read and not src_initiated:
+            self._heard[peer] = self.clock()
 
     def _forward(self, relay: Relay) -> bool:
         route = self.routing.route(relay.dst)

@@ -224,6 +224,7 @@ class Agent:
         # mate -> when we last said SessionGone to it, and on which of our sessions
         self._gone_told: dict[str, tuple[float, Connection | None]] = {}
         self._heard: dict[str, float] = {}  # mate -> when we last read its session to us
+        self._reopened: dict[str, float] = {}  # mate -> when housekeeping last reopened ours
         self.listener = Listener(config=self.session_config, keys=self.keys)
         self.relayed = RelayedSessions(
             listener=Listener(config=relay_config, keys=self.keys, source_is_peer=True)
@@ -1061,8 +1062,12 @@ class Agent:
                 incoming = listener.connection(peer)
                 if incoming is not None:
                     self._pump_relayed(peer, incoming, src_initiated=False)
-                    if incoming.state in _LIVE and peer not in self.links:
-                        # theirs is up, so ours should be: again if its handshake was lost
+                    # theirs is up, so ours should be: again if its handshake failed (at most
+                    # once per GONE_EVERY, should the mate refuse it each time)
+                    missing = peer not in self.relayed.outgoing and peer not in self.links
+                    due = now - self._reopened.get(peer, -math.inf) >= GONE_EVERY
+                    if incoming.state in _LIVE and missing and due:
+                        self._reopened[peer] = now
                         self._relay_session(peer, create=True)
         self._drain_listener_events()
         self.listener.handle_timer(now)

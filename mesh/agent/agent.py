@@ -63,11 +63,11 @@ from mesh.protocol import (
     Reason,
     Role,
     SessionConfig,
-    State,
     Transport,
 )
 from mesh.protocol.events import Termination
 from mesh.protocol.frames import starts_session
+from mesh.protocol.state import CARRYING, TERMINAL
 from mesh.timefmt import utc_iso
 from mesh.token import SecureElement, Slot, TokenAbsent, TokenError
 from mesh.transport import Link, read_preamble, write_preamble
@@ -113,7 +113,6 @@ TOKEN_CHECK_EVERY = 1.0  # seconds between checks that the token (a card) is sti
 MAX_POSITION_FILE = 256  # bytes: LAT,LON,ALT
 MAX_UNSENT_COUNT = 1000  # outbox rows counted for a mate a new bundle drops
 FETCH_STOP_WAIT = 35.0  # seconds a stop waits for a bundle fetch (its link times out at 30)
-_LIVE = (State.ESTABLISHED, State.REKEYING)  # a session that carries records
 _UNREADABLE = (Reason.AUTH_FAILED, Reason.UNKNOWN_KEY_PHASE)  # a record under other keys
 GONE_EVERY = 5.0  # seconds between two SessionGone to the same mate
 GONE_AGAIN = 120.0  # said twice on one session within this (4 heartbeats): it is dead too
@@ -397,7 +396,7 @@ class Agent:
         session = self.relayed.outgoing.get(identity)
         route = self.routing.route(identity)
         incoming = self.relayed.listener.connection(identity) if self.relayed.listener else None
-        relayed_up = any(c is not None and c.state in _LIVE for c in (session, incoming))
+        relayed_up = any(c is not None and c.state in CARRYING for c in (session, incoming))
         if relayed_up and route is not None:
             return "relayed", route.next_hop
         info = self.peers.get(identity)
@@ -671,7 +670,7 @@ class Agent:
 
     def _relay_session(self, peer: str, *, create: bool) -> Connection | None:
         session = self.relayed.outgoing.get(peer)
-        if session is not None and session.state not in (State.CLOSED, State.ERROR):
+        if session is not None and session.state not in TERMINAL:
             return session
         if not create or not self.token_ok or self.routing.route(peer) is None:
             return None
@@ -695,7 +694,7 @@ class Agent:
         session still in its handshake is the new one already.
         """
         session = self.relayed.outgoing.get(peer)
-        if session is None or session.state not in _LIVE or session.session_id is None:
+        if session is None or session.state not in CARRYING or session.session_id is None:
             return
         if held is not None and hmac.compare_digest(held, session.session_id):
             # ours is fine: the records were older ones, or forged. Say so on it, so the mate
@@ -729,7 +728,7 @@ class Agent:
         if now - when < GONE_EVERY:
             return
         ours = self.relayed.outgoing.get(peer)
-        if ours is not None and ours.state in _LIVE:
+        if ours is not None and ours.state in CARRYING:
             unanswered = self._heard.get(peer, -math.inf) < when
             if ours is told_on and now - when < GONE_AGAIN and unanswered:
                 log.info("relayed session to %s unanswered: a new one", peer)
@@ -738,7 +737,9 @@ class Agent:
             else:
                 listener = self.relayed.listener
                 theirs = listener.connection(peer) if listener is not None else None
-                held = theirs.session_id if theirs is not None and theirs.state in _LIVE else None
+                held = (
+                    theirs.session_id if theirs is not None and theirs.state in CARRYING else None
+                )
                 self._send_to(peer, SessionGone(held), create=False)
                 self._gone_told[peer] = (now, ours)
         else:
@@ -770,7 +771,7 @@ class Agent:
                     self._on_session_up(peer)
                 elif peer not in self.links:  # (a direct link carries it all)
                     ours = self._relay_session(peer, create=True)
-                    if ours is not None and ours.state in _LIVE:
+                    if ours is not None and ours.state in CARRYING:
                         # a new session of theirs may mean they restarted: does ours still
                         # reach them? (if not, they answer SessionGone)
                         self._send_to(peer, Ping(), create=False)
@@ -786,7 +787,7 @@ class Agent:
                 isinstance(event, FrameRejected)
                 and not src_initiated
                 and event.reason in _UNREADABLE
-                and session.state in _LIVE
+                and session.state in CARRYING
             ):
                 # records under keys this session does not hold: the mate's session to us is
                 # not this one (its key confirmation was lost, and the candidate expired)
@@ -830,7 +831,7 @@ class Agent:
             self._drain_listener_events()
             if session is not None:
                 self._pump_relayed(peer, session, src_initiated=False)
-            elif not new_session and (held is None or held.state in (State.CLOSED, State.ERROR)):
+            elif not new_session and (held is None or held.state in TERMINAL):
                 self._tell_session_gone(peer, now)
         else:
             outgoing = self.relayed.outgoing.get(peer)
@@ -852,7 +853,7 @@ class Agent:
             except LocalProtocolError:
                 return False
         session = self._relay_session(peer, create=create)
-        if session is None or session.state not in _LIVE:
+        if session is None or session.state not in CARRYING:
             return False
         try:
             session.send_data(data, self.clock())
@@ -1053,7 +1054,7 @@ class Agent:
         for peer, session in list(self.relayed.outgoing.items()):
             session.handle_timer(now)
             self._pump_relayed(peer, session, src_initiated=True)
-            if session.state in (State.CLOSED, State.ERROR):
+            if session.state in TERMINAL:
                 del self.relayed.outgoing[peer]
         listener = self.relayed.listener
         if listener is not None:
@@ -1066,7 +1067,7 @@ class Agent:
                     # once per GONE_EVERY, should the mate refuse it each time)
                     missing = peer not in self.relayed.outgoing and peer not in self.links
                     due = now - self._reopened.get(peer, -math.inf) >= GONE_EVERY
-                    if incoming.state in _LIVE and missing and due:
+                    if incoming.state in CARRYING and missing and due:
                         self._reopened[peer] = now
                         self._relay_session(peer, create=True)
         self._drain_listener_events()

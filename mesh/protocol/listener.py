@@ -42,14 +42,13 @@ from mesh.protocol.events import HandshakeRefused
 from mesh.protocol.frames import FrameType, starts_session
 from mesh.protocol.keysets import KeysetLookup
 from mesh.protocol.ratelimit import RateLimiter
-from mesh.protocol.state import TERMINAL, State
+from mesh.protocol.state import CARRYING, TERMINAL, State
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_HALF_OPEN", "Listener"]
 
 DEFAULT_MAX_HALF_OPEN = 64
 DEFAULT_MAX_CONNECTIONS = 1024
 _HALF_OPEN = (State.START, State.AWAIT_CONFIRM)
-_LIVE = (State.ESTABLISHED, State.REKEYING)
 
 
 class Listener:
@@ -149,7 +148,7 @@ class Listener:
             connection = self.accept(source, now)
             if connection is None:
                 return None
-        elif connection.state in _LIVE:
+        elif connection.state in CARRYING:
             if new_session:
                 return self._restarted(source, connection, data, now)
             candidate = self._candidates.get(source)

@@ -29,7 +29,7 @@ from enum import Enum
 from mesh.protocol.config import Role
 from mesh.protocol.errors import LocalProtocolError
 
-__all__ = ["LIVE", "TERMINAL", "TRANSITIONS", "ConnectionState", "State", "Trigger"]
+__all__ = ["CARRYING", "LIVE", "TERMINAL", "TRANSITIONS", "ConnectionState", "State", "Trigger"]
 
 
 class _Member(Enum):
@@ -71,6 +71,7 @@ S = State
 T = Trigger
 
 TERMINAL = frozenset({S.CLOSED, S.ERROR})
+CARRYING = frozenset({S.ESTABLISHED, S.REKEYING})  # records flow under confirmed keys
 _HANDSHAKING = {
     INITIATOR: (S.AWAIT_RESPONSE, S.REKEYING),
     RESPONDER: (S.AWAIT_CONFIRM, S.REKEYING),
@@ -102,7 +103,7 @@ TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
     **{
         (role, state, trigger): state
         for role in Role
-        for state in (S.ESTABLISHED, S.REKEYING)
+        for state in CARRYING
         for trigger in (T.RECV_RECORD, T.SEND_RECORD)
     },
     # both: the ways out

@@ -98,6 +98,11 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) ->
         await asyncio.sleep(0.05)
 
 
+def _dialling(gs: Agent) -> tuple[str]:
+    """``--peer`` for an agent that dials gs-1 where it listens."""
+    return (f"gs-1@127.0.0.1:{gs.listen_address[1]}",)
+
+
 @contextlib.asynccontextmanager
 async def _linked(
     site: Site, tmp_path: Path, service: AuthService
@@ -112,7 +117,7 @@ async def _linked(
         tmp_path,
         "alpha-1",
         address=address,
-        peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+        peers=_dialling(gs),
     )
     await alpha.start()
     try:
@@ -141,7 +146,7 @@ def test_agents_fetch_their_keysets_from_the_as_live_and_chat(
             tmp_path,
             "alpha-1",
             address=address,
-            peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+            peers=_dialling(gs),
         )
         old["alpha-1"] = alpha_path.read_bytes()
         await alpha.start()
@@ -711,7 +716,7 @@ def test_a_mate_newer_than_the_bundle_gets_it_fetched_and_is_linked(
                 tmp_path,
                 "alpha-3",
                 address=address,
-                peers=(f"gs-1@127.0.0.1:{gs.listen_address[1]}",),
+                peers=_dialling(gs),
             )
             await alpha.start()
             try:

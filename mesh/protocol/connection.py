@@ -82,7 +82,9 @@ class Connection:
     ``expected_peer``: a responder whose transport already names its peer (a
     relayed mate's frames come as that mate's) refuses a CK with anyone else
     (``IDENTITY_MISMATCH``), so a holder of another CK with us cannot speak
-    under that name.
+    under that name. That refusal is not answered: a message 1 under a CK with
+    someone else did not come from the peer the transport names, and a REFUSE
+    would reach that peer (ending a first handshake it may have in flight).
     """
 
     __slots__ = (
@@ -357,8 +359,9 @@ class Connection:
         starting_responder = self.role is Role.RESPONDER and self._state.state is State.START
         if self._datagram and not starting_responder:
             return None
-        if ck_id is not None:  # a refused message 1: one generic answer, whatever the reason
-            self._output.append(REFUSE_FRAME)
+        misdirected = self._expected_peer is not None and exc.reason is Reason.IDENTITY_MISMATCH
+        if ck_id is not None and not misdirected:  # one generic answer, whatever the reason
+            self._output.append(REFUSE_FRAME)  # (but not to a peer that did not send it)
         self._terminate(Trigger.FAIL, Termination.PROTOCOL_ERROR, exc.reason)
         return exc
 

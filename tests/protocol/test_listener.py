@@ -322,7 +322,7 @@ def test_a_rekey_from_a_stranger_opens_nothing() -> None:
 
 def test_a_source_that_names_its_peer_takes_that_peers_ck_only() -> None:
     """A relayed mate's frames come as ``Relay.src``: a relay holding its own CK with us
-    cannot open a session under another mate's name."""
+    cannot open a session under another mate's name, nor make us REFUSE that mate."""
     ab, cb = make_ck("alpha", "bravo"), make_ck("charlie", "bravo")
     bravo = MemoryKeyStore([ab, cb])
     listener = Listener(config=config("bravo", Transport.DATAGRAM), keys=bravo, source_is_peer=True)
@@ -338,6 +338,7 @@ def test_a_source_that_names_its_peer_takes_that_peers_ck_only() -> None:
     assert [e.reason for e in drain(claimed) if isinstance(e, HandshakeRefused)] == [
         Reason.IDENTITY_MISMATCH
     ]
+    assert claimed.datagrams_to_send() == []  # a REFUSE would go to alpha, who sent nothing
     honest = listener.datagram_received(init, "charlie", NOW)
     assert honest is not None and honest.state is State.AWAIT_CONFIRM
     assert honest.peer == "charlie"

@@ -171,6 +171,8 @@ class PeerInfo:
     failures: int = 0
     dialling: bool = False
     expiry_warned: bool = False
+    relay_failures: int = 0  # housekeeping's relayed handshakes to it since ours was last up
+    next_relay: float = 0.0  # when housekeeping may open our relayed session to it again
 
 
 @dataclass(slots=True)
@@ -223,7 +225,6 @@ class Agent:
         # mate -> when we last said SessionGone to it, and on which of our sessions
         self._gone_told: dict[str, tuple[float, Connection | None]] = {}
         self._heard: dict[str, float] = {}  # mate -> when we last read its session to us
-        self._reopened: dict[str, float] = {}  # mate -> when housekeeping last reopened ours
         self.listener = Listener(config=self.session_config, keys=self.keys)
         self.relayed = RelayedSessions(
             listener=Listener(config=relay_config, keys=self.keys, source_is_peer=True)
@@ -704,6 +705,27 @@ class Agent:
         log.info("relayed session to %s is gone at %s: a new one", peer, peer)
         self._renew_relayed(peer)
 
+    def _reopen_relayed(self, now: float) -> None:
+        """Open our relayed session again to each mate a route reaches and we hold none to.
+
+        Relayed sessions open when a route appears or something is to be sent. A
+        handshake lost on the way, or refused (the mate's card was out), would
+        otherwise leave an idle pair with no session until someone types, and a
+        mate whose own session is up with no way back. Retried with full jitter
+        (as dialling is) until ours comes up.
+        """
+        if not self.token_ok:
+            return
+        for peer, info in self.peers.items():
+            if peer in self.links or now < info.next_relay:
+                continue
+            ours = self.relayed.outgoing.get(peer)
+            if ours is not None and ours.state not in TERMINAL:
+                continue
+            if self._relay_session(peer, create=True) is not None:
+                info.relay_failures += 1
+                info.next_relay = now + self._backoff(info.relay_failures)
+
     def _renew_relayed(self, peer: str) -> None:
         """Drop our relayed session to ``peer`` (no CLOSE: nobody reads it) and open another;
         the outbox goes again on it when it comes up."""
@@ -768,6 +790,9 @@ class Agent:
                 self._seen(peer)
                 self._peer_changed(peer)
                 if src_initiated:
+                    info = self.peers.get(peer)
+                    if info is not None:
+                        info.relay_failures, info.next_relay = 0, 0.0
                     self._on_session_up(peer)
                 elif peer not in self.links:  # (a direct link carries it all)
                     ours = self._relay_session(peer, create=True)
@@ -1063,13 +1088,7 @@ class Agent:
                 incoming = listener.connection(peer)
                 if incoming is not None:
                     self._pump_relayed(peer, incoming, src_initiated=False)
-                    # theirs is up, so ours should be: again if its handshake failed (at most
-                    # once per GONE_EVERY, should the mate refuse it each time)
-                    missing = peer not in self.relayed.outgoing and peer not in self.links
-                    due = now - self._reopened.get(peer, -math.inf) >= GONE_EVERY
-                    if incoming.state in CARRYING and missing and due:
-                        self._reopened[peer] = now
-                        self._relay_session(peer, create=True)
+        self._reopen_relayed(now)
         self._drain_listener_events()
         self.listener.handle_timer(now)
         if self._routes_dirty or now - self._last_routes >= ROUTES_EVERY:

@@ -228,9 +228,8 @@ def test_a_restart_whose_key_confirmation_is_lost_heals_in_a_minute(mission: Mis
     _both_up(mission)
     mission.tick(1)
     mission.start("b")
-    mission.tick(0, only="b", deliver=False)  # its housekeeping at start (its first beat)
-    mission.net.clear()
-    mission.open("b")
+    mission.tick(0, only="b", deliver=False)  # its housekeeping at start opens its session
+    mission.open("b")  # (the one in its handshake already)
     lost = 0
     while mission.net:
         relay = mission.net.popleft()
@@ -331,3 +330,31 @@ def test_forged_records_under_a_mates_name_never_renew_a_working_session(
     assert a.relayed.outgoing["b"] is ours and a.relayed.listener.connection("b") is theirs  # type: ignore[union-attr]
     assert mission.handshakes == handshakes
     assert mission.up("a") and mission.up("b")
+
+
+def test_an_idle_pair_whose_handshakes_were_lost_opens_them_again(mission: Mission) -> None:
+    """Both message 1s lost, the route unchanged, nothing to send: housekeeping opens both
+    sessions again (they used to stay shut until someone typed)."""
+    mission.open("a")
+    mission.open("b")
+    for _ in range(12):  # every frame lost, retransmits too, past the handshakes' timeout
+        mission.net.clear()
+        mission.tick(1, deliver=False)
+    mission.net.clear()
+    assert _heals_within(mission, 120) <= 60
+
+
+def test_a_mate_that_never_answers_is_retried_with_backoff_not_at_every_tick(
+    mission: Mission,
+) -> None:
+    """b's card stays out for 10 minutes: a keeps trying, with full jitter up to 30 s
+    between tries (each try sends message 1 with its retransmits), then heals once it is in."""
+    b = mission.agents["b"]
+    b._token_state, b._token_checking = "absent", True  # out, and not looked for again
+    start = mission.handshakes
+    for _ in range(600):
+        mission.tick(1, only="a")
+    tries = mission.handshakes - start
+    assert 20 <= tries <= 400  # 155 here; at every tick, with retransmits, some 2,400
+    b._token_state, b._token_checking = "ok", False
+    assert _heals_within(mission, 120) <= 90

@@ -45,7 +45,12 @@ from provisioning.authserver.meters import (
     simulate_fleet,
 )
 from provisioning.authserver.protocol import AuthService
-from provisioning.authserver.server import bound_socket, serve_forever
+from provisioning.authserver.server import (
+    bound_socket,
+    link_capacity,
+    raise_file_limit,
+    serve_forever,
+)
 from provisioning.authserver.store import CLONE_ALERT, SqliteKeyStateStore, SqlKeyStateStore
 from provisioning.store import Store, desk_file
 
@@ -152,6 +157,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LocalAuthError(f"--cookie-threshold must be 1..{args.max_pending} (--max-pending)")
     if not (math.isfinite(args.identity_rate) and args.identity_rate > 0):
         raise LocalAuthError("--identity-rate must be a positive number")
+    raise_file_limit()  # (inherited by the workers)
+    capacity = link_capacity()
+    if args.max_links is not None and not 1 <= args.max_links <= capacity:
+        raise LocalAuthError(
+            f"--max-links must be 1..{capacity} (this process's descriptor limit, less "
+            "what a worker keeps for its store)"
+        )
     _check_store_choice(args)
     sock = bound_socket(host, port)  # an address we cannot listen on fails before the store
     passphrase = desk_passphrase(args.store)
@@ -176,7 +188,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     counters = serve_forever(
-        make_service, host, port, workers=args.workers, on_ready=ready, sock=sock
+        make_service,
+        host,
+        port,
+        workers=args.workers,
+        on_ready=ready,
+        sock=sock,
+        max_links=args.max_links,
     )
     if args.json:
         print(json.dumps(counters, sort_keys=True), flush=True)
@@ -633,6 +651,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=1.0,
         metavar="R",
         help="keyset requests per second per identity, bursts of 10 (default 1)",
+    )
+    p.add_argument(
+        "--max-links",
+        type=int,
+        metavar="N",
+        help="links each worker holds at once; one more drops the oldest link that has "
+        "sent no HELLO yet, so a flood of silent connections cannot lock clients out "
+        "(default: the descriptor limit, raised to the hard one, less 64; at most 65,536)",
     )
     p.add_argument("--json", action="store_true", help="print counters as JSON on exit")
 

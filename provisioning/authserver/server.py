@@ -12,6 +12,14 @@ made every commit so far durable (:class:`GroupCommit`). So an answer still
 never precedes the durable commit it reports, while one ``fsync`` or WAL flush
 covers all the requests a worker served meanwhile (SQLite's runs in a thread,
 so the worker's loop keeps serving).
+
+Silent links: a connection costs a file descriptor from its accept on, before
+it has sent a byte, and a flood of connections that never send one would run
+a worker out of descriptors, so that nobody else gets in. A worker holds at
+most ``max_links`` (its descriptor limit, raised to the hard one, less a
+reserve); a link over that drops the oldest link that has not yet had a HELLO
+admitted. Clients send their HELLO as soon as they connect, so what gets
+dropped is what sat silent longest.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -28,16 +37,50 @@ from typing import cast
 
 from provisioning.authserver import eventloop
 from provisioning.authserver.errors import AuthServerError
-from provisioning.authserver.protocol import AuthService, ServerSession
+from provisioning.authserver.protocol import AuthService, ServerSession, ServerState
 from provisioning.authserver.store import KeyStateStore
 
-__all__ = ["IDLE_TIMEOUT", "AuthServer", "GroupCommit", "bound_socket", "serve_forever"]
+__all__ = [
+    "IDLE_TIMEOUT",
+    "AuthServer",
+    "GroupCommit",
+    "bound_socket",
+    "link_capacity",
+    "raise_file_limit",
+    "serve_forever",
+]
 
 log = logging.getLogger("snrmesh.as")
 
 IDLE_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 30.0  # what a stopping worker gives the sync in progress
 BACKLOG = 4096
+FD_RESERVE = 64  # descriptors a worker keeps for its store (and WAL), threads and pipes
+MAX_LINKS = 65_536  # links per worker at most, whatever its descriptor limit
+FILE_LIMIT_CAP = 1 << 20  # the descriptor limit asked for when the hard one is unlimited
+
+
+def raise_file_limit() -> int:
+    """Raise this process's descriptor limit to its hard limit (inherited by its workers).
+
+    The usual soft limit (1,024) would cap a worker at some 960 links at once.
+    Returns the soft limit in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FILE_LIMIT_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # (a kernel cap below the hard one)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return int(soft)
+
+
+def link_capacity() -> int:
+    """The links a worker can hold at once under its descriptor limit, less the reserve."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_LINKS
+    return max(1, min(MAX_LINKS, int(soft) - FD_RESERVE))
 
 
 class GroupCommit:
@@ -121,10 +164,19 @@ class GroupCommit:
 class AuthServer:
     """One worker: an asyncio server whose connections each run a :class:`ServerSession`."""
 
-    def __init__(self, service: AuthService, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        service: AuthService,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_links: int | None = None,
+    ) -> None:
         self.service = service
         self._clock = clock
         self._server: asyncio.Server | None = None
+        self.max_links = link_capacity() if max_links is None else max_links
+        self.links: set[_LinkProtocol] = set()
+        self._silent: dict[_LinkProtocol, None] = {}  # no HELLO admitted yet, oldest first
         service.store.group_commits()  # every answer waits for self.group (see the module doc)
         self.group = GroupCommit(service.store)
 
@@ -148,6 +200,24 @@ class AuthServer:
 
     def _protocol(self) -> _LinkProtocol:
         return _LinkProtocol(self)
+
+    def opened(self, link: _LinkProtocol) -> None:
+        """A new link, silent so far; over ``max_links``, the oldest silent one goes."""
+        self.links.add(link)
+        self._silent[link] = None
+        if len(self.links) > self.max_links:
+            oldest = next(iter(self._silent))  # (the new one itself, if none is older)
+            self.service.count("silent_dropped")
+            self.forget(oldest)
+            oldest.drop()
+
+    def admitted(self, link: _LinkProtocol) -> None:
+        """Its HELLO was admitted (or it is closing): it is no longer dropped for silence."""
+        self._silent.pop(link, None)
+
+    def forget(self, link: _LinkProtocol) -> None:
+        self.links.discard(link)
+        self._silent.pop(link, None)
 
     def sync_failed(self) -> None:
         """A group sync failed: what the caches hold may not be durable."""
@@ -183,6 +253,14 @@ class _LinkProtocol(asyncio.Protocol):
         now = self._last = self._clock()
         self._session = self._server.service.session(source, now)
         self._arm(now)
+        self._server.opened(self)
+
+    def drop(self) -> None:
+        """Close at once, sending nothing: a silent link dropped for a newer one."""
+        self._closing = True
+        self._held.clear()
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         session = self._session
@@ -190,6 +268,8 @@ class _LinkProtocol(asyncio.Protocol):
             return
         now = self._last = self._clock()
         session.receive_data(data, now)
+        if session.state is not ServerState.AWAIT_HELLO:
+            self._server.admitted(self)
         self._send()
 
     def eof_received(self) -> bool:
@@ -206,6 +286,7 @@ class _LinkProtocol(asyncio.Protocol):
             self._session.connection_lost()
         self._transport = None
         self._held.clear()
+        self._server.forget(self)
 
     # -- output, after the group sync -----------------------------------------------------
 
@@ -301,10 +382,13 @@ def bound_socket(host: str, port: int) -> socket.socket:
 
 
 async def _run_worker(
-    make_service: Callable[[], AuthService], sock: socket.socket, stop: asyncio.Event
+    make_service: Callable[[], AuthService],
+    sock: socket.socket,
+    stop: asyncio.Event,
+    max_links: int | None,
 ) -> AuthService:
     service = make_service()
-    server = AuthServer(service)
+    server = AuthServer(service, max_links=max_links)
     await server.serve_on(sock)
     await stop.wait()
     await server.stop()
@@ -320,12 +404,14 @@ def serve_forever(
     workers: int = 1,
     on_ready: Callable[[str, int], None] = lambda host, port: None,
     sock: socket.socket | None = None,
+    max_links: int | None = None,
 ) -> dict[str, int]:
     """Run ``workers`` processes (forked, one shared socket) until SIGTERM/SIGINT.
 
     Returns the counters of this (parent) worker. The store is opened in each
     worker after the fork (``make_service``), never shared across processes.
     ``sock``: a socket from :func:`bound_socket` already (else one is bound here).
+    ``max_links``: links per worker at once (default: :func:`link_capacity`).
     """
     sock = sock or bound_socket(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -335,14 +421,14 @@ def serve_forever(
         if pid == 0:  # pragma: no cover - runs in the child
             code = 0
             try:
-                _worker_main(make_service, sock)
+                _worker_main(make_service, sock, max_links)
             except BaseException:
                 code = 1
             os._exit(code)
         children.append(pid)
     on_ready(bound_host, bound_port)
     try:
-        counters = _worker_main(make_service, sock)
+        counters = _worker_main(make_service, sock, max_links)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -353,13 +439,15 @@ def serve_forever(
     return counters
 
 
-def _worker_main(make_service: Callable[[], AuthService], sock: socket.socket) -> dict[str, int]:
+def _worker_main(
+    make_service: Callable[[], AuthService], sock: socket.socket, max_links: int | None
+) -> dict[str, int]:
     async def main() -> dict[str, int]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        service = await _run_worker(make_service, sock, stop)
+        service = await _run_worker(make_service, sock, stop, max_links)
         return dict(service.counters)
 
     return eventloop.run(main())

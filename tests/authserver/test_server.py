@@ -568,3 +568,98 @@ def test_an_answer_read_while_a_sync_runs_waits_for_its_own_commit(
         assert min(synced_when_sent) >= issued_at[0], (synced_when_sent, issued_at)
 
     asyncio.run(main())
+
+
+@LOOPS
+def test_a_flood_of_silent_links_drops_the_oldest_silent_ones_not_the_clients(
+    site: Site, store: KeyStateStore, loop: str
+) -> None:
+    """Connections that never send a byte: over ``max_links`` the oldest silent one goes,
+    and a client that sends its HELLO at once is served."""
+
+    async def main() -> None:
+        server = AuthServer(make_service(store, key_lifetime=1e9), max_links=8)
+        host, port = await server.start("127.0.0.1", 0)
+        silent = []
+        try:
+            for _ in range(20):
+                silent.append(await asyncio.open_connection(host, port))
+            for _ in range(100):  # until the server accepted all twenty
+                if server.service.counters.get("silent_dropped", 0) >= 12:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(server.links) <= 8
+            outcome = await request_keysets(host, port, site.token("uav-1"), [request("gs-1")])
+            assert outcome.grants and len(server.links) <= 8
+            for reader, _ in silent[:12]:  # the oldest ones: closed, with nothing sent
+                assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        finally:
+            for _, writer in silent:
+                writer.close()
+            await server.stop()
+        assert server.service.counters["silent_dropped"] >= 13  # 20 silent + the client, 8 kept
+
+    run_on(loop, main())
+
+
+def test_as_serve_out_of_descriptors_still_serves_clients_through_a_silent_flood(
+    site: Site,
+) -> None:
+    """``as serve`` under a 160-descriptor limit and 300 connections that never send a byte:
+    a node's request is still answered (it failed after 6 attempts before silent links were
+    dropped: the worker could no longer accept)."""
+    import resource
+    import signal
+    import socket
+
+    cli = [sys.executable, "-m", "mesh.cli"]
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    server = subprocess.Popen(
+        [*cli, "as", "serve", "--store", str(site.desk_dir), "--listen", "127.0.0.1:0", "--json"],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+    )
+    flood: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on" in line, server.stderr.read() if server.stderr else ""
+        address = line.split()[4]
+        host, port = address.rsplit(":", 1)
+        for _ in range(300):
+            flood.append(socket.create_connection((host, int(port)), timeout=5))
+        token = str(site.root / "alpha-1.token")
+        got = subprocess.run(
+            [
+                *cli,
+                "as",
+                "request",
+                "--as",
+                address,
+                "--token",
+                token,
+                "--target",
+                "gs-1",
+                "--json",
+            ],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["peer"] == "gs-1"
+    finally:
+        for sock in flood:
+            sock.close()
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    counters = json.loads(out.strip().splitlines()[-1])
+    assert counters["silent_dropped"] >= 300 - 160

@@ -233,6 +233,7 @@ class Agent:
         self.peers = {m.identity: PeerInfo(m.identity, m.role) for m in self.keys.mates.values()}
         self.links: dict[str, Link] = {}  # established, one per mate
         self._all_links: set[Link] = set()
+        self._accepting: set[Link] = set()  # accepted, their session not up yet
         self.static = [self._static_peer(p) for p in config.peers]
         self.control: ControlServer | None = None
         self.discovery: MdnsDiscovery | None = None
@@ -556,13 +557,26 @@ class Agent:
             return
         write_preamble(writer, self._tag(self.clock()))
         connection = self.listener.accept(address, self.clock())
+        self._close_dropped()  # (a silent one may have made room for this one)
         if connection is None:
             writer.close()
             self._drain_listener_events()
             return
         link = Link(connection, reader, writer, owner=self, address=address, clock=self.clock)
         self._all_links.add(link)
+        self._accepting.add(link)
         await link.run()
+
+    def _close_dropped(self) -> None:
+        """Close the sockets of accepted links whose session the listener ended.
+
+        It ends those silent past the handshake timeout, and the oldest silent
+        one when a newer connection needs its place. Nothing else would close
+        their sockets: a link that never spoke waits on its socket with no timer
+        of its own, and each one kept a file descriptor for good.
+        """
+        for link in [link for link in self._accepting if link.connection.state in TERMINAL]:
+            link.close()
 
     def _drain_listener_events(self) -> None:
         for listener in (self.listener, self.relayed.listener):
@@ -580,6 +594,7 @@ class Agent:
     # -- LinkOwner ------------------------------------------------------------------------------
 
     def link_up(self, link: Link, event: HandshakeCompleted) -> None:
+        self._accepting.discard(link)
         peer = event.peer
         future = self._dial_waiters.get(link)
         if peer in self.config.blocked or peer not in self.peers:
@@ -648,6 +663,7 @@ class Agent:
 
     def link_closed(self, link: Link, event: ConnectionTerminated | None) -> None:
         self._all_links.discard(link)
+        self._accepting.discard(link)
         future = self._dial_waiters.get(link)
         if future is not None and not future.done():
             future.set_result(False)
@@ -1091,6 +1107,7 @@ class Agent:
         self._reopen_relayed(now)
         self._drain_listener_events()
         self.listener.handle_timer(now)
+        self._close_dropped()
         if self._routes_dirty or now - self._last_routes >= ROUTES_EVERY:
             self._advertise_routes(now)
         if now - self._last_retry >= RETRY_EVERY:

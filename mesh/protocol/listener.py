@@ -4,7 +4,12 @@ A listener bounds what strangers can make a node hold: at most
 ``max_half_open`` connections without a confirmed session (START or
 AWAIT_CONFIRM) and ``max_connections`` in all; a connection that did not
 complete its handshake within ``handshake_timeout`` of being created is
-closed; ticket unwraps share one per-source :class:`RateLimiter`.
+closed; ticket unwraps share one per-source :class:`RateLimiter`. At a bound,
+the oldest connection that has received nothing yet (START: on a stream, a
+socket that never spoke) is closed to make room, since a peer sends its message
+1 as soon as it is connected: what goes is what sat silent longest, and a flood
+of silent connections cannot keep peers out. Only when none is silent is the
+new connection refused (``HALF_OPEN_LIMIT``).
 
 Sources are whatever the transport adapter uses to tell peers apart (an
 address tuple, a relayed mate's identity); they are opaque here, unless
@@ -100,9 +105,10 @@ class Listener:
     def accept(self, source: Hashable, now: float) -> Connection | None:
         """A new responder connection for ``source``, or None (logged) when over a bound."""
         self._prune()
-        if self.half_open() >= self._max_half_open or len(self._connections) >= (
+        full = self.half_open() >= self._max_half_open or len(self._connections) >= (
             self._max_connections
-        ):
+        )
+        if full and not self._drop_oldest_silent(now):
             self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
             return None
         expected: str | None = None
@@ -114,6 +120,20 @@ class Listener:
         self._connections[source] = connection
         self._born[source] = now
         return connection
+
+    def _drop_oldest_silent(self, now: float) -> bool:
+        """Close the oldest connection still in START, if any (logged as HALF_OPEN_LIMIT).
+
+        Sources are kept in the order they were accepted, so the first one in
+        START is the oldest.
+        """
+        for source, connection in self._connections.items():
+            if connection.state is State.START:
+                connection.close(now)
+                self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
+                self._prune()
+                return True
+        return False
 
     def _new_connection(self, source: Hashable, expected_peer: str | None) -> Connection:
         return Connection(

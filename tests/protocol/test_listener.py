@@ -120,11 +120,42 @@ def test_stream_connections_that_never_speak_are_closed() -> None:
     )
     silent = listener.accept("slow", NOW)
     assert silent is not None
-    assert listener.accept("other", NOW) is None  # the one half-open slot is taken
     assert listener.get_timer() == NOW + 5.0
     listener.handle_timer(NOW + 5.0)
     assert silent.state is State.CLOSED and listener.connection("slow") is None
     assert listener.accept("other", NOW + 5.0) is not None
+
+
+def test_at_the_bound_the_oldest_silent_connection_makes_room() -> None:
+    """A flood of connections that never speak cannot keep a peer out: at the half-open
+    bound the oldest one still in START goes; one whose message 1 authenticated stays."""
+    pair = make_pair(Transport.STREAM)
+    listener = Listener(
+        config=config("bravo", Transport.STREAM), keys=pair.responder_store, max_half_open=2
+    )
+    first, second = listener.accept("s1", NOW), listener.accept("s2", NOW)
+    assert first is not None and second is not None
+    third = listener.accept("s3", NOW + 1)
+    assert third is not None and first.state is State.CLOSED
+    assert listener.connection("s1") is None and listener.half_open() == 2
+    assert listener.next_event() == ("s1", HandshakeRefused(Reason.HALF_OPEN_LIMIT))
+    alpha = Connection(
+        config=config("alpha", Transport.STREAM), keys=pair.initiator_store, role=Role.INITIATOR
+    )
+    alpha.connect(pair.ck.ck_id, NOW + 1)
+    third.receive_data(alpha.data_to_send(), NOW + 1)  # a peer's message 1: AWAIT_CONFIRM
+    assert third.state is State.AWAIT_CONFIRM
+    assert listener.accept("s4", NOW + 2) is not None and second.state is State.CLOSED
+    fourth = listener.connection("s4")
+    assert fourth is not None
+    other = Connection(
+        config=config("alpha", Transport.STREAM), keys=pair.initiator_store, role=Role.INITIATOR
+    )
+    other.connect(pair.ck.ck_id, NOW + 2)
+    fourth.receive_data(other.data_to_send(), NOW + 2)
+    assert fourth.state is State.AWAIT_CONFIRM  # both half-open slots hold peers now
+    assert listener.accept("s5", NOW + 3) is None  # nothing silent to drop: refused
+    assert third.state is State.AWAIT_CONFIRM and fourth.state is State.AWAIT_CONFIRM
 
 
 class _Via:

@@ -169,7 +169,10 @@ class SnrmeshApp(App[None]):
             if alert.kind is AlertKind.TOKEN:
                 self._refresh_hello()
             who = f" {alert.peer}" if alert.peer else ""
-            self.notify(alert.message, title=f"Alert: {alert.kind.value}{who}", severity="warning")
+            if not alert.repeats:  # (a repeat updates the panel's line, with its count)
+                self.notify(
+                    alert.message, title=f"Alert: {alert.kind.value}{who}", severity="warning"
+                )
 
     def on_agent_unreachable(self, message: AgentUnreachable) -> None:
         connection = Connection.CONNECTING if self.state.info is None else Connection.DISCONNECTED

@@ -156,6 +156,7 @@ class Alert:
     kind: AlertKind
     peer: str | None
     message: str
+    repeats: int = 0  # the same cause again since it was raised (``at`` is the latest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,12 +365,14 @@ def parse_alert(value: Any) -> Alert:
         raise AgentProtocolError("alert: 'alert_id' is missing or not an integer")
     what = f"alert {alert_id}"
     message = obj.get("message")
+    repeats = _int(obj.get("repeats"))  # (absent from agents older than it)
     return Alert(
         alert_id=alert_id,
         at=_required_number(obj, "at", what),
         kind=_enum(AlertKind, obj.get("kind"), "kind", what),
         peer=_str(obj.get("peer")),
         message=message if isinstance(message, str) else "",
+        repeats=repeats if repeats is not None and repeats > 0 else 0,
     )
 
 

@@ -242,7 +242,8 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dial_waiters: dict[Link, asyncio.Future[bool]] = {}
         self._flush_scheduled: set[str] = set()
-        self._alerted: dict[tuple[object, ...], float] = {}
+        # alert cause -> when it was last raised, and the alert it raised (repeats update it)
+        self._alerted: dict[tuple[object, ...], tuple[float, int]] = {}
         # Token presence: a card may be pulled out (see _check_token).
         self._token_state = "ok"
         self._token_message = f"{type(token).__name__} unlocked"
@@ -369,18 +370,24 @@ class Agent:
     ) -> None:
         """Raise an alert, unless the same one (``key``) was raised in the last minute.
 
-        Without the coalescing, a stranger hammering the port would grow the
-        alert table and the operators' screens without bound.
+        Later, while the alert it raised is not dismissed, the same cause
+        updates that alert (time, message, one more repeat) instead of adding
+        one. Without this, a stranger hammering the port, or a mate that
+        refuses us for good, would grow the alert table and the operators'
+        screens without bound.
         """
         now = self.clock()
         key = key or (kind, peer, message)
-        if now - self._alerted.get(key, -math.inf) < ALERT_COALESCE:
+        when, row = self._alerted.get(key, (-math.inf, None))
+        if now - when < ALERT_COALESCE:
             log.info("alert (repeated, not raised again): %s", message)
             return
         if len(self._alerted) >= MAX_ALERT_KEYS:
-            self._alerted = {k: t for k, t in self._alerted.items() if now - t < ALERT_COALESCE}
-        self._alerted[key] = now
-        alert = self.store.add_alert(now, kind, peer, message)
+            self._alerted = {k: v for k, v in self._alerted.items() if now - v[0] < ALERT_COALESCE}
+        alert = None if row is None else self.store.repeat_alert(row, now, message)
+        if alert is None:
+            alert = self.store.add_alert(now, kind, peer, message)
+        self._alerted[key] = (now, alert.alert_id)
         log.warning("alert: %s", message)
         self._emit("alert", alert=alert.to_json())
 
@@ -450,7 +457,7 @@ class Agent:
 
     def _backoff(self, failures: int) -> float:
         """Full jitter: a random wait in [0, min(cap, base * 2^n)]."""
-        return full_jitter(failures, base=BACKOFF_BASE, cap=BACKOFF_CAP)
+        return full_jitter(failures, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=self._rng)
 
     def _dial_due(self, now: float) -> None:
         if not self.token_ok:  # no new handshake while the card is out
@@ -689,14 +696,20 @@ class Agent:
         session = self.relayed.outgoing.get(peer)
         if session is not None and session.state not in TERMINAL:
             return session
-        if not create or not self.token_ok or self.routing.route(peer) is None:
+        if not create or not self.token_ok or peer in self.links:  # (a link carries it all)
+            return None
+        if self.routing.route(peer) is None:
             return None
         now = self.clock()
         keyset = self.keys.keyset_for(peer, now)
         if keyset is None:
             return None
         session = Connection(config=self._relay_config, keys=self.keys, role=Role.INITIATOR)
-        session.connect(keyset.ck.ck_id, now, ticket=keyset.ticket)
+        try:
+            session.connect(keyset.ck.ck_id, now, ticket=keyset.ticket)
+        except LocalProtocolError as exc:  # (a CK the key ring still offers, refused here)
+            log.warning("relayed session to %s: %s", peer, exc)
+            return None
         self.relayed.outgoing[peer] = session
         self._pump_relayed(peer, session, src_initiated=True)
         return session

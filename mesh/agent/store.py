@@ -80,9 +80,11 @@ CREATE TABLE IF NOT EXISTS alerts (
     kind      TEXT NOT NULL,
     peer      TEXT,
     message   TEXT NOT NULL,
-    dismissed INTEGER NOT NULL DEFAULT 0
+    dismissed INTEGER NOT NULL DEFAULT 0,
+    repeats   INTEGER NOT NULL DEFAULT 0
 );
 """
+MAX_ALERTS = 1000  # alerts not dismissed; past it the oldest are dismissed
 
 
 class StoreError(MeshError):
@@ -141,6 +143,7 @@ class Alert:
     kind: str
     peer: str | None
     message: str
+    repeats: int = 0  # times the same cause came again since ``alert_id`` was raised
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -149,6 +152,7 @@ class Alert:
             "kind": self.kind,
             "peer": self.peer,
             "message": self.message,
+            "repeats": self.repeats,
         }
 
 
@@ -175,6 +179,9 @@ class AgentStore:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(alerts)")}
+            if "repeats" not in columns:  # a state file from before repeats were counted
+                self.db.execute("ALTER TABLE alerts ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"agent state {folder / STATE_DB} is unusable: {exc}") from None
 
@@ -404,20 +411,45 @@ class AgentStore:
     # -- alerts -----------------------------------------------------------------------------------
 
     def add_alert(self, at: float, kind: str, peer: str | None, message: str) -> Alert:
+        """A new alert; past MAX_ALERTS not dismissed, the oldest are dismissed."""
         with self.db:
             self.db.execute("BEGIN")
             cur = self.db.execute(
                 "INSERT INTO alerts (at, kind, peer, message) VALUES (?, ?, ?, ?)",
                 (at, kind, peer, message),
             )
+            self.db.execute(
+                "UPDATE alerts SET dismissed = 1 WHERE dismissed = 0 AND alert_id <= "
+                "(SELECT alert_id FROM alerts WHERE dismissed = 0 "
+                "ORDER BY alert_id DESC LIMIT 1 OFFSET ?)",
+                (MAX_ALERTS,),
+            )
         return Alert(int(cur.lastrowid or 0), at, kind, peer, message)
+
+    def repeat_alert(self, alert_id: int, at: float, message: str) -> Alert | None:
+        """The same cause again: the alert takes this time and message and counts one more
+        repeat; None if it was dismissed (or is gone), so the caller raises a new one."""
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "UPDATE alerts SET at = ?, message = ?, repeats = repeats + 1 "
+                "WHERE alert_id = ? AND dismissed = 0",
+                (at, message, alert_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            row = self.db.execute(
+                "SELECT alert_id, at, kind, peer, message, repeats FROM alerts WHERE alert_id = ?",
+                (alert_id,),
+            ).fetchone()
+        return Alert(*row)
 
     def alerts(self) -> list[Alert]:
         return [
             Alert(*row)
             for row in self.db.execute(
-                "SELECT alert_id, at, kind, peer, message FROM alerts WHERE dismissed = 0 "
-                "ORDER BY alert_id"
+                "SELECT alert_id, at, kind, peer, message, repeats FROM alerts "
+                "WHERE dismissed = 0 ORDER BY alert_id"
             )
         ]
 

@@ -1,10 +1,12 @@
-"""Alerts: raised once per minute for the same cause, so a flood cannot grow them."""
+"""Alerts: one per cause, updated when it comes again; a flood cannot grow them."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from mesh.agent.agent import ALERT_COALESCE, Agent, AgentConfig
+from mesh.agent.store import MAX_ALERTS, STATE_DB, AgentStore
 from mesh.sim import Simulation
 
 
@@ -39,6 +41,67 @@ def test_the_same_refusal_is_alerted_once_per_window(tmp_path: Path) -> None:
                 "refused a handshake from 10.0.0.9:1: x",
                 key=("refused", "10.0.0.9", "unknown-ck"),
             )
-            assert len(agent.store.alerts()) == 3
+            # the same cause a minute later: its alert says so, no new one
+            first, second = agent.store.alerts()
+            assert first.message.endswith("10.0.0.9:1: x") and first.repeats == 1
+            assert first.at == now[0] and second.repeats == 0
         finally:
             agent.store.close()
+
+
+def test_a_cause_that_lasts_keeps_one_alert_until_it_is_dismissed(tmp_path: Path) -> None:
+    """A mate that refuses us for good (say its clock is off) is retried all day: one alert,
+    its count and latest time, not one alert a minute; once dismissed, a new one."""
+    with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
+        sim.provision()
+        node = sim.nodes["a"]
+        token, bundle = node.unlock()
+        now = [1_000.0]
+        agent = Agent(
+            AgentConfig(state_dir=node.state, mdns=False), bundle, token, clock=lambda: now[0]
+        )
+        try:
+            for _ in range(24 * 60):  # a day, once a minute
+                agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
+                now[0] += ALERT_COALESCE
+            [alert] = agent.store.alerts()
+            assert alert.repeats == 24 * 60 - 1 and alert.at == now[0] - ALERT_COALESCE
+            assert alert.to_json()["repeats"] == alert.repeats
+            assert agent.store.dismiss_alert(alert.alert_id)
+            agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
+            [again] = agent.store.alerts()
+            assert again.alert_id != alert.alert_id and again.repeats == 0
+        finally:
+            agent.store.close()
+
+
+def test_alerts_not_dismissed_are_bounded_the_oldest_go(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    try:
+        for i in range(MAX_ALERTS + 5):  # strangers from ever new hosts
+            store.add_alert(float(i), "refused", None, f"refused a handshake from 10.1.{i}: x")
+        alerts = store.alerts()
+        assert len(alerts) == MAX_ALERTS
+        assert alerts[0].message.endswith("10.1.5: x")  # the five oldest were dismissed
+    finally:
+        store.close()
+
+
+def test_a_state_file_from_before_repeats_opens_and_keeps_its_alerts(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / STATE_DB)
+    db.execute(
+        "CREATE TABLE alerts (alert_id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
+        "kind TEXT NOT NULL, peer TEXT, message TEXT NOT NULL, "
+        "dismissed INTEGER NOT NULL DEFAULT 0)"
+    )
+    db.execute("INSERT INTO alerts (at, kind, message) VALUES (1.0, 'token', 'card out')")
+    db.commit()
+    db.close()
+    store = AgentStore(tmp_path)
+    try:
+        [old] = store.alerts()
+        assert old.message == "card out" and old.repeats == 0
+        repeated = store.repeat_alert(old.alert_id, 2.0, "card out")
+        assert repeated is not None and repeated.repeats == 1
+    finally:
+        store.close()

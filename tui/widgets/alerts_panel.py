@@ -77,6 +77,8 @@ class AlertsPanel(OptionList):
         if alert.peer:
             text.append(f" {alert.peer}")
         text.append(f"  {alert.message}")
+        if alert.repeats:
+            text.append(f"  ({alert.repeats + 1} times)", style("alerts--time"))
         return text
 
     def action_dismiss(self) -> None:

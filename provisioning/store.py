@@ -164,7 +164,10 @@ class Store:
         target = folder / STORE_NAME
         if target.exists():
             raise DeskError(f"{folder} already holds a desk; refusing to overwrite it")
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, or a parent that cannot hold a folder
+            raise DeskError(f"cannot create the desk folder {folder}: {exc.strerror}") from None
         tmp = folder / f".{STORE_NAME}.{os.getpid()}.tmp"
         params = SealingParams.generate()
         sealer = Sealer(passphrase, params)

@@ -210,6 +210,13 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
      ("at least 60 s",), {}),
     ("desk-exists", _nothing, ("desk", "init", "desk", "--mission", "x", "--hours", "1"),
      ("already holds a desk",), {}),
+    # a DIR that is a file, or inside one, was a FileExistsError traceback (CLI audit)
+    ("init-over-a-file", _nothing,
+     ("desk", "init", "alpha-1.token", "--mission", "x", "--hours", "1"),
+     ("cannot create the desk folder alpha-1.token", "file exists"), {}),
+    ("init-inside-a-file", _nothing,
+     ("desk", "init", "alpha-1.token/desk", "--mission", "x", "--hours", "1"),
+     ("cannot create the desk folder", "not a directory"), {}),
     ("missing-mission-file", _nothing, ("desk", "apply", "desk", "nothing.toml"),
      ("does not exist",), {}),
     ("mission-file-not-toml", _mission_file("[[node]\nid = 1\n"),

@@ -135,6 +135,10 @@ class Desk:
         epoch_seconds: int,
         now: int,
     ) -> Desk:
+        try:  # before any file is made: the desk prints and audits these dates
+            _ts(start), _ts(end)
+        except (ValueError, OverflowError, OSError):
+            raise MissionError("the mission window must end before the year 10000") from None
         if end <= now:
             raise MissionError(f"the mission window ends in the past ({_ts(end)})")
         try:

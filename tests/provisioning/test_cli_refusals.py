@@ -344,6 +344,9 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
           ("epoch-nan", ("--hours", "5", "--epoch-hours", "nan"), "--epoch-hours is a number"),
           ("epoch-longer", ("--hours", "5", "--epoch-hours", "10"), "longer than the mission"),
           ("under-a-minute", ("--hours", "0.01"), "a mission lasts at least 60 s"),
+          # was a traceback that left a desk no command could open (CLI audit)
+          ("past-year-9999", ("--hours", "24", "--start", "9999-12-31T23:00:00Z"),
+           "before the year 10000"),
       )],
     ("no-passphrase-init", _nothing, ("desk", "init", "new-desk", "--mission", "x", "--hours", "1"),
      ("SNRMESH_DESK_PASSPHRASE",), {"passphrase": None}),

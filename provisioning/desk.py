@@ -438,7 +438,12 @@ class Desk:
                             raise DeskError(
                                 f"token file {path} already exists; refusing to overwrite"
                             )
-                        Path(tokens_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+                        try:
+                            Path(tokens_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+                        except OSError as exc:
+                            raise DeskError(
+                                f"cannot create the token folder {tokens_dir}: {exc.strerror}"
+                            ) from None
                         self._personalise(
                             planned.identity,
                             planned.role,

@@ -226,6 +226,10 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     ("mission-file-fails-after-tokens", _mission_file(LATE_FAILING_PLAN),
      ("desk", "apply", "desk", "mission.toml", "--tokens", "toks"), ("unknown node 'ghost'",),
      {}),
+    # --tokens naming a file was a FileExistsError traceback (CLI audit)
+    ("mission-file-tokens-into-a-file", _mission_file('[[node]]\nid = "b"\nrole = "uav"\n'),
+     ("desk", "apply", "desk", "mission.toml", "--tokens", "alpha-1.token"),
+     ("cannot create the token folder alpha-1.token",), {}),
     ("mission-file-changes-a-role", _mission_file('[[node]]\nid = "gs-1"\nrole = "uav"\n'),
      ("desk", "apply", "desk", "mission.toml"), ("already enrolled as ground-station",), {}),
     ("audit-limit-zero", _nothing, ("desk", "audit", "desk", "--limit", "0"), ("--limit",), {}),

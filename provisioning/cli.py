@@ -219,7 +219,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
 
 
+MAX_ISSUE_WORKERS = 64  # as 'as serve --workers': a typo must not fork thousands of processes
+
+
 def cmd_issue(args: argparse.Namespace) -> int:
+    if args.workers is not None and not 1 <= args.workers <= MAX_ISSUE_WORKERS:
+        raise DeskError(f"--workers must be 1..{MAX_ISSUE_WORKERS}")
     started = time.perf_counter()
     with _desk(args) as desk, progress(not args.json, "issuing keysets") as tick:
         report = desk.issue(now=_now(), workers=args.workers, on_progress=tick)
@@ -430,7 +435,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Issue a Communication Keyset for every permitted pair and every epoch "
         "not yet over. Idempotent: existing CKs are kept.",
     )
-    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: cores)")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes, 1..64 (default: cores)"
+    )
 
     p = add("export", cmd_export, "write a node's bundle")
     p.add_argument("node", metavar="NODE")

@@ -232,6 +232,9 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
      ("cannot create the token folder alpha-1.token",), {}),
     ("mission-file-changes-a-role", _mission_file('[[node]]\nid = "gs-1"\nrole = "uav"\n'),
      ("desk", "apply", "desk", "mission.toml"), ("already enrolled as ground-station",), {}),
+    # -1 was a ValueError traceback from the pool; 100000 forked that many (CLI audit)
+    *[(f"issue-workers-{n}", _nothing, ("desk", "issue", "desk", "--workers", n),
+       ("--workers must be 1..64",), {}) for n in ("0", "-1", "100000")],
     ("audit-limit-zero", _nothing, ("desk", "audit", "desk", "--limit", "0"), ("--limit",), {}),
     ("audit-limit-huge", _nothing,
      ("desk", "audit", "desk", "--limit", "99999999999999999999"), ("--limit",), {}),

@@ -326,7 +326,10 @@ def cmd_request(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     _check_attempts(args)
     if args.out is not None:
-        check_replaceable(args.out, option="--out", token=args.token)
+        # a keyset is JSON: a typo must not replace another node's token or the desk with one
+        check_replaceable(
+            args.out, option="--out", token=args.token, looks_like=(b"{", "a keyset (JSON)")
+        )
     purpose = args.purpose
     if not (0 < len(purpose) <= MAX_PURPOSE_LENGTH and purpose.isascii() and purpose.isprintable()):
         raise LocalAuthError(f"--purpose is 1..{MAX_PURPOSE_LENGTH} printable ASCII characters")
@@ -783,7 +786,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--purpose", default="session", help="recorded in the audit log (default: session)"
     )
     p.add_argument("--epoch", type=int, metavar="E", help="a later epoch (default: current)")
-    p.add_argument("--out", metavar="FILE", help="also write the keyset (JSON) to FILE")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="also write the keyset (JSON) to FILE (a file there that is not one is refused)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser(

@@ -277,6 +277,13 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     ("as-request-out-a-folder", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
       "--out", "desk"), ("not a regular file",), {}),
+    # it replaced any file with the keyset's JSON, another node's token too (CLI audit)
+    ("as-request-out-over-a-token", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--out", "gs-1.token"), ("not a keyset",), {}),
+    ("as-request-out-over-the-desk", _nothing,
+     ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
+      "--out", "desk/desk.sqlite"), ("not a keyset",), {}),
     ("as-request-attempts-huge", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
       "--attempts", "1000000"), ("--attempts",), {}),

@@ -173,7 +173,10 @@ _BEST_STATE = """
 class AgentStore:
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         folder = Path(state_dir)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, or a parent that cannot hold a folder
+            raise StoreError(f"cannot create the state folder {folder}: {exc.strerror}") from None
         try:
             self.db = sqlite3.connect(folder / STATE_DB, isolation_level=None)
             self.db.execute("PRAGMA journal_mode = WAL")

@@ -338,6 +338,9 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
           ("position", ("--position", "91,0,0"), "position out of range"),
           ("heartbeat-zero", ("--heartbeat", "0"), "--heartbeat is 1..3600"),
           ("heartbeat-nan", ("--heartbeat", "nan"), "--heartbeat is 1..3600"),
+          # these two were FileExistsError / FileNotFoundError tracebacks (CLI audit)
+          ("state-is-a-file", ("--state", "alpha-1.token"), "cannot create the state folder"),
+          ("state-in-a-file", ("--state", "alpha-1.token/s"), "cannot create the state folder"),
       )],
     ("as-request-out-empty", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,16 +51,47 @@ class ControlServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a stale socket from a killed agent
+        self._remove_stale()
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
                 self._client, path=self.path, limit=MAX_LINE
             )
+        except OSError as exc:  # no such folder, a path too long for a socket, ...
+            raise MeshError(
+                f"cannot create the control socket {self.path}: {exc.strerror or exc}"
+            ) from None
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
+
+    def _remove_stale(self) -> None:
+        """Remove the socket a killed agent left; refuse a live agent's socket or another file.
+
+        ``--control`` naming a token (or any file) used to delete it, and a second agent on
+        the same state folder took the running agent's socket away from it.
+        """
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise MeshError(f"cannot use the control socket {self.path}: {exc.strerror}") from None
+        if not stat.S_ISSOCK(mode):
+            raise MeshError(f"control socket {self.path} exists and is not a socket: not replaced")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(self.path)
+        except ConnectionRefusedError:  # nobody listens: stale
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        except OSError:
+            pass  # an agent too busy to accept is still an agent
+        finally:
+            probe.close()
+        raise MeshError(f"another agent is running on the control socket {self.path}")
 
     async def close(self) -> None:
         if self._server is not None:
@@ -70,8 +103,8 @@ class ControlServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # ours: never the socket of an agent start() refused
 
     @property
     def watched(self) -> bool:

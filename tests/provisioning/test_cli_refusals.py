@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -411,6 +412,48 @@ def test_as_commands_on_the_desk_refuse_in_one_line(site: Site) -> None:
     again = snrmesh("as", "revoke", "alpha-2", "--store", "desk", "--json", cwd=site.root)
     assert first.returncode == 0 and again.returncode == 0, again.stderr
     assert '"already": true' in again.stdout
+
+
+def test_agent_control_socket_is_never_a_file_nor_a_running_agents(
+    site: Site, tmp_path: Path
+) -> None:
+    """--control naming a token deleted it; a second agent on a state folder took the running
+    agent's socket (which then answered nobody); a folder or a missing one was a traceback."""
+    agent = ("agent", "--bundle", "alpha-1.bundle", "--token", "alpha-1.token", "--no-mdns",
+             "--listen", "127.0.0.1:0", "--state", tmp_path / "state")  # fmt: skip
+    for control, needle in (
+        ("gs-1.token", "exists and is not a socket"),
+        ("desk", "exists and is not a socket"),
+        ("no/such/folder/c.sock", "cannot create the control socket"),
+        ("x" * 200 + ".sock", "cannot create the control socket"),
+    ):
+        refused_without_change(site, *agent, "--control", control, needles=(needle,))
+    live = tmp_path / "live.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.closing(listener):
+        listener.bind(str(live))
+        listener.listen()
+        result = snrmesh(*agent, "--control", live, cwd=site.root)
+        assert_refused(result, "another agent is running on the control socket")
+        assert live.is_socket()  # still the running one's
+    stale = tmp_path / "stale.sock"  # an agent killed with its socket left behind
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as dead:
+        dead.bind(str(stale))
+    with subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", *map(str, agent), "--control", str(stale)],
+        cwd=site.root,
+        env={**os.environ, "SNRMESH_PIN": PIN},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            assert "listening on 127.0.0.1" in proc.stderr.readline()
+        finally:
+            proc.terminate()
+    assert proc.returncode == 0
 
 
 def test_a_revoked_node_cannot_be_exported(site: Site) -> None:

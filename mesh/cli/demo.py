@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import sys
 import threading
@@ -138,7 +139,13 @@ def run_demo(*, headless: bool, duration: float, say: Any = print) -> dict[str, 
     return report
 
 
+MAX_DURATION = 86_400.0  # a day: time.sleep cannot take much more, nor anyone watching
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.duration) and 0 <= args.duration <= MAX_DURATION):
+        # before anything starts: it was a traceback once the four agents were up
+        raise MeshError(f"--duration is a number of seconds, 0..{MAX_DURATION:,.0f}")
     headless = args.headless or not (sys.stdin.isatty() and sys.stdout.isatty())
 
     def say(*parts: object) -> None:
@@ -188,7 +195,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=float,
         default=15.0,
         metavar="S",
-        help="headless run time in seconds (default: 15)",
+        help="headless run time in seconds, 0..86,400 (default: 15)",
     )
     p.add_argument("--json", action="store_true", help="headless report as JSON")
     p.set_defaults(func=cmd_demo)

@@ -43,6 +43,23 @@ def test_headless_demo_reports_relay_and_replies_then_cleans_up() -> None:
     assert _sim_dirs() <= before  # the demo's files are gone
 
 
+@pytest.mark.parametrize("duration", ["-5", "nan", "inf", "1e12"])
+def test_a_duration_no_clock_can_wait_is_refused_before_anything_starts(duration: str) -> None:
+    """These were tracebacks from time.sleep, once the four agents were running."""
+    before = _sim_dirs()
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "demo", "--headless", "--duration", duration],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == "snrmesh: error: --duration is a number of seconds, 0..86,400\n"
+    assert _sim_dirs() <= before
+
+
 @pytest.fixture
 def tmux() -> Iterator[list[str]]:
     if shutil.which("tmux") is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -95,9 +96,17 @@ def run_scenario(sim: Simulation, *, duration: float, log: Any = None) -> dict[s
     return report
 
 
+MAX_DURATION = 86_400.0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= 200:
         raise MeshError("--nodes must be 1..200")
+    if not (math.isfinite(args.duration) and 0 < args.duration <= MAX_DURATION):
+        # -1 and nan were taken: every wait timed out at once, or never
+        raise MeshError(
+            f"--duration is a number of seconds, more than 0 and at most {MAX_DURATION:,.0f}"
+        )
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     with Simulation(args.nodes, topology=args.topology, cuts=args.cut, mdns=args.mdns) as sim:
         report = run_scenario(sim, duration=args.duration, log=say)
@@ -130,7 +139,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=SIM_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--nodes", type=int, default=5, metavar="N", help="number of agents")
+    p.add_argument(
+        "--nodes", type=int, default=5, metavar="N", help="number of agents, 1..200 (default: 5)"
+    )
     p.add_argument(
         "--topology",
         choices=TOPOLOGIES,
@@ -150,7 +161,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=float,
         default=60.0,
         metavar="S",
-        help="give up waiting after S seconds per phase (default: 60)",
+        help="give up waiting after S seconds per phase, at most 86,400 (default: 60)",
     )
     p.add_argument(
         "--mdns",

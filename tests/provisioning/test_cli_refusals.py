@@ -297,6 +297,9 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     ("meters-sim-spread-infinite", _factory_seed_file,
      ("meters", "sim", "--as", "127.0.0.1:9", "--count", "1", "--factory-seed", "f.seed",
       "--head-end", "gs-1", "--spread", "inf"), ("--spread",), {}),
+    # sim took these and every wait timed out at once, or never (CLI audit)
+    *[(f"sim-duration-{d}", _nothing, ("sim", "--nodes", "2", "--duration", d),
+       ("--duration is a number of seconds",), {}) for d in ("0", "-1", "nan", "inf")],
     ("as-request-empty-target", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", ""),
      ("--target",), {}),

@@ -442,6 +442,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
+    check_fleet(args.count, args.prefix, args.first)  # --first -1 simulated 'meter--000001'
     seed = _factory_seed(args.factory_seed, create=False)
     with progress(not args.json, "meters done") as tick:
         report = eventloop.run(

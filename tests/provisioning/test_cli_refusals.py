@@ -300,6 +300,9 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     # sim took these and every wait timed out at once, or never (CLI audit)
     *[(f"sim-duration-{d}", _nothing, ("sim", "--nodes", "2", "--duration", d),
        ("--duration is a number of seconds",), {}) for d in ("0", "-1", "nan", "inf")],
+    ("meters-sim-negative-first", _factory_seed_file,
+     ("meters", "sim", "--as", "127.0.0.1:9", "--count", "2", "--factory-seed", "f.seed",
+      "--head-end", "gs-1", "--first", "-1"), ("--first must be 0..",), {}),
     ("as-request-empty-target", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", ""),
      ("--target",), {}),

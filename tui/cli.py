@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mesh.agent.client import default_control_path
+from mesh.errors import MeshError
 
 __all__ = ["register"]
 
@@ -28,6 +30,12 @@ Ctrl+Q quit. See docs/tui.md.
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # without one it drew escape codes nobody saw and waited for keys that never came
+        raise MeshError(
+            "snrmesh tui needs a terminal; without one use 'snrmesh peers', 'history', "
+            "'events' or 'send'"
+        )
     from tui.app import SnrmeshApp  # Textual loads only when the TUI is wanted
 
     SnrmeshApp(args.control or default_control_path()).run()

@@ -357,6 +357,9 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     ("import-meters-unknown-head-end-leaves-no-seed", _nothing,
      ("desk", "import-meters", "desk", "--count", "5", "--factory-seed", "new.seed",
       "--head-end", "nosuch"), ("head-end nosuch",), {}),
+    # it ran without a terminal, drawing for nobody and waiting for keys (CLI audit)
+    ("tui-without-a-terminal", _nothing, ("tui", "--control", "nowhere.sock"),
+     ("snrmesh tui needs a terminal",), {}),
     # secrets nobody can type: no variable, no terminal
     ("no-passphrase", _nothing, ("desk", "show", "desk"), ("SNRMESH_DESK_PASSPHRASE",),
      {"passphrase": None}),

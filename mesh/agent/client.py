@@ -53,7 +53,8 @@ class ControlClient:
             ) from None
         except OSError as exc:
             self._sock.close()
-            raise ControlUnavailable(f"cannot connect to {path}: {exc.strerror}") from None
+            # (a path too long for a socket has no strerror: it said "None")
+            raise ControlUnavailable(f"cannot connect to {path}: {exc.strerror or exc}") from None
         self._file = self._sock.makefile("rb")
         self._next_id = 0
 
@@ -90,6 +91,8 @@ class ControlClient:
             reply = self._read()
             if reply.get("id") == rid and "ok" in reply:
                 break
+            if "id" in reply and reply["id"] is None and reply.get("ok") is False:
+                break  # a request the agent could not read (too long, not JSON): ours
         if not reply["ok"]:
             error = reply.get("error") or {}
             raise RequestFailed(str(error.get("code")), str(error.get("message")))

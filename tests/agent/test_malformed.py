@@ -8,8 +8,10 @@ import socket
 from collections.abc import Callable
 
 import cbor2
+import pytest
 
 from mesh.agent.agent import Agent, AgentConfig
+from mesh.agent.client import ControlClient, RequestFailed
 from mesh.protocol import Connection, Role
 from mesh.sim import Simulation
 from mesh.wire import MAX_HOPS, MAX_TEXT, Relay, encode
@@ -109,6 +111,12 @@ def test_hostile_control_lines_get_a_bad_request_answer(make_sim: MakeSim) -> No
             client.sendall(line + b"\n")
             answer = json.loads(reader.readline())
             assert answer["ok"] is False and answer["error"]["code"] == code, answer
+    # a request line past the agent's limit is answered before it hangs up: 'snrmesh send'
+    # with a 70 kB text said only "the agent closed the control connection"
+    with ControlClient(str(sim.nodes["a"].control)) as control:
+        with pytest.raises(RequestFailed) as refused:
+            control.request("send", to="b", text="x" * 70_000)
+        assert refused.value.code == "too-large"
     assert sim.nodes["a"].request("alerts") == {"alerts": []}  # the agent is fine
     assert "Traceback" not in sim.nodes["a"].log.read_text()
 

@@ -551,6 +551,14 @@ class Desk:
         """Write ``identity``'s bundle to ``out`` (atomically) and return it."""
         self._not_imported("a bundle")
         node = self._active(identity)
+        pending = self._db.execute(
+            "SELECT pending_keys FROM nodes WHERE identity = ?", (identity,)
+        ).fetchone()[0]
+        if pending is not None:  # the token may hold the new keys: this bundle would not open
+            raise PolicyError(
+                f"a key change of {identity} is unfinished (an interrupted 'desk rekey', or one "
+                f"the AS began): run 'snrmesh desk rekey' for {identity} again, then export"
+            )
         target = self._wrap_target(identity)
         try:
             bundle = build_bundle(

@@ -135,6 +135,10 @@ def test_rekey_converges_after_a_crash_after_the_token_changed(
         rows = desk._db.execute("SELECT copy_a, copy_b FROM keysets").fetchall()
         kids = {read_copy_header(c).kid[-4:] for row in rows for c in row}
         assert kids == {".0.1"}  # nothing rewrapped in the failed transaction was kept
+        # a bundle for generation 1 would not open with the token: it was written all the same
+        with pytest.raises(PolicyError, match="key change of alpha-1 is unfinished"):
+            desk.export("alpha-1", site.root / "early.bundle", now=_now())
+        assert not (site.root / "early.bundle").exists()
 
         desk.rekey("alpha-1", site.unlock("alpha-1"), now=_now())  # run again: resumes
         assert desk._keys("alpha-1") == pending

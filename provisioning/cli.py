@@ -378,7 +378,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="ISO8601",
         help="mission start, e.g. 2026-12-01T06:00:00Z (default: now; no zone = UTC)",
     )
-    p.add_argument("--hours", type=float, required=True, metavar="H", help="mission length")
+    p.add_argument(
+        "--hours", type=float, required=True, metavar="H", help="mission length in hours"
+    )
     p.add_argument(
         "--epoch-hours",
         type=float,
@@ -451,7 +453,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     add("show", cmd_show, "show the mission, nodes, groups, pairs and keyset counts")
     p = add("audit", cmd_audit, "print the append-only audit log")
-    p.add_argument("--limit", type=int, metavar="N", help="only the last N entries")
+    p.add_argument("--limit", type=int, metavar="N", help="only the last N entries (default: all)")
 
     p = add(
         "rekey",

@@ -390,7 +390,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="epochs after this one that a fetched bundle carries "
         f"(0..{MAX_AHEAD}, default: {DEFAULT_AHEAD})",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what goes to stderr (default: info)",
+    )
     p.add_argument("--clock-offset", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     p.set_defaults(func=cmd_agent)
 
@@ -412,22 +417,40 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="NODE", help="a dialogue mate")
     target.add_argument("--group", metavar="GROUP", help="every member of a mission group")
-    p.add_argument("text", metavar="TEXT")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("text", metavar="TEXT", help="the message, 1..4000 characters")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_send)
 
-    p = commands.add_parser("peers", parents=[client], help="list dialogue mates and link state")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser(
+        "peers",
+        parents=[client],
+        help="list dialogue mates and link state",
+        description="List this node's dialogue mates as its agent sees them: link state "
+        "(direct, relayed, offline, refused), when each was last heard and its position.",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_peers)
 
-    p = commands.add_parser("history", parents=[client], help="print the message history")
+    p = commands.add_parser(
+        "history",
+        parents=[client],
+        help="print the message history",
+        description="Print the messages the agent holds, oldest first, with the delivery "
+        "state of those sent.",
+    )
     p.add_argument("--peer", metavar="NODE", help="only the conversation with NODE")
     p.add_argument("--group", metavar="GROUP", help="only the conversation of GROUP")
-    p.add_argument("--limit", type=int, default=200, metavar="N")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--limit", type=int, default=200, metavar="N", help="the last N messages (default: 200)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_history)
 
     p = commands.add_parser(
-        "events", parents=[client], help="follow the agent's event stream (JSON lines)"
+        "events",
+        parents=[client],
+        help="follow the agent's event stream (JSON lines)",
+        description="Print the agent's events as they happen, one JSON object a line "
+        "(messages, delivery states, links, alerts), until the agent stops or ctrl-C.",
     )
     p.set_defaults(func=cmd_events)

@@ -76,7 +76,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Verify BUNDLE with the node's token (PIN from SNRMESH_PIN or a prompt): "
         "a bundle for another token, made before a rekey, or with one flipped byte is refused.",
     )
-    p.add_argument("bundle", metavar="FILE")
+    p.add_argument("bundle", metavar="FILE", help="the bundle file")
     p.add_argument(
         "--token",
         required=True,

@@ -584,7 +584,9 @@ def _fleet_arguments(p: argparse.ArgumentParser) -> None:
         help="the fleet's factory seed (32 bytes; keep it offline)",
     )
     p.add_argument("--prefix", default="meter", help="identity prefix (default: meter)")
-    p.add_argument("--first", type=int, default=1, metavar="I", help="first meter number")
+    p.add_argument(
+        "--first", type=int, default=1, metavar="I", help="first meter number (default: 1)"
+    )
 
 
 def add_import_meters_arguments(p: argparse.ArgumentParser) -> None:
@@ -819,7 +821,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    meters = commands.add_parser("meters", help="smart-meter fleets: simulation")
+    meters = commands.add_parser(
+        "meters",
+        help="smart-meter fleets: simulation",
+        description="Smart-meter fleets: enrol them with 'snrmesh desk import-meters' (or "
+        "'as import-meters'), then simulate them against an AS here.",
+    )
     msub = meters.add_subparsers(title="meters commands", metavar="COMMAND", required=True)
     p = msub.add_parser(
         "sim",
@@ -840,7 +847,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=float,
         default=5.0,
         metavar="S",
-        help="random power-up delay in [0, S] without --storm (default 5)",
+        help="random power-up delay in [0, S] seconds without --storm (default 5)",
     )
     p.add_argument(
         "--sources",

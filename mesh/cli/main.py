@@ -10,6 +10,7 @@ text). A traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sqlite3
@@ -66,11 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what writing to stdout raises when it goes to a full disk (`> report.json`) or a dead device
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
         return _interrupted()
+    except OSError as exc:  # --help into a full disk
+        if not _is_output_error(exc):
+            raise
+        return _output_failed(exc)
     try:
         code: int = args.func(args)
     except MeshError as exc:
@@ -83,7 +92,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`snrmesh desk show | head`): stop quietly
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a pipe closed under a writer
+    except OSError as exc:
+        if not _is_output_error(exc):
+            raise
+        return _output_failed(exc)
     return code
+
+
+def _is_output_error(exc: OSError) -> bool:
+    """A write to stdout that failed; a file's error names the file and is the command's own."""
+    return exc.errno in _OUTPUT_ERRNOS and exc.filename is None
+
+
+def _output_failed(exc: OSError) -> int:
+    _quiet_stdout()  # the rest, and a --json error object, would fail the same way
+    print(f"snrmesh: error: cannot write the output: {exc.strerror}", file=sys.stderr)
+    return 1
 
 
 def _interrupted() -> int:

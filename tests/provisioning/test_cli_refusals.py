@@ -550,6 +550,32 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(site: Site) -> None:
     assert show.stderr.read() == b""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "args", [("desk", "show", "desk"), ("desk", "show", "desk", "--json"), ("--help",)]
+)
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(
+    site: Site, args: tuple[str, ...]
+) -> None:
+    """``snrmesh desk show --json > state.json`` on a full disk (here /dev/full)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNRMESH_")}
+    env["SNRMESH_DESK_PASSPHRASE"] = PASSPHRASE
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh.cli", *args],
+            cwd=site.root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "snrmesh: error: cannot write the output: No space left on device\n"
+
+
 def _at_a_prompt(site: Site, keys: bytes) -> tuple[int, str]:
     """Run ``bundle inspect`` on a terminal (a pty) with no SNRMESH_PIN; type ``keys`` at the
     PIN prompt; return the exit status and all the terminal showed."""

@@ -768,7 +768,9 @@ class ClientSession:
                 self._fail(f"link refused: {exc}")
                 return
             self._drain(now)
-        except (MessageError, TokenError) as exc:
+        except MessageError as exc:  # 'as request' said only "clear phase overflow"
+            self._fail(f"what came back is not an Authentication Server's answer ({exc})")
+        except TokenError as exc:
             self._fail(str(exc))
 
     def _on_clear(self, message: Message, now: float) -> None:

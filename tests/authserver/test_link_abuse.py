@@ -262,6 +262,18 @@ def test_a_clear_refuse_with_a_bignum_retry_after_is_malformed_on_both_sides(
     assert isinstance(event, LinkFailed) and "retry-after" in event.reason
 
 
+def test_a_client_answered_by_something_else_than_an_as_says_so() -> None:
+    """A web server or any other service on the port: the reason named the parser's state."""
+    for garbage in (b"\xff" * 10_000, b"HTTP/1.1 400 Bad Request\r\n\r\n" * 200):
+        client = ClientSession(_meter(17), [])
+        client.data_to_send()  # HELLO
+        client.receive_data(garbage, NOW)
+        assert client.finished
+        (event,) = [e for e in iter(client.next_event, None)]
+        assert isinstance(event, LinkFailed)
+        assert "not an Authentication Server's answer" in event.reason, event.reason
+
+
 def test_a_grant_for_another_mate_than_asked_is_refused_by_the_client(
     site: Site, store: KeyStateStore
 ) -> None:

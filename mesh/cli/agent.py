@@ -438,8 +438,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Print the messages the agent holds, oldest first, with the delivery "
         "state of those sent.",
     )
-    p.add_argument("--peer", metavar="NODE", help="only the conversation with NODE")
-    p.add_argument("--group", metavar="GROUP", help="only the conversation of GROUP")
+    only = p.add_mutually_exclusive_group()  # both printed nothing, with exit status 0
+    only.add_argument("--peer", metavar="NODE", help="only the conversation with NODE")
+    only.add_argument("--group", metavar="GROUP", help="only the conversation of GROUP")
     p.add_argument(
         "--limit", type=int, default=200, metavar="N", help="the last N messages (default: 200)"
     )

@@ -518,6 +518,7 @@ def test_usage_errors_exit_2_without_a_traceback(site: Site) -> None:
     for args in (
         ("desk", "enrol", "desk", "bravo-1", "--role", "general", "--token", "b.token"),
         ("desk", "export", "desk", "alpha-1"),
+        ("history", "--peer", "gs-1", "--group", "squad"),  # was no output and exit 0
     ):
         before = snapshot(site.root)
         result = snrmesh(*args, cwd=site.root)

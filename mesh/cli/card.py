@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Any
 
+from mesh.files import check_replaceable
 from mesh.token import Slot
 from mesh.token.cardstate import LifeCycle
 from mesh.token.emulator import VPCD_DEFAULT_PORT, Emulator, VirtualCard
@@ -56,6 +57,9 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     host, port = parse_address(args.vpcd, VPCD_DEFAULT_PORT)
     card = VirtualCard(args.state)
+    # every change to the card is written there: a missing folder was found only at the
+    # card's first write, which then failed (the emulator had started and said nothing)
+    check_replaceable(args.state, option="--state")
     state = card.applet.state
     who = "blank" if state.image is None else f"{state.image.identity}, {state.life.name.lower()}"
 

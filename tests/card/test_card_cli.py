@@ -44,6 +44,18 @@ def test_without_pcscd_a_card_command_fails_in_one_line(tmp_path: Path) -> None:
         ]
 
 
+def test_emulate_refuses_a_state_file_it_could_not_write(tmp_path: Path) -> None:
+    """It ran, and the card's first write (personalisation) failed; now one line, before."""
+    for state, needle in (
+        (tmp_path / "no" / "such" / "a.card", "cannot write"),
+        (tmp_path, "cannot read card state"),  # a folder: read first, and said so already
+    ):
+        result = snrmesh("card", "emulate", "--state", str(state), "--vpcd", "127.0.0.1:9")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert len(result.stderr.splitlines()) == 1 and needle in result.stderr, result.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_the_emulator_process_keeps_its_card_across_restarts(
     pcscd: PrivatePcscd, tmp_path: Path
 ) -> None:

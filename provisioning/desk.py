@@ -557,7 +557,9 @@ class Desk:
         if pending is not None:  # the token may hold the new keys: this bundle would not open
             raise PolicyError(
                 f"a key change of {identity} is unfinished (an interrupted 'desk rekey', or one "
-                f"the AS began): run 'snrmesh desk rekey' for {identity} again, then export"
+                f"the AS began that the node has not confirmed yet): run 'snrmesh desk rekey' "
+                f"for {identity} again (or, for the AS's, let the node reach the AS once), "
+                "then export"
             )
         target = self._wrap_target(identity)
         try:

@@ -314,8 +314,10 @@ class Desk:
         """Enrol a node and personalise its token: a new file, or a card (``pcsc:READER``)."""
         check_pin(pin)
         if not is_card(os.fspath(token_path)) and os.path.exists(token_path):
+            what = "is a folder" if os.path.isdir(token_path) else "already exists"
             raise DeskError(
-                f"token file {os.fspath(token_path)} already exists; refusing to overwrite"
+                f"token file {os.fspath(token_path)} {what}; refusing to overwrite (--token "
+                "names the file to create)"
             )
         written: list[str] = []
         try:

@@ -571,7 +571,8 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=6,
         metavar="N",
-        help=f"tries with backoff (1..{MAX_ATTEMPTS}, default 6)",
+        help=f"tries with backoff, each given up after 30 s without an answer "
+        f"(1..{MAX_ATTEMPTS}, default 6)",
     )
 
 

@@ -3,76 +3,88 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from mesh.agent.agent import ALERT_COALESCE, Agent, AgentConfig
 from mesh.agent.store import MAX_ALERTS, STATE_DB, AgentStore
 from mesh.sim import Simulation
 
 
-def test_the_same_refusal_is_alerted_once_per_window(tmp_path: Path) -> None:
+class Clock:
+    """The agent's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, clock: Clock) -> Iterator[Agent]:
+    """Node a's agent, not started: ``_alert`` and its store are all these tests need."""
     with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
         sim.provision()
         node = sim.nodes["a"]
         token, bundle = node.unlock()
-        now = [1_000.0]
-        agent = Agent(
-            AgentConfig(state_dir=node.state, mdns=False), bundle, token, clock=lambda: now[0]
-        )
+        agent = Agent(AgentConfig(state_dir=node.state, mdns=False), bundle, token, clock=clock)
         try:
-            for port in range(40000, 40500):  # a stranger, from ever new source ports
-                agent._alert(
-                    "refused",
-                    None,
-                    f"refused a handshake from 10.0.0.9:{port}: x",
-                    key=("refused", "10.0.0.9", "unknown-ck"),
-                )
-            agent._alert(
-                "refused",
-                None,
-                "refused a handshake from 10.0.0.8:1: x",
-                key=("refused", "10.0.0.8", "unknown-ck"),
-            )
-            assert len(agent.store.alerts()) == 2
-            now[0] += ALERT_COALESCE
-            agent._alert(
-                "refused",
-                None,
-                "refused a handshake from 10.0.0.9:1: x",
-                key=("refused", "10.0.0.9", "unknown-ck"),
-            )
-            # the same cause a minute later: its alert says so, no new one
-            first, second = agent.store.alerts()
-            assert first.message.endswith("10.0.0.9:1: x") and first.repeats == 1
-            assert first.at == now[0] and second.repeats == 0
+            yield agent
         finally:
             agent.store.close()
 
 
-def test_a_cause_that_lasts_keeps_one_alert_until_it_is_dismissed(tmp_path: Path) -> None:
+def test_the_same_refusal_is_alerted_once_per_window(agent: Agent, clock: Clock) -> None:
+    for port in range(40000, 40500):  # a stranger, from ever new source ports
+        agent._alert(
+            "refused",
+            None,
+            f"refused a handshake from 10.0.0.9:{port}: x",
+            key=("refused", "10.0.0.9", "unknown-ck"),
+        )
+    agent._alert(
+        "refused",
+        None,
+        "refused a handshake from 10.0.0.8:1: x",
+        key=("refused", "10.0.0.8", "unknown-ck"),
+    )
+    assert len(agent.store.alerts()) == 2
+    clock.now += ALERT_COALESCE
+    agent._alert(
+        "refused",
+        None,
+        "refused a handshake from 10.0.0.9:1: x",
+        key=("refused", "10.0.0.9", "unknown-ck"),
+    )
+    # the same cause a minute later: its alert says so, no new one
+    first, second = agent.store.alerts()
+    assert first.message.endswith("10.0.0.9:1: x") and first.repeats == 1
+    assert first.at == clock.now and second.repeats == 0
+
+
+def test_a_cause_that_lasts_keeps_one_alert_until_it_is_dismissed(
+    agent: Agent, clock: Clock
+) -> None:
     """A mate that refuses us for good (say its clock is off) is retried all day: one alert,
     its count and latest time, not one alert a minute; once dismissed, a new one."""
-    with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
-        sim.provision()
-        node = sim.nodes["a"]
-        token, bundle = node.unlock()
-        now = [1_000.0]
-        agent = Agent(
-            AgentConfig(state_dir=node.state, mdns=False), bundle, token, clock=lambda: now[0]
-        )
-        try:
-            for _ in range(24 * 60):  # a day, once a minute
-                agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
-                now[0] += ALERT_COALESCE
-            [alert] = agent.store.alerts()
-            assert alert.repeats == 24 * 60 - 1 and alert.at == now[0] - ALERT_COALESCE
-            assert alert.to_json()["repeats"] == alert.repeats
-            assert agent.store.dismiss_alert(alert.alert_id)
-            agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
-            [again] = agent.store.alerts()
-            assert again.alert_id != alert.alert_id and again.repeats == 0
-        finally:
-            agent.store.close()
+    for _ in range(24 * 60):  # a day, once a minute
+        agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
+        clock.now += ALERT_COALESCE
+    [alert] = agent.store.alerts()
+    assert alert.repeats == 24 * 60 - 1 and alert.at == clock.now - ALERT_COALESCE
+    assert alert.to_json()["repeats"] == alert.repeats
+    assert agent.store.dismiss_alert(alert.alert_id)
+    agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
+    [again] = agent.store.alerts()
+    assert again.alert_id != alert.alert_id and again.repeats == 0
 
 
 def test_alerts_not_dismissed_are_bounded_the_oldest_go(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -90,14 +91,23 @@ class ServedCli:
 
 
 @contextlib.contextmanager
-def as_serve(*args: str) -> Iterator[ServedCli]:
-    """``snrmesh as serve ARGS --listen 127.0.0.1:0``, stopped by SIGTERM when the block ends."""
+def as_serve(*args: str, files: int | None = None) -> Iterator[ServedCli]:
+    """``snrmesh as serve ARGS --listen 127.0.0.1:0``, stopped by SIGTERM when the block ends.
+
+    ``files``: the server's descriptor limit (soft and hard), if not this process's.
+    """
+
+    def limit() -> None:
+        if files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
     server = subprocess.Popen(
         [sys.executable, "-m", "mesh.cli", "as", "serve", *args, "--listen", "127.0.0.1:0"],
         env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=limit,
     )
     served = ServedCli("")
     try:

@@ -608,58 +608,28 @@ def test_as_serve_out_of_descriptors_still_serves_clients_through_a_silent_flood
     """``as serve`` under a 160-descriptor limit and 300 connections that never send a byte:
     a node's request is still answered (it failed after 6 attempts before silent links were
     dropped: the worker could no longer accept)."""
-    import resource
-    import signal
     import socket
 
-    cli = [sys.executable, "-m", "mesh.cli"]
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
-
-    server = subprocess.Popen(
-        [*cli, "as", "serve", "--store", str(site.desk_dir), "--listen", "127.0.0.1:0", "--json"],
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=limit,
-    )
     flood: list[socket.socket] = []
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert "listening on" in line, server.stderr.read() if server.stderr else ""
-        address = line.split()[4]
-        host, port = address.rsplit(":", 1)
-        for _ in range(300):
-            flood.append(socket.create_connection((host, int(port)), timeout=5))
-        token = str(site.root / "alpha-1.token")
-        got = subprocess.run(
-            [
-                *cli,
-                "as",
-                "request",
-                "--as",
-                address,
-                "--token",
-                token,
-                "--target",
-                "gs-1",
-                "--json",
-            ],
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert got.returncode == 0, got.stderr
-        assert json.loads(got.stdout)["peer"] == "gs-1"
-    finally:
-        for sock in flood:
-            sock.close()
-        server.send_signal(signal.SIGTERM)
-        out, err = server.communicate(timeout=30)
-    assert server.returncode == 0, err
-    counters = json.loads(out.strip().splitlines()[-1])
+    request_cli = [sys.executable, "-m", "mesh.cli", "as", "request", "--as"]
+    with as_serve("--store", str(site.desk_dir), "--json", files=160) as server:
+        host, port = server.address.rsplit(":", 1)
+        try:
+            for _ in range(300):
+                flood.append(socket.create_connection((host, int(port)), timeout=5))
+            token = str(site.root / "alpha-1.token")
+            got = subprocess.run(
+                [*request_cli, server.address, "--token", token, "--target", "gs-1", "--json"],
+                env=cli_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert got.returncode == 0, got.stderr
+            assert json.loads(got.stdout)["peer"] == "gs-1"
+        finally:
+            for sock in flood:
+                sock.close()
+    assert server.returncode == 0, server.err
+    counters = json.loads(server.out.strip().splitlines()[-1])
     assert counters["silent_dropped"] >= 300 - 160

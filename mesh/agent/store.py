@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     repeats   INTEGER NOT NULL DEFAULT 0
 );
 """
-MAX_ALERTS = 1000  # alerts not dismissed; past it the oldest are dismissed
+MAX_ALERTS = 1000  # alerts of one kind not dismissed; past it the oldest go
 
 
 class StoreError(MeshError):
@@ -414,7 +414,12 @@ class AgentStore:
     # -- alerts -----------------------------------------------------------------------------------
 
     def add_alert(self, at: float, kind: str, peer: str | None, message: str) -> Alert:
-        """A new alert; past MAX_ALERTS not dismissed, the oldest are dismissed."""
+        """A new alert; past MAX_ALERTS of its kind not dismissed, the oldest of them go.
+
+        Per kind, so a flood of ``refused`` (strangers from ever new hosts) never
+        takes a ``token`` or ``revoked`` alert with it; and the rows go (with the
+        dismissed ones below them, which nothing reads), so the table stays bounded.
+        """
         with self.db:
             self.db.execute("BEGIN")
             cur = self.db.execute(
@@ -422,10 +427,10 @@ class AgentStore:
                 (at, kind, peer, message),
             )
             self.db.execute(
-                "UPDATE alerts SET dismissed = 1 WHERE dismissed = 0 AND alert_id <= "
-                "(SELECT alert_id FROM alerts WHERE dismissed = 0 "
+                "DELETE FROM alerts WHERE kind = ? AND alert_id <= "
+                "(SELECT alert_id FROM alerts WHERE kind = ? AND dismissed = 0 "
                 "ORDER BY alert_id DESC LIMIT 1 OFFSET ?)",
-                (MAX_ALERTS,),
+                (kind, kind, MAX_ALERTS),
             )
         return Alert(int(cur.lastrowid or 0), at, kind, peer, message)
 

@@ -117,3 +117,23 @@ def test_a_state_file_from_before_repeats_opens_and_keeps_its_alerts(tmp_path: P
         assert repeated is not None and repeated.repeats == 1
     finally:
         store.close()
+
+
+def test_a_flood_of_refusals_leaves_the_other_alerts_and_the_table_bounded(
+    tmp_path: Path,
+) -> None:
+    """Strangers from ever new hosts raise a ``refused`` alert each: the cap takes the oldest
+    refusals, never a card pulled out or a revoked node (a flood would hide them), and the
+    rows it takes go, so the table itself (every ``alerts`` op, every cap) stays bounded."""
+    store = AgentStore(tmp_path)
+    try:
+        token = store.add_alert(0.0, "token", None, "the card was pulled out")
+        for i in range(3 * MAX_ALERTS):
+            store.add_alert(float(i), "refused", None, f"refused a handshake from 10.2.{i}: x")
+        alerts = store.alerts()
+        assert token in alerts
+        assert sum(a.kind == "refused" for a in alerts) == MAX_ALERTS
+        [(rows,)] = store.db.execute("SELECT COUNT(*) FROM alerts")
+        assert rows == MAX_ALERTS + 1
+    finally:
+        store.close()

@@ -185,6 +185,7 @@ class AgentStore:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(alerts)")}
             if "repeats" not in columns:  # a state file from before repeats were counted
                 self.db.execute("ALTER TABLE alerts ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0")
+                self.db.execute("DELETE FROM alerts WHERE dismissed = 1")  # (kept until then)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"agent state {folder / STATE_DB} is unusable: {exc}") from None
 
@@ -417,8 +418,8 @@ class AgentStore:
         """A new alert; past MAX_ALERTS of its kind not dismissed, the oldest of them go.
 
         Per kind, so a flood of ``refused`` (strangers from ever new hosts) never
-        takes a ``token`` or ``revoked`` alert with it; and the rows go (with the
-        dismissed ones below them, which nothing reads), so the table stays bounded.
+        takes a ``token`` or ``revoked`` alert with it; the rows go (as dismissed
+        ones do), so the table stays bounded.
         """
         with self.db:
             self.db.execute("BEGIN")
@@ -462,10 +463,11 @@ class AgentStore:
         ]
 
     def dismiss_alert(self, alert_id: int) -> bool:
+        """Forget the alert (nothing reads dismissed ones; ids are never reused)."""
         with self.db:
             self.db.execute("BEGIN")
             cur = self.db.execute(
-                "UPDATE alerts SET dismissed = 1 WHERE alert_id = ? AND dismissed = 0", (alert_id,)
+                "DELETE FROM alerts WHERE alert_id = ? AND dismissed = 0", (alert_id,)
             )
         return cur.rowcount > 0
 

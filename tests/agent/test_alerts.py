@@ -85,6 +85,8 @@ def test_a_cause_that_lasts_keeps_one_alert_until_it_is_dismissed(
     agent._alert("refused", "b", "refused a relayed handshake from b: ck-expired")
     [again] = agent.store.alerts()
     assert again.alert_id != alert.alert_id and again.repeats == 0
+    # a dismissed alert is gone from the file, not kept as a row nothing reads
+    assert agent.store.db.execute("SELECT COUNT(*) FROM alerts").fetchone() == (1,)
 
 
 def test_alerts_not_dismissed_are_bounded_the_oldest_go(tmp_path: Path) -> None:
@@ -107,12 +109,14 @@ def test_a_state_file_from_before_repeats_opens_and_keeps_its_alerts(tmp_path: P
         "dismissed INTEGER NOT NULL DEFAULT 0)"
     )
     db.execute("INSERT INTO alerts (at, kind, message) VALUES (1.0, 'token', 'card out')")
+    db.execute("INSERT INTO alerts (at, kind, message, dismissed) VALUES (0.5, 'token', 'x', 1)")
     db.commit()
     db.close()
     store = AgentStore(tmp_path)
     try:
         [old] = store.alerts()
         assert old.message == "card out" and old.repeats == 0
+        assert store.db.execute("SELECT COUNT(*) FROM alerts").fetchone() == (1,)  # (dismissed)
         repeated = store.repeat_alert(old.alert_id, 2.0, "card out")
         assert repeated is not None and repeated.repeats == 1
     finally:

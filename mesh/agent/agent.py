@@ -751,9 +751,9 @@ class Agent:
             ours = self.relayed.outgoing.get(peer)
             if ours is not None and ours.state not in TERMINAL:
                 continue
-            if self._relay_session(peer, create=True) is not None:
-                info.relay_failures += 1
-                info.next_relay = now + self._backoff(info.relay_failures)
+            info.relay_failures += 1  # (also when no try could start: no route, no CK...)
+            info.next_relay = now + self._backoff(info.relay_failures)
+            self._relay_session(peer, create=True)
 
     def _renew_relayed(self, peer: str) -> None:
         """Drop our relayed session to ``peer`` (no CLOSE: nobody reads it) and open another;

@@ -251,11 +251,14 @@ def import_meters(
         if (
             head_end is not None
             and db.execute(
-                f"SELECT 1 FROM nodes WHERE identity = ? AND {active}", (head_end,)
+                f"SELECT 1 FROM nodes WHERE identity = ? AND {active} AND role <> ?",
+                (head_end, METER_ROLE),
             ).fetchone()
             is None
         ):
-            raise LocalAuthError(f"head-end {head_end} is not an enrolled, active node")
+            raise LocalAuthError(
+                f"head-end {head_end} is not an enrolled, active node (nor a meter)"
+            )
         rows = meter_rows(store.seal_keys, seed, prefix, first, count, now)
         done = 0
         while chunk := list(islice(rows, IMPORT_CHUNK)):

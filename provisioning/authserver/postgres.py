@@ -389,6 +389,7 @@ class PostgresKeyStateStore(SqlKeyStateStore):
         with an ``import-meters`` audit row; nothing if any of it fails.
         """
         from provisioning.authserver.meters import (
+            METER_ROLE,
             check_fleet,
             fleet_detail,
             meter_identity,
@@ -403,12 +404,14 @@ class PostgresKeyStateStore(SqlKeyStateStore):
                 if head_end is not None and (
                     conn.execute(
                         "SELECT 1 FROM nodes WHERE identity = %s AND revoked_at IS NULL "
-                        "AND suspended_at IS NULL",
-                        (head_end,),
+                        "AND suspended_at IS NULL AND role <> %s",
+                        (head_end, METER_ROLE),
                     ).fetchone()
                     is None
                 ):
-                    raise LocalAuthError(f"head-end {head_end} is not an enrolled, active node")
+                    raise LocalAuthError(
+                        f"head-end {head_end} is not an enrolled, active node (nor a meter)"
+                    )
                 cur = conn.cursor()
                 done = 0
                 with cur.copy(

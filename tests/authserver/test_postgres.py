@@ -737,6 +737,31 @@ def test_desk_and_postgres_fleet_enrolment_refuse_the_same_head_ends(
     assert outcomes["sqlite"] == outcomes["postgres"], outcomes
 
 
+def test_neither_store_pairs_a_fleet_with_a_meter_as_its_head_end(
+    site: Site, postgres_dsn: str
+) -> None:
+    """A meter talks to its energy provider's head-end, never to another meter: a fleet
+    whose --head-end names a meter is refused, before any row is written, on both stores."""
+    meter = meter_identity("meter", 1)  # enrolled by the site
+    sqlite_store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        with pytest.raises(LocalAuthError, match="nor a meter"):
+            import_meters(
+                sqlite_store.store, seed=bytes(32), count=3, now=NOW, first=900, head_end=meter
+            )
+        assert sqlite_store.load(meter_identity("meter", 900)) is None
+    finally:
+        sqlite_store.close()
+    pg = PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE)
+    try:
+        assert pg.load(meter) is not None  # (enrolled there too: refused for being a meter)
+        with pytest.raises(LocalAuthError, match="nor a meter"):
+            pg.enrol_meters(seed=bytes(32), count=3, now=NOW, first=900, head_end=meter)
+        assert pg.load(meter_identity("meter", 900)) is None
+    finally:
+        pg.close()
+
+
 def test_the_import_reports_its_progress_row_by_row(
     site: Site, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

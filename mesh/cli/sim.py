@@ -107,6 +107,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
         raise MeshError(
             f"--duration is a number of seconds, more than 0 and at most {MAX_DURATION:,.0f}"
         )
+    names = {f"node-{i:02d}" for i in range(1, args.nodes + 1)}
+    for a, b in args.cut:  # a typo cut nothing, and the run went on as if it had
+        unknown = sorted({a, b} - names)
+        if unknown:
+            raise MeshError(f"--cut {a}-{b}: no node {unknown[0]} (the nodes are node-01..)")
+        if a == b:
+            raise MeshError(f"--cut {a}-{b}: a node has no link to itself")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     with Simulation(args.nodes, topology=args.topology, cuts=args.cut, mdns=args.mdns) as sim:
         report = run_scenario(sim, duration=args.duration, log=say)
@@ -154,7 +161,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         default=[],
         metavar="A-B",
-        help="also cut the direct link between A and B (repeatable)",
+        help="also cut the direct link between nodes A and B, e.g. node-01-node-02 (repeatable)",
     )
     p.add_argument(
         "--duration",

@@ -303,6 +303,10 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     # sim took these and every wait timed out at once, or never (CLI audit)
     *[(f"sim-duration-{d}", _nothing, ("sim", "--nodes", "2", "--duration", d),
        ("--duration is a number of seconds",), {}) for d in ("0", "-1", "nan", "inf")],
+    ("sim-cut-unknown-node", _nothing, ("sim", "--nodes", "3", "--cut", "node-01-node-09"),
+     ("no node node-09",), {}),
+    ("sim-cut-itself", _nothing, ("sim", "--nodes", "3", "--cut", "node-02-node-02"),
+     ("no link to itself",), {}),
     ("meters-sim-negative-first", _factory_seed_file,
      ("meters", "sim", "--as", "127.0.0.1:9", "--count", "2", "--factory-seed", "f.seed",
       "--head-end", "gs-1", "--first", "-1"), ("--first must be 0..",), {}),

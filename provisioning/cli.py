@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -312,7 +313,15 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         token = open_token(args.token)
         with token.exclusive():  # an AS link of another process must not change it meanwhile
             token.verify_pin(_pin(args.node))
-            node = desk.rekey(args.node, token, now=_now(), seed=_seed(args.seed_file))
+            try:
+                node = desk.rekey(args.node, token, now=_now(), seed=_seed(args.seed_file))
+            except KeyboardInterrupt:  # the desk or the token may hold the change half way
+                print(
+                    f"snrmesh: the rekey of {args.node} may be half done: run the same "
+                    "'snrmesh desk rekey' again to finish it (desk export refuses until then)",
+                    file=sys.stderr,
+                )
+                raise
     return _emit(
         args,
         {"id": node.identity, "generation": node.generation},

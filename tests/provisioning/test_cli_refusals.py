@@ -629,3 +629,24 @@ def test_ctrl_c_at_a_pin_prompt_ends_the_prompt_line_first(site: Site) -> None:
     code, shown = _at_a_prompt(site, b"\x03")
     assert "Traceback" not in shown
     assert "\nsnrmesh: interrupted" in shown.replace("\r\n", "\n") and code == 130
+
+
+def test_a_rekey_cut_short_by_ctrl_c_says_how_to_finish_it(
+    site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during 'desk rekey' may leave the change half way (docs/keysets.md): the one
+    line says to run it again, which finishes it (test_rekey.py covers the resume)."""
+    from mesh.cli.main import main
+    from provisioning.desk import Desk
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Desk, "rekey", interrupted)
+    monkeypatch.setenv("SNRMESH_DESK_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("SNRMESH_PIN", PIN)
+    monkeypatch.chdir(site.root)
+    assert main(["desk", "rekey", "desk", "alpha-1", "--token", "alpha-1.token"]) == 130
+    err = capsys.readouterr().err
+    assert "may be half done: run the same 'snrmesh desk rekey' again" in err
+    assert err.endswith("snrmesh: interrupted\n") and "Traceback" not in err

@@ -331,12 +331,16 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    """Idempotent, as 'as revoke' is: a script that revokes twice has what it asked for."""
     with _desk(args) as desk:
-        node = desk.revoke(args.node, now=_now())
+        already = desk.node(args.node).revoked
+        node = desk.node(args.node) if already else desk.revoke(args.node, now=_now())
     return _emit(
         args,
-        {"id": node.identity, "revoked": True},
-        f"revoked {node.identity}: no further keysets; re-export its mates' bundles",
+        {"id": node.identity, "revoked": True, "already": already},
+        f"{node.identity} was already revoked: nothing changed"
+        if already
+        else f"revoked {node.identity}: no further keysets; re-export its mates' bundles",
     )
 
 
@@ -489,5 +493,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_import_meters_arguments(p)
 
-    p = add("revoke", cmd_revoke, "revoke a node: no further CKs; later exports exclude it")
+    p = add(
+        "revoke",
+        cmd_revoke,
+        "revoke a node: no further CKs; later exports exclude it (again: nothing changes, exit 0)",
+    )
     p.add_argument("node", metavar="NODE")

@@ -185,7 +185,11 @@ def test_a_mission_through_the_command_line(tmp_path: Path) -> None:
         == "ok"
     )
 
-    assert op.json("desk", "revoke", "desk", "uav-1") == {"id": "uav-1", "revoked": True}
+    assert op.json("desk", "revoke", "desk", "uav-1") == {
+        "id": "uav-1",
+        "revoked": True,
+        "already": False,
+    }
     assert op.json("desk", "export", "desk", "alpha-1", "--out", "alpha-1.bundle")["mates"] == [
         "gs-1"
     ]

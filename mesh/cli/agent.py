@@ -90,6 +90,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from mesh.transport.address import parse_address
 
     _check_status(args)  # before the PIN is asked for
+    if args.no_mdns and args.mdns_interface:  # (the interface was silently ignored)
+        raise MeshError("--mdns-interface needs mDNS: give one of it and --no-mdns, not both")
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -350,6 +350,7 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
           ("battery", ("--battery", "150"), "--battery 0..100"),
           ("text", ("--status-text", "x" * 201), "--status-text up to 200"),
           ("position", ("--position", "91,0,0"), "position out of range"),
+          ("mdns", ("--mdns-interface", "127.0.0.1"), "--mdns-interface needs mDNS"),
           ("heartbeat-zero", ("--heartbeat", "0"), "--heartbeat is 1..3600"),
           ("heartbeat-nan", ("--heartbeat", "nan"), "--heartbeat is 1..3600"),
           # these two were FileExistsError / FileNotFoundError tracebacks (CLI audit)

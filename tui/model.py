@@ -99,7 +99,7 @@ class AppState:
             info=snapshot.info,
             peers=tuple(sorted(snapshot.peers, key=lambda p: p.identity)),
             groups=snapshot.groups,
-            alerts=tuple(sorted(snapshot.alerts, key=lambda a: a.alert_id)),
+            alerts=tuple(sorted(snapshot.alerts, key=_alert_order)),
         ).with_messages(snapshot.messages)
 
     def with_info(self, info: AgentInfo) -> AppState:
@@ -188,10 +188,15 @@ class AppState:
     def with_alert(self, alert: Alert) -> AppState:
         others = [a for a in self.alerts if a.alert_id != alert.alert_id]
         return dataclasses.replace(
-            self, alerts=tuple(sorted([*others, alert], key=lambda a: a.alert_id))
+            self, alerts=tuple(sorted([*others, alert], key=_alert_order))
         )
 
     def without_alert(self, alert_id: int) -> AppState:
         return dataclasses.replace(
             self, alerts=tuple(a for a in self.alerts if a.alert_id != alert_id)
         )
+
+
+def _alert_order(alert: Alert) -> tuple[float, int]:
+    """Oldest first, by latest time: an alert whose cause came again moves up to the top."""
+    return (alert.at, alert.alert_id)

@@ -187,9 +187,7 @@ class AppState:
 
     def with_alert(self, alert: Alert) -> AppState:
         others = [a for a in self.alerts if a.alert_id != alert.alert_id]
-        return dataclasses.replace(
-            self, alerts=tuple(sorted([*others, alert], key=_alert_order))
-        )
+        return dataclasses.replace(self, alerts=tuple(sorted([*others, alert], key=_alert_order)))
 
     def without_alert(self, alert_id: int) -> AppState:
         return dataclasses.replace(

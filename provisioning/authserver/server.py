@@ -18,8 +18,12 @@ it has sent a byte, and a flood of connections that never send one would run
 a worker out of descriptors, so that nobody else gets in. A worker holds at
 most ``max_links`` (its descriptor limit, raised to the hard one, less a
 reserve); a link over that drops the oldest link that has not yet had a HELLO
-admitted. Clients send their HELLO as soon as they connect, so what gets
-dropped is what sat silent longest.
+admitted, if it has been silent for SILENT_GRACE, else the new link itself.
+Clients send their HELLO as soon as they connect, so what gets dropped is
+what sat silent longest, and a client whose HELLO is read within the grace is
+never dropped for a newer link: not in a burst whose links the loop opens
+before it reads any of them (asyncio's), nor under a flood faster than the
+table turns over.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ IDLE_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 30.0  # what a stopping worker gives the sync in progress
 BACKLOG = 4096
 FD_RESERVE = 64  # descriptors a worker keeps for its store (and WAL), threads and pipes
+SILENT_GRACE = 1.0  # seconds a new link may be silent before a newer one may take its place
 MAX_LINKS = 65_536  # links per worker at most, whatever its descriptor limit
 FILE_LIMIT_CAP = 1 << 20  # the descriptor limit asked for when the hard one is unlimited
 
@@ -176,7 +181,7 @@ class AuthServer:
         self._server: asyncio.Server | None = None
         self.max_links = link_capacity() if max_links is None else max_links
         self.links: set[_LinkProtocol] = set()
-        self._silent: dict[_LinkProtocol, None] = {}  # no HELLO admitted yet, oldest first
+        self._silent: dict[_LinkProtocol, float] = {}  # no HELLO admitted yet: since when
         service.store.group_commits()  # every answer waits for self.group (see the module doc)
         self.group = GroupCommit(service.store)
 
@@ -201,15 +206,17 @@ class AuthServer:
     def _protocol(self) -> _LinkProtocol:
         return _LinkProtocol(self)
 
-    def opened(self, link: _LinkProtocol) -> None:
-        """A new link, silent so far; over ``max_links``, the oldest silent one goes."""
+    def opened(self, link: _LinkProtocol, now: float) -> None:
+        """A new link, silent so far; over ``max_links``, the oldest silent one goes if it
+        was silent for SILENT_GRACE, else this one (module doc)."""
         self.links.add(link)
-        self._silent[link] = None
+        self._silent[link] = now
         if len(self.links) > self.max_links:
-            oldest = next(iter(self._silent))  # (the new one itself, if none is older)
+            oldest, since = next(iter(self._silent.items()))  # (this one, if none is older)
+            victim = oldest if now - since >= SILENT_GRACE else link
             self.service.count("silent_dropped")
-            self.forget(oldest)
-            oldest.drop()
+            self.forget(victim)
+            victim.drop()
 
     def admitted(self, link: _LinkProtocol) -> None:
         """Its HELLO was admitted (or it is closing): it is no longer dropped for silence."""
@@ -253,7 +260,7 @@ class _LinkProtocol(asyncio.Protocol):
         now = self._last = self._clock()
         self._session = self._server.service.session(source, now)
         self._arm(now)
-        self._server.opened(self)
+        self._server.opened(self, now)
 
     def drop(self) -> None:
         """Close at once, sending nothing: a silent link dropped for a newer one."""

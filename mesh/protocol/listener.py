@@ -6,10 +6,11 @@ AWAIT_CONFIRM) and ``max_connections`` in all; a connection that did not
 complete its handshake within ``handshake_timeout`` of being created is
 closed; ticket unwraps share one per-source :class:`RateLimiter`. At a bound,
 the oldest connection that has received nothing yet (START: on a stream, a
-socket that never spoke) is closed to make room, since a peer sends its message
-1 as soon as it is connected: what goes is what sat silent longest, and a flood
-of silent connections cannot keep peers out. Only when none is silent is the
-new connection refused (``HALF_OPEN_LIMIT``).
+socket that never spoke) is closed to make room once it has sat silent for
+``SILENT_GRACE``, since a peer sends its message 1 as soon as it is connected:
+what goes is what sat silent longest, and a flood of silent connections cannot
+keep peers out, nor push out a peer whose message 1 is on its way. Otherwise
+the new connection is refused (``HALF_OPEN_LIMIT``).
 
 Sources are whatever the transport adapter uses to tell peers apart (an
 address tuple, a relayed mate's identity); they are opaque here, unless
@@ -54,6 +55,7 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_HALF_OPEN", "Listener"]
 DEFAULT_MAX_HALF_OPEN = 64
 DEFAULT_MAX_CONNECTIONS = 1024
 _HALF_OPEN = (State.START, State.AWAIT_CONFIRM)
+SILENT_GRACE = 1.0  # seconds a new connection may stay silent before a newer one takes its place
 
 
 class Listener:
@@ -122,13 +124,16 @@ class Listener:
         return connection
 
     def _drop_oldest_silent(self, now: float) -> bool:
-        """Close the oldest connection still in START, if any (logged as HALF_OPEN_LIMIT).
+        """Close the oldest connection still in START, if it was silent for SILENT_GRACE
+        (logged as HALF_OPEN_LIMIT); whether one was.
 
         Sources are kept in the order they were accepted, so the first one in
         START is the oldest.
         """
         for source, connection in self._connections.items():
             if connection.state is State.START:
+                if now - self._born[source] < SILENT_GRACE:
+                    return False
                 connection.close(now)
                 self._events.append((source, HandshakeRefused(Reason.HALF_OPEN_LIMIT)))
                 self._prune()

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from mesh.agent.agent import Agent, AgentConfig
-from mesh.protocol.listener import DEFAULT_MAX_HALF_OPEN
+from mesh.protocol.listener import DEFAULT_MAX_HALF_OPEN, SILENT_GRACE
 from mesh.sim import Simulation
 
 MakeSim = Callable[..., Simulation]
@@ -30,10 +30,11 @@ def _closed(sock: socket.socket) -> bool:
 def test_a_flood_of_silent_connections_neither_keeps_a_mate_out_nor_leaks(
     make_sim: MakeSim,
 ) -> None:
-    """100 connections to a that never send a byte (64 may wait half-open): b still links up
-    at once, the oldest silent ones are closed to make room, and the rest once past the
-    handshake timeout. Before, b was refused until a timeout freed a slot, and every silent
-    socket stayed open at a for good (a file descriptor each)."""
+    """100 connections to a that never send a byte (64 may wait half-open, the rest are
+    refused): once they have sat silent for the grace, b links up at once, the oldest silent
+    one closed to make room, and the rest are closed once past the handshake timeout.
+    Before, b was refused until a timeout freed a slot, and every silent socket stayed open
+    at a for good (a file descriptor each)."""
     sim = make_sim(["a", "b"])
     sim.provision()
     offset = 0.0
@@ -60,7 +61,8 @@ def test_a_flood_of_silent_connections_neither_keeps_a_mate_out_nor_leaks(
                 sock = socket.create_connection(listen, timeout=5)
                 sock.setblocking(False)
                 flood.append(sock)
-            await asyncio.sleep(0.5)  # a accepts them all
+            await asyncio.sleep(0.5)  # a accepts them all: 64 wait, the rest are refused
+            offset = SILENT_GRACE  # the 64 have sat silent long enough to make room
             token, bundle = b_node.unlock()
             b_config = AgentConfig(
                 state_dir=b_node.state,
@@ -78,7 +80,7 @@ def test_a_flood_of_silent_connections_neither_keeps_a_mate_out_nor_leaks(
             await asyncio.sleep(0.2)
             dropped = sum(_closed(sock) for sock in flood)
             assert dropped >= FLOOD - DEFAULT_MAX_HALF_OPEN + 1  # room for b, too
-            offset = 11.0  # past the handshake timeout (10 s): the rest are closed
+            offset = 11.0 + SILENT_GRACE  # past the handshake timeout (10 s): the rest closed
             a._tick(clock())
             await asyncio.sleep(0.2)
             assert all(_closed(sock) for sock in flood)

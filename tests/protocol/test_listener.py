@@ -22,6 +22,7 @@ from mesh.protocol import (
     Transport,
 )
 from mesh.protocol.frames import REFUSE_FRAME
+from mesh.protocol.listener import SILENT_GRACE
 from tests.protocol.harness import NOW, FakeToken, config, drain, make_ck, make_pair
 
 
@@ -128,13 +129,16 @@ def test_stream_connections_that_never_speak_are_closed() -> None:
 
 def test_at_the_bound_the_oldest_silent_connection_makes_room() -> None:
     """A flood of connections that never speak cannot keep a peer out: at the half-open
-    bound the oldest one still in START goes; one whose message 1 authenticated stays."""
+    bound the oldest one still in START goes once it sat silent for the grace (before, the
+    newcomer is refused); one whose message 1 authenticated stays."""
     pair = make_pair(Transport.STREAM)
     listener = Listener(
         config=config("bravo", Transport.STREAM), keys=pair.responder_store, max_half_open=2
     )
     first, second = listener.accept("s1", NOW), listener.accept("s2", NOW)
     assert first is not None and second is not None
+    assert listener.accept("s3", NOW + SILENT_GRACE / 2) is None  # theirs may be on its way
+    assert listener.next_event() == ("s3", HandshakeRefused(Reason.HALF_OPEN_LIMIT))
     third = listener.accept("s3", NOW + 1)
     assert third is not None and first.state is State.CLOSED
     assert listener.connection("s1") is None and listener.half_open() == 2

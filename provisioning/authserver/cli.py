@@ -664,8 +664,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=int,
         metavar="N",
         help="links each worker holds at once; one more drops the oldest link that has "
-        "sent no HELLO yet, so a flood of silent connections cannot lock clients out "
-        "(default: the descriptor limit, raised to the hard one, less 64; at most 65,536)",
+        "sent no HELLO for 1 s (else the new one), so a flood of silent connections cannot "
+        "lock clients out (default: the descriptor limit, raised to the hard one, less 64; "
+        "at most 65,536)",
     )
     p.add_argument("--json", action="store_true", help="print counters as JSON on exit")
 

@@ -8,9 +8,11 @@ The slot keys reach the workers once, through the pool initializer.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -120,7 +122,51 @@ def mint_keysets(
             _targets.clear()
         return
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(processes, initializer=_worker_init, initargs=(targets, mission_id)) as pool:
-        for rows in pool.imap(_mint, _chunks(jobs)):
+    with (
+        ctx.Pool(processes, initializer=_worker_init, initargs=(targets, mission_id)) as pool,
+        _ctrl_c_deferred() as check,
+    ):
+        results = pool.imap(_mint, _chunks(jobs))
+        while True:
+            try:
+                rows = results.next(timeout=POLL)
+            except multiprocessing.TimeoutError:
+                check()
+                continue
+            except StopIteration:
+                return
+            check()
             on_chunk(len(rows))
             yield rows
+
+
+POLL = 0.1  # seconds between two looks at a ctrl-C while the pool works
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[Callable[[], None]]:
+    """While the pool's results are waited for, ctrl-C only sets a flag: ``check()`` raises it.
+
+    The wait is a ``threading.Condition``; a KeyboardInterrupt raised inside its
+    lock bookkeeping can come out as "RuntimeError: release unlocked lock", a
+    traceback for one key press (seen once in CI). Raised from ``check()``, it is
+    the plain KeyboardInterrupt the command line reports in one line.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    pressed = False
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal pressed
+        pressed = True
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -21,7 +21,7 @@ from typing import Any
 
 from mesh.agent.client import ControlClient
 from mesh.errors import MeshError
-from mesh.sim import Simulation
+from mesh.sim import MAX_RUN_SECONDS, Simulation
 
 __all__ = ["GROUND_STATION", "MATES", "register", "run_demo"]
 
@@ -139,13 +139,10 @@ def run_demo(*, headless: bool, duration: float, say: Any = print) -> dict[str, 
     return report
 
 
-MAX_DURATION = 86_400.0  # a day: time.sleep cannot take much more, nor anyone watching
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    if not (math.isfinite(args.duration) and 0 <= args.duration <= MAX_DURATION):
+    if not (math.isfinite(args.duration) and 0 <= args.duration <= MAX_RUN_SECONDS):
         # before anything starts: it was a traceback once the four agents were up
-        raise MeshError(f"--duration is a number of seconds, 0..{MAX_DURATION:,.0f}")
+        raise MeshError(f"--duration is a number of seconds, 0..{MAX_RUN_SECONDS:,.0f}")
     headless = args.headless or not (sys.stdin.isatty() and sys.stdout.isatty())
 
     def say(*parts: object) -> None:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from mesh.errors import MeshError
-from mesh.sim import TOPOLOGIES, SimError, Simulation
+from mesh.sim import MAX_RUN_SECONDS, TOPOLOGIES, SimError, Simulation
 
 __all__ = ["register", "run_scenario"]
 
@@ -96,16 +96,13 @@ def run_scenario(sim: Simulation, *, duration: float, log: Any = None) -> dict[s
     return report
 
 
-MAX_DURATION = 86_400.0
-
-
 def cmd_sim(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= 200:
         raise MeshError("--nodes must be 1..200")
-    if not (math.isfinite(args.duration) and 0 < args.duration <= MAX_DURATION):
+    if not (math.isfinite(args.duration) and 0 < args.duration <= MAX_RUN_SECONDS):
         # -1 and nan were taken: every wait timed out at once, or never
         raise MeshError(
-            f"--duration is a number of seconds, more than 0 and at most {MAX_DURATION:,.0f}"
+            f"--duration is a number of seconds, more than 0 and at most {MAX_RUN_SECONDS:,.0f}"
         )
     names = {f"node-{i:02d}" for i in range(1, args.nodes + 1)}
     for a, b in args.cut:  # a typo cut nothing, and the run went on as if it had

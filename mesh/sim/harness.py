@@ -38,6 +38,7 @@ from provisioning.plan import MissionPlan, PlannedNode
 __all__ = ["SimError", "SimNode", "Simulation", "free_ports"]
 
 PIN = "2468"
+MAX_RUN_SECONDS = 86_400.0  # a demo's or a sim's wait: time.sleep cannot take much more
 PASSPHRASE = "simulation desk (throwaway)"
 
 

@@ -759,8 +759,7 @@ class Agent:
         """Drop our relayed session to ``peer`` (no CLOSE: nobody reads it) and open another;
         the outbox goes again on it when it comes up."""
         self.relayed.outgoing.pop(peer, None)
-        if peer not in self.links:
-            self._relay_session(peer, create=True)
+        self._relay_session(peer, create=True)  # (none while a direct link is up)
 
     def _tell_session_gone(self, peer: str, now: float) -> None:
         """``peer`` sent records no session of ours can read: tell it, on our own session.
@@ -1053,8 +1052,7 @@ class Agent:
 
     def _on_routes_changed(self) -> None:
         for peer in self.peers:
-            if peer not in self.links and self.routing.route(peer) is not None:
-                self._relay_session(peer, create=True)
+            self._relay_session(peer, create=True)  # (if a route reaches it and no link does)
             self._peer_changed(peer)
 
     def _status_message(self) -> Status:

@@ -235,6 +235,8 @@ class Agent:
         self._all_links: set[Link] = set()
         self._accepting: set[Link] = set()  # accepted, their session not up yet
         self.static = [self._static_peer(p) for p in config.peers]
+        for name in sorted(config.blocked - self.peers.keys()):  # a typo blocks nothing
+            log.warning("--block %s: not a dialogue mate in this bundle (no link to block)", name)
         self.control: ControlServer | None = None
         self.discovery: MdnsDiscovery | None = None
         self.listen_address: tuple[str, int] = config.listen

@@ -85,11 +85,26 @@ def _check_status(args: argparse.Namespace) -> None:
         ) from None
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """``--peer NODE@`` and ``--block NODE`` name nodes: a mistyped one is refused here, before
+    the PIN. (Whether it is a mate needs the bundle: the agent checks that once it is open.)"""
+    from mesh.keyset import KeysetError, check_identity
+
+    named = [("--block", name, name) for name in args.block]
+    named += [("--peer", p.rpartition("@")[0], p) for p in args.peer if "@" in p]
+    for option, name, text in named:
+        try:
+            check_identity(name)
+        except KeysetError as exc:
+            raise MeshError(f"{option} {text}: {exc}") from None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from mesh.agent.agent import DEFAULT_PORT, Agent, AgentConfig
     from mesh.transport.address import parse_address
 
     _check_status(args)  # before the PIN is asked for
+    _check_names(args)
     if args.no_mdns and args.mdns_interface:  # (the interface was silently ignored)
         raise MeshError("--mdns-interface needs mDNS: give one of it and --no-mdns, not both")
 
@@ -327,8 +342,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--peer",
         action="append",
         default=[],
-        metavar="[NODE@]HOST:PORT",
-        help="a mate to dial, for networks without multicast (repeatable)",
+        metavar="[NODE@]HOST[:PORT]",
+        help="a mate to dial, for networks without multicast (repeatable; the port defaults "
+        "to 7717; NODE@ makes the link refuse anyone else)",
     )
     p.add_argument(
         "--mdns-interface",
@@ -367,7 +383,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         default=[],
         metavar="NODE",
-        help="never link directly with NODE (emulates a cut link in simulations)",
+        help="never link directly with NODE, a dialogue mate (emulates a cut link in "
+        "simulations; relays still reach it; repeatable)",
     )
     p.add_argument(
         "--as",

@@ -149,6 +149,10 @@ class Simulation:
         self._epoch_hours = epoch_hours
         self.desk_dir = self.workdir / "desk"
 
+    def _mates(self, a: str, b: str) -> bool:
+        """Dialogue mates: the mission has no explicit pairs, so a shared group."""
+        return any(a in m and b in m for m in self.groups.values())
+
     # -- provisioning -------------------------------------------------------------------------
 
     def provision(self, *, now: float | None = None) -> None:
@@ -195,7 +199,7 @@ class Simulation:
             if frozenset((node.identity, other.identity)) in self.reach:
                 if not self.mdns and node.identity < other.identity:
                     args += ["--peer", f"{other.identity}@{other.host}:{other.port}"]
-            else:
+            elif self._mates(node.identity, other.identity):  # (no link to cut otherwise)
                 args += ["--block", other.identity]
         return args + node.extra
 

@@ -356,6 +356,10 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
           # these two were FileExistsError / FileNotFoundError tracebacks (CLI audit)
           ("state-is-a-file", ("--state", "alpha-1.token"), "cannot create the state folder"),
           ("state-in-a-file", ("--state", "alpha-1.token/s"), "cannot create the state folder"),
+          # an empty or mistyped node name was taken as no name, or blocked nothing
+          ("peer-empty-name", ("--peer", "@127.0.0.1:5"), "--peer @127.0.0.1:5: identity"),
+          ("peer-bad-name", ("--peer", "Gs 1@127.0.0.1:5"), "invalid identity 'Gs 1'"),
+          ("block-bad-name", ("--block", "ALPHA-2"), "--block ALPHA-2: invalid identity"),
       )],
     ("as-request-out-empty", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",

@@ -86,6 +86,42 @@ CREATE TABLE IF NOT EXISTS alerts (
 """
 MAX_ALERTS = 1000  # alerts of one kind not dismissed; past it the oldest go
 
+# Each table's columns and the SQLite types (``typeof``) their values may have: what this code
+# writes, checked at open, so that a state file another program wrote (or a hand edit) is refused
+# in one line rather than a traceback wherever the agent first reads the odd row.
+_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "messages": {
+        "id": ("blob",),
+        "direction": ("text",),
+        "peer": ("text",),
+        "grp": ("text", "null"),
+        "text": ("text",),
+        "at": ("real",),
+        "read": ("integer",),
+    },
+    "outbox": {
+        "id": ("blob",),
+        "recipient": ("text",),
+        "state": ("text",),
+        "attempts": ("integer",),
+    },
+    "high_water": {"ck_id": ("blob",), "role": ("text",), "timestamp": ("integer",)},
+    "read_receipts": {"id": ("blob",), "peer": ("text",)},
+    "alerts": {
+        "alert_id": ("integer",),
+        "at": ("real",),
+        "kind": ("text",),
+        "peer": ("text", "null"),
+        "message": ("text",),
+        "dismissed": ("integer",),
+        "repeats": ("integer",),
+    },
+}
+_VALUES = {  # columns that hold one of a few words
+    "outbox": f"state IN ({', '.join(repr(s) for s in OUT_STATES)})",
+    "high_water": "role IN ('initiator', 'responder')",
+}
+
 
 class StoreError(MeshError):
     """The agent's state file is unusable."""
@@ -186,8 +222,28 @@ class AgentStore:
             if "repeats" not in columns:  # a state file from before repeats were counted
                 self.db.execute("ALTER TABLE alerts ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0")
                 self.db.execute("DELETE FROM alerts WHERE dismissed = 1")  # (kept until then)
-        except sqlite3.DatabaseError as exc:
+            self._check()
+        except (sqlite3.DatabaseError, StoreError) as exc:
+            self.db.close()
             raise StoreError(f"agent state {folder / STATE_DB} is unusable: {exc}") from None
+
+    def _check(self) -> None:
+        """Refuse a damaged file, or tables of another shape or with values of another type."""
+        ((verdict, *_),) = self.db.execute("PRAGMA quick_check(1)").fetchall()
+        if verdict != "ok":
+            raise StoreError(f"damaged ({' '.join(str(verdict).split())})")  # one line
+        for table, types in _TYPES.items():
+            columns = [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
+            if columns != list(types):
+                raise StoreError(f"table {table} has columns {', '.join(columns)}")
+            wrong = " OR ".join(
+                f"typeof({column}) NOT IN ({', '.join(repr(t) for t in allowed)})"
+                for column, allowed in types.items()
+            )
+            if table in _VALUES:
+                wrong += f" OR NOT ({_VALUES[table]})"
+            if self.db.execute(f"SELECT 1 FROM {table} WHERE {wrong} LIMIT 1").fetchone():
+                raise StoreError(f"table {table} holds values no version of snrmesh writes")
 
     def close(self) -> None:
         self.db.close()

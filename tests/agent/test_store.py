@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
-from mesh.agent.store import AgentStore, Outgoing
+import pytest
+
+from mesh.agent.store import STATE_DB, AgentStore, Outgoing, StoreError
 
 
 def test_incoming_duplicates_are_stored_once_and_survive_reopen(tmp_path: Path) -> None:
@@ -112,3 +115,63 @@ def test_a_group_messages_best_state_does_not_move_back_when_a_member_is_revoked
     assert store.history(group="squad")[0].state == "sent"
     store.abandon("c")
     assert store.history(group="squad")[0].state == "undeliverable"
+
+
+@pytest.mark.parametrize(
+    ("what", "sql"),
+    [
+        ("another shape", ["CREATE TABLE high_water (ck_id BLOB, timestamp INTEGER)"]),
+        (
+            "values of another type",
+            [
+                "CREATE TABLE high_water (ck_id BLOB, role TEXT, timestamp INTEGER)",
+                "INSERT INTO high_water VALUES ('not bytes', 'responder', 'not a number')",
+            ],
+        ),
+        (
+            "a state no version writes",
+            [
+                "CREATE TABLE outbox (id BLOB, recipient TEXT, state TEXT, attempts INTEGER)",
+                "INSERT INTO outbox VALUES (x'00', 'b', 'lost', 0)",
+            ],
+        ),
+    ],
+)
+def test_a_state_file_another_program_wrote_is_refused_in_one_line(
+    tmp_path: Path, what: str, sql: list[str]
+) -> None:
+    db = sqlite3.connect(tmp_path / STATE_DB)
+    for statement in sql:
+        db.execute(statement)
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="is unusable"):
+        AgentStore(tmp_path)
+
+
+def test_a_state_file_with_damaged_pages_is_refused_in_one_line(tmp_path: Path) -> None:
+    store = AgentStore(tmp_path)
+    store.receive([(os.urandom(16), "b", None, "x" * 1000, float(i)) for i in range(400)])
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    path = tmp_path / STATE_DB
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[3 * page : 3 * page + 64] = b"\xff" * 64  # the header of a page of messages
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="is unusable"):
+        AgentStore(tmp_path)
+
+
+def test_a_state_file_from_before_read_receipts_and_repeats_opens(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / STATE_DB)
+    db.executescript(
+        "CREATE TABLE alerts (alert_id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, "
+        "kind TEXT NOT NULL, peer TEXT, message TEXT NOT NULL, dismissed INTEGER NOT NULL "
+        "DEFAULT 0);"
+        "INSERT INTO alerts (at, kind, peer, message) VALUES (1.0, 'token', NULL, 'card out');"
+    )
+    db.close()
+    store = AgentStore(tmp_path)
+    assert [(a.message, a.repeats) for a in store.alerts()] == [("card out", 0)]
+    assert store.owed_receipts("b") == []  # (the table is new)

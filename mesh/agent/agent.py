@@ -987,26 +987,23 @@ class Agent:
         """Acknowledge ``message_ids`` to ``peer`` (a few receipts carry many ids).
 
         What no session can take yet waits: ``read`` receipts in the store (owed
-        since ``mark_read`` committed, sent when a session with ``peer`` comes up),
-        ``delivered`` ones in memory -- losing one of those costs only a copy the
-        sender re-sends, which is acknowledged again.
+        since ``mark_read`` committed, sent when a session with ``peer`` comes up
+        and every RETRY_EVERY until ``peer`` sends them back), ``delivered`` ones
+        in memory -- losing one of those costs only a copy the sender re-sends,
+        which is acknowledged again.
         """
-        sent: list[bytes] = []
         for i in range(0, len(message_ids), MAX_RECEIPT_IDS):
             chunk = message_ids[i : i + MAX_RECEIPT_IDS]
             receipt = Receipt(tuple(chunk), state)
-            if self._send_to(peer, receipt, create=True):
-                sent += chunk
-            elif state != "read":
+            if not self._send_to(peer, receipt, create=True) and state != "read":
                 pending = self._pending_receipts.setdefault(peer, [])
                 if len(pending) < MAX_PENDING_RECEIPTS:
                     pending.append(receipt)
-        if state == "read" and sent:
-            self.store.receipts_sent(peer, sent)
 
     def _handle_messages(self, peer: str, records: list[bytes], *, link: Link | None) -> None:
         chats: list[tuple[bytes, str, str | None, str, float]] = []
         receipts: list[tuple[bytes, str, str]] = []
+        read: list[bytes] = []  # ids in read receipts: of our messages, or our receipts back
         for data in records:
             try:
                 message = decode(data)
@@ -1024,6 +1021,8 @@ class Agent:
                 )
             elif isinstance(message, Receipt):
                 receipts += [(mid, peer, message.state) for mid in message.message_ids]
+                if message.state == "read":
+                    read += message.message_ids
             elif isinstance(message, Status) and peer in self.peers:
                 info = self.peers[peer]
                 info.position, info.battery, info.text = (
@@ -1046,6 +1045,14 @@ class Agent:
                 log.info("dropped a hop-by-hop message from %s on a relayed session", peer)
         for message_id, _, state in self.store.receipts(receipts) if receipts else ():
             self._emit("receipt", message_id=message_id.hex(), peer=peer, state=state)
+        if read:
+            # A read receipt for messages we sent goes back as it came: "I have it", so the
+            # reader stops sending it again; one for messages we read is that answer (and is
+            # not answered, since we sent the reader none of those ids).
+            ours = self.store.sent_to(peer, read)
+            for i in range(0, len(ours), MAX_RECEIPT_IDS):
+                self._send_to(peer, Receipt(tuple(ours[i : i + MAX_RECEIPT_IDS]), "read"))
+            self.store.receipts_acknowledged(peer, read)
         if chats:
             for stored in self.store.receive(chats):
                 self._emit("message", message=stored.to_json())
@@ -1128,6 +1135,9 @@ class Agent:
             for peer in self.store.recipients_waiting():
                 if peer in self.peers:
                     self._flush_outbox(peer, include_sent=True)
+            for peer in self.store.owed_peers():
+                if peer in self.peers:
+                    self._receipt(peer, "read", self.store.owed_receipts(peer))
         if now - self._last_heartbeat >= self.config.heartbeat:
             self._last_heartbeat = now
             status = self._status_message()

@@ -12,7 +12,7 @@ retries then re-deliver (store-and-forward is idempotent by message id).
   messages fan out into one row per member.
 * ``high_water``: per ``ck_id`` and role, the newest handshake timestamp accepted, so
   a replayed handshake is refused even across restarts.
-* ``read_receipts``: read receipts owed to a sender that no session has taken
+* ``read_receipts``: read receipts owed to a sender that has not answered them
   yet; written with the ``read`` mark itself, so a crash cannot lose one.
 * ``alerts``: refused peers, expiring keysets, token problems.
 """
@@ -355,6 +355,21 @@ class AgentStore:
             )
         return news
 
+    def sent_to(self, recipient: str, message_ids: list[bytes]) -> list[bytes]:
+        """Those of ``message_ids`` that we sent to ``recipient`` (outbox rows)."""
+        found: list[bytes] = []
+        for i in range(0, len(message_ids), 500):  # SQLite's bound-parameter limit
+            chunk = message_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            found += [
+                bytes(mid)
+                for (mid,) in self.db.execute(
+                    f"SELECT id FROM outbox WHERE recipient = ? AND id IN ({marks})",
+                    [recipient, *chunk],
+                )
+            ]
+        return found
+
     # -- incoming ---------------------------------------------------------------------------------
 
     def receive(
@@ -395,7 +410,7 @@ class AgentStore:
 
         The read receipts owed to the senders among ``mates`` are recorded in the
         mark's own transaction (``owed_receipts``), so none is lost if the agent
-        dies before a session with the sender takes it.
+        dies before the sender has it.
         """
         where = "grp = ?" if group is not None else "grp IS NULL AND peer = ?"
         arg = group if group is not None else peer
@@ -417,14 +432,23 @@ class AgentStore:
         return marked
 
     def owed_receipts(self, peer: str) -> list[bytes]:
-        """Ids of ``peer``'s messages read here whose read receipt no session has taken yet."""
+        """Ids of ``peer``'s messages read here whose read receipt it has not answered yet."""
         return [
             bytes(i)
             for (i,) in self.db.execute("SELECT id FROM read_receipts WHERE peer = ?", (peer,))
         ]
 
-    def receipts_sent(self, peer: str, message_ids: Iterable[bytes]) -> None:
-        """Forget the read receipts for ``message_ids`` that a session with ``peer`` took."""
+    def owed_peers(self) -> list[str]:
+        """The senders some read receipt is still owed to (re-sent until each answers)."""
+        return [p for (p,) in self.db.execute("SELECT DISTINCT peer FROM read_receipts")]
+
+    def receipts_acknowledged(self, peer: str, message_ids: Iterable[bytes]) -> None:
+        """Forget the read receipts for ``message_ids`` that ``peer`` says it holds.
+
+        Not when a session takes them: a session takes bytes that may never be
+        read (the sender killed, a relayed frame lost), and nothing else would
+        ever send that receipt again.
+        """
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(

@@ -76,7 +76,11 @@ class Chat:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """``delivered`` (stored by the recipient) or ``read`` (seen by its user), for 1..512 ids."""
+    """``delivered`` (stored by the recipient) or ``read`` (seen by its user), for 1..512 ids.
+
+    A ``read`` receipt is answered with itself by the messages' sender, so that the reader,
+    which keeps sending it until then, knows it arrived (``docs/agent.md``, Storage).
+    """
 
     message_ids: tuple[bytes, ...]
     state: str  # "delivered" | "read"

@@ -6,11 +6,15 @@ through their control sockets, as the CLI and the TUI do.
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
 import time
 from collections.abc import Callable
 
 import pytest
 
+from mesh.agent.store import STATE_DB
 from mesh.sim import Simulation
 
 MakeSim = Callable[..., Simulation]
@@ -178,6 +182,36 @@ def test_read_receipt_for_an_offline_sender_survives_kill_9(make_sim: MakeSim) -
     sim.stop("c", kill=True)  # before any session could take the read receipt
     sim.start()
     sim.wait_for(lambda: [m["state"] for m in sim.history("a")] == ["read"], 30, "a to see it read")
+
+
+def test_a_read_receipt_the_sender_never_took_in_is_sent_again(make_sim: MakeSim) -> None:
+    """The link takes the receipt, but the sender dies before it reads it: it comes again."""
+    sim = make_sim(["a", "c"])
+    sim.provision()
+    sim.start()
+    sim.wait_for(sim.links_up, 20, "the link")
+    sent = sim.nodes["a"].request("send", to="c", text="tell me when you have read this")
+    sim.wait_for(lambda: delivered(sim, "a", sent["message_id"]), 20, "delivery")
+    process = sim.nodes["a"].process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)  # a's socket still takes bytes; a reads none
+    try:
+        assert sim.nodes["c"].request("mark_read", peer="a") == {"marked": 1}
+        time.sleep(0.5)  # c writes the receipt on the link
+    finally:
+        sim.stop("a", kill=True)  # (SIGKILL ends a stopped process too)
+    sim.start("a")
+    sim.wait_for(lambda: [m["state"] for m in sim.history("a")] == ["read"], 30, "a to see it read")
+
+    def owed_by_c() -> int:  # a sends the receipt back: c stops sending it
+        db = sqlite3.connect(f"file:{sim.nodes['c'].state / STATE_DB}?mode=ro", uri=True)
+        try:
+            ((count,),) = db.execute("SELECT COUNT(*) FROM read_receipts")
+        finally:
+            db.close()
+        return int(count)
+
+    sim.wait_for(lambda: owed_by_c() == 0, 10, "a to answer c's read receipt")
 
 
 @pytest.mark.parametrize("victim", ["receiver", "sender"])

@@ -49,7 +49,7 @@ def test_mark_read_returns_what_needs_a_read_receipt_once(tmp_path: Path) -> Non
     assert store.mark_read(peer=None, group="squad", mates={"b", "c"}) == [(m2, "c")]
 
 
-def test_read_receipts_owed_survive_reopen_until_a_session_takes_them(tmp_path: Path) -> None:
+def test_read_receipts_owed_survive_reopen_until_the_sender_answers_them(tmp_path: Path) -> None:
     store = AgentStore(tmp_path)
     m1, m2, m3 = os.urandom(16), os.urandom(16), os.urandom(16)
     store.receive([(m1, "b", None, "one", 1.0), (m2, "b", None, "two", 2.0)])
@@ -59,8 +59,8 @@ def test_read_receipts_owed_survive_reopen_until_a_session_takes_them(tmp_path: 
     store.close()  # as after a crash: the receipts were owed in the mark's own transaction
     again = AgentStore(tmp_path)
     assert sorted(again.owed_receipts("b")) == sorted([m1, m2])
-    assert again.owed_receipts("x") == []
-    again.receipts_sent("b", [m1])
+    assert again.owed_receipts("x") == [] and again.owed_peers() == ["b"]
+    again.receipts_acknowledged("b", [m1])
     assert again.owed_receipts("b") == [m2]
 
 

@@ -127,11 +127,15 @@ class AppState:
         )
 
     def with_messages(self, messages: Iterable[Message]) -> AppState:
-        """Add or update messages by id; a delivery state never moves backwards."""
+        """Add or update messages by id and sender, as the agent keys them (a mate may send
+        under another's id); a delivery state never moves backwards."""
         by_conversation = {c: list(ms) for c, ms in self.messages.items()}
         for message in messages:
             thread = by_conversation.setdefault(message.conversation, [])
-            index = next((i for i, m in enumerate(thread) if m.id == message.id), None)
+            key = (message.id, message.direction, message.peer)
+            index = next(
+                (i for i, m in enumerate(thread) if (m.id, m.direction, m.peer) == key), None
+            )
             if index is None:
                 thread.append(message)
                 continue
@@ -152,8 +156,8 @@ class AppState:
     def with_receipt(self, message_id: str, state: Delivery) -> AppState:
         for conversation, thread in self.messages.items():
             for index, message in enumerate(thread):
-                if message.id != message_id:
-                    continue
+                if message.id != message_id or message.direction != "out":
+                    continue  # (receipts are for messages we sent)
                 if message.state.rank >= state.rank:
                     return self
                 updated = dataclasses.replace(message, state=state)

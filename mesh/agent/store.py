@@ -6,8 +6,9 @@ agent (even ``kill -9``) loses nothing it has acknowledged; ``synchronous =
 NORMAL`` means a power cut may lose the last transactions, which the peers'
 retries then re-deliver (store-and-forward is idempotent by message id).
 
-* ``messages``: the user's history; ``(id, direction)`` is unique, so a chat
-  retried by its sender is stored -- and shown -- once.
+* ``messages``: the user's history; ``(id, direction, peer)`` is unique, so a chat
+  retried by its sender is stored -- and shown -- once, and a mate that sends under
+  another's message id (a group member sees the group's) cannot make that one look held.
 * ``outbox``: one row per (message, recipient) until a receipt arrives; group
   messages fan out into one row per member.
 * ``high_water``: per ``ck_id`` and role, the newest handshake timestamp accepted, so
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS messages (
     text      TEXT NOT NULL,
     at        REAL NOT NULL,
     read      INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (id, direction)
+    PRIMARY KEY (id, direction, peer)
 );
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (at);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -217,6 +218,7 @@ class AgentStore:
             self.db = sqlite3.connect(folder / STATE_DB, isolation_level=None)
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
+            self._key_messages_by_sender()
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(alerts)")}
             if "repeats" not in columns:  # a state file from before repeats were counted
@@ -226,6 +228,22 @@ class AgentStore:
         except (sqlite3.DatabaseError, StoreError) as exc:
             self.db.close()
             raise StoreError(f"agent state {folder / STATE_DB} is unusable: {exc}") from None
+
+    def _key_messages_by_sender(self) -> None:
+        """A state file from before: its messages were keyed by (id, direction) alone."""
+        keyed = {row[1]: row[5] for row in self.db.execute("PRAGMA table_info(messages)")}
+        if not keyed or keyed.get("peer"):
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("ALTER TABLE messages RENAME TO messages_before")
+            self.db.execute("DROP INDEX IF EXISTS messages_by_time")
+            self.db.execute(SCHEMA.split(";", 1)[0])  # messages (executescript would commit)
+            self.db.execute(
+                "INSERT INTO messages SELECT id, direction, peer, grp, text, at, read "
+                "FROM messages_before"
+            )
+            self.db.execute("DROP TABLE messages_before")
 
     def _check(self) -> None:
         """Refuse a damaged file, or tables of another shape or with values of another type."""
@@ -379,20 +397,20 @@ class AgentStore:
         fresh: list[StoredMessage] = []
         with self.db:
             self.db.execute("BEGIN")
-            known: set[bytes] = set()
+            known: set[tuple[bytes, str]] = set()  # (id, sender): an id is its sender's
             for i in range(0, len(batch), 500):  # SQLite's bound-parameter limit
                 chunk = batch[i : i + 500]
                 known.update(
-                    bytes(mid)
-                    for (mid,) in self.db.execute(
-                        "SELECT id FROM messages WHERE direction = 'in' AND id IN "
+                    (bytes(mid), sender)
+                    for mid, sender in self.db.execute(
+                        "SELECT id, peer FROM messages WHERE direction = 'in' AND id IN "
                         f"({','.join('?' * len(chunk))})",
                         [m[0] for m in chunk],
                     )
                 )
             for message_id, sender, group, text, at in batch:
-                if message_id not in known:
-                    known.add(message_id)
+                if (message_id, sender) not in known:
+                    known.add((message_id, sender))
                     fresh.append(
                         StoredMessage(message_id, "in", sender, group, text, at, False, None)
                     )

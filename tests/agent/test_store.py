@@ -175,3 +175,38 @@ def test_a_state_file_from_before_read_receipts_and_repeats_opens(tmp_path: Path
     store = AgentStore(tmp_path)
     assert [(a.message, a.repeats) for a in store.alerts()] == [("card out", 0)]
     assert store.owed_receipts("b") == []  # (the table is new)
+
+
+def test_a_mate_reusing_another_senders_message_id_hides_nothing(tmp_path: Path) -> None:
+    """A group member sees the id of a group message; sent under it first, its own chat must
+    not make the real one look like a copy already held (acknowledged, never shown)."""
+    store = AgentStore(tmp_path)
+    mid = os.urandom(16)
+    assert len(store.receive([(mid, "mallory", "squad", "fake orders", 1.0)])) == 1
+    assert len(store.receive([(mid, "a", "squad", "real orders", 2.0)])) == 1
+    assert store.receive([(mid, "a", "squad", "real orders", 2.0)]) == []  # a copy, once
+    assert [(m.peer, m.text) for m in store.history(group="squad")] == [
+        ("mallory", "fake orders"),
+        ("a", "real orders"),
+    ]
+    assert sorted(store.mark_read(peer=None, group="squad", mates={"a", "mallory"})) == sorted(
+        [(mid, "a"), (mid, "mallory")]
+    )
+
+
+def test_a_state_file_keyed_by_id_alone_moves_to_id_and_sender(tmp_path: Path) -> None:
+    mid = os.urandom(16)
+    db = sqlite3.connect(tmp_path / STATE_DB)
+    db.executescript(
+        "CREATE TABLE messages (id BLOB NOT NULL, direction TEXT NOT NULL, peer TEXT NOT NULL, "
+        "grp TEXT, text TEXT NOT NULL, at REAL NOT NULL, read INTEGER NOT NULL DEFAULT 0, "
+        "PRIMARY KEY (id, direction));"
+        "CREATE INDEX messages_by_time ON messages (at);"
+    )
+    db.execute("INSERT INTO messages VALUES (?, 'in', 'b', NULL, 'kept', 1.0, 1)", (mid,))
+    db.commit()
+    db.close()
+    store = AgentStore(tmp_path)
+    assert [(m.text, m.read) for m in store.history(peer="b")] == [("kept", True)]
+    assert store.receive([(mid, "b", None, "kept", 1.0)]) == []
+    assert len(store.receive([(mid, "c", None, "other", 2.0)])) == 1

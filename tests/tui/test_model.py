@@ -134,3 +134,22 @@ def test_conversations_list_mates_then_groups_then_strangers_from_history() -> N
     state = AppState().with_messages([message("x", group="ghost")])
     assert state.conversations() == (Conversation("group", "ghost"),)
     assert state.without_alert(4) == state
+
+
+def test_two_senders_messages_under_one_id_are_both_shown() -> None:
+    """The agent keys a message by id and sender (a mate may reuse another's id)."""
+    mine = message("x", direction="out", group="squad", state=Delivery.SENT)
+    real = dataclasses.replace(message("x", group="squad"), peer="alpha-2", text="real")
+    fake = dataclasses.replace(message("x", group="squad"), peer="mallory", text="fake")
+    state = AppState().with_messages([fake, mine, real, real])
+    assert [(m.peer, m.text) for m in state.history(SQUAD)] == [
+        ("mallory", "fake"),
+        ("gs-1", "text x"),
+        ("alpha-2", "real"),
+    ]
+    state = state.with_receipt("x", Delivery.READ)  # a receipt is for a message we sent
+    assert [m.state for m in state.history(SQUAD)] == [
+        Delivery.DELIVERED,
+        Delivery.READ,
+        Delivery.DELIVERED,
+    ]

@@ -48,6 +48,18 @@ MAX_ROLE_LENGTH = 32
 def check_pin(pin: str) -> str:
     if not MIN_PIN_LENGTH <= len(pin) <= MAX_PIN_LENGTH:
         raise TokenError(f"a PIN must be {MIN_PIN_LENGTH}-{MAX_PIN_LENGTH} characters")
+    return check_pin_text(pin)
+
+
+def check_pin_text(pin: str) -> str:
+    """A PIN is sealed and sent as UTF-8: one with lone surrogates (what ``os.environ`` makes
+    of bytes not in the locale's encoding) is refused, as a card refuses one (``6A80``)."""
+    try:
+        pin.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TokenError(
+            "a PIN must be UTF-8 text (not bytes outside the locale's encoding)"
+        ) from None
     return pin
 
 
@@ -117,6 +129,7 @@ class TokenImage:
         """Open the seal with ``pin``. Raises ``TokenLocked`` when no try is left."""
         if self.tries_left <= 0:
             raise TokenLocked("token is locked after too many wrong PINs")
+        check_pin_text(pin)  # not counted: no scrypt ran, nothing was learnt
         sealer = Sealer(pin, self.params)
         keys = self.open_keys(sealer)
         if keys is None:

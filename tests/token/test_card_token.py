@@ -194,6 +194,19 @@ def test_pin_lockout_matches(element: Element) -> None:
     assert element.open().info().locked
 
 
+def test_a_pin_that_is_not_text_is_refused_without_spending_a_try(element: Element) -> None:
+    """What ``SNRMESH_PIN`` holds for bytes not in the locale's encoding: lone surrogates."""
+    token = element.open()
+    before = element.stored()
+    for pin in (os.fsdecode(b"24\xff8"), "24\ud8008"):
+        with pytest.raises(TokenError, match="PIN must be") as caught:
+            token.verify_pin(pin)
+        assert pin not in str(caught.value)
+    assert token.info().pin_tries_left == MAX_PIN_TRIES
+    assert element.stored() == before
+    token.verify_pin(PIN)
+
+
 def test_a_wrong_pin_ends_an_unlocked_session(element: Element) -> None:
     token = element.unlocked()
     with pytest.raises(WrongPin):

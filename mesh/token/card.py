@@ -58,7 +58,7 @@ from mesh.token.errors import (
     WrongApplet,
     WrongPin,
 )
-from mesh.token.image import check_pin
+from mesh.token.image import MAX_ROLE_LENGTH, check_pin, is_identity
 from mesh.token.interface import (
     KEY_SIZE,
     MAX_PIN_TRIES,
@@ -190,7 +190,10 @@ class CardToken(SecureElement):
     def _start(self) -> None:
         """Select the applet, read its state, check it is our card, unlock it again."""
         fci = self._tlv(Ins.SELECT, self._expect(Ins.SELECT, self._call(Ins.SELECT, AID, p1=4)))
-        max_data = int.from_bytes(fci.get(Tag.MAX_DATA, b""), "big")
+        announced = fci.get(Tag.MAX_DATA, b"")
+        if len(announced) not in (0, 2):  # 2 bytes: a chunk an extended-length APDU can carry
+            raise CardError(f"card in {self.reader} answered SELECT with malformed data")
+        max_data = int.from_bytes(announced, "big")
         self._max_data = max(1, max_data) if max_data else SHORT_MAX_DATA
         self._refresh()
         if self._pin is not None and self._life is LifeCycle.CLOSED:
@@ -218,7 +221,13 @@ class CardToken(SecureElement):
             tries = status[Tag.TRIES_LEFT][0]
         except (KeyError, IndexError, UnicodeDecodeError):
             raise CardError(f"card in {self.reader} answered with incomplete data") from None
-        if len(token_id) != TOKEN_ID_SIZE or len(gens) != SLOT_COUNT * GENERATION_SIZE:
+        if (
+            len(token_id) != TOKEN_ID_SIZE
+            or len(gens) != SLOT_COUNT * GENERATION_SIZE
+            or not is_identity(identity)
+            or not 0 < len(role) <= MAX_ROLE_LENGTH
+            or not role.isprintable()  # held as a token file's header is (image.py)
+        ):
             raise CardError(f"card in {self.reader} answered with malformed data")
         if self._bound is not None and not hmac.compare_digest(token_id, self._bound):
             raise WrongApplet(f"another card is in {self.reader} ({identity}, not the card opened)")

@@ -38,7 +38,7 @@ from mesh.token.interface import (
 )
 from mesh.wire.plain import check_plain
 
-__all__ = ["MAX_ROLE_LENGTH", "PinCheck", "TokenImage", "check_pin"]
+__all__ = ["MAX_ROLE_LENGTH", "PinCheck", "TokenImage", "check_pin", "is_identity"]
 
 MAGIC = b"SNRTOKEN\x01"
 DIGEST_SIZE = 32
@@ -232,7 +232,7 @@ class TokenImage:
         if (
             not isinstance(image.token_id, bytes)
             or len(image.token_id) != TOKEN_ID_SIZE
-            or not _is_identity(image.identity)
+            or not is_identity(image.identity)
             or not isinstance(image.role, str)
             or len(image.role) > MAX_ROLE_LENGTH
             or not image.role.isprintable()
@@ -246,8 +246,9 @@ class TokenImage:
         return image
 
 
-def _is_identity(value: object) -> bool:
-    """A node identity as the desk checks it (the file's checksum is no key: anyone can edit)."""
+def is_identity(value: object) -> bool:
+    """A node identity as the desk checks it (the file's checksum is no key: anyone can edit it,
+    and a card's answer is no more trusted)."""
     if not isinstance(value, str):
         return False
     try:

@@ -31,9 +31,9 @@ from mesh.token import (
     UnwrapFailed,
     WrongPin,
 )
-from mesh.token.apdu import Ins, parse_command
-from mesh.token.card import CardToken
-from mesh.token.errors import Refusal, WrongApplet
+from mesh.token.apdu import Ins, Tag, encode_tlv, parse_command
+from mesh.token.card import CardToken, LocalChannel
+from mesh.token.errors import CardError, Refusal, WrongApplet
 from mesh.token.keychange import KeyChange, build_key_change
 from mesh.token.software import SoftwareToken
 from tests.token.cards import CardRig, KnownCard, make_card
@@ -292,3 +292,60 @@ def test_an_unfinished_personalisation_can_be_redone() -> None:
     rig.applet.process = close  # type: ignore[method-assign]
     token.personalise(pin=PIN, token_id=os.urandom(16), identity="alpha-2", **args)  # type: ignore[arg-type]
     assert token.info().identity == "alpha-2"
+
+
+def _hostile(known: KnownCard, answer: Callable[[Ins, bytes], bytes | None]) -> LocalChannel:
+    """A reader whose card answers ``answer(ins, honest response)`` instead, where not None."""
+    applet = known.rig().applet
+    honest = applet.process
+
+    def process(raw: bytes) -> bytes:
+        response = honest(raw)
+        forged = answer(Ins(parse_command(raw, max_data=65_535).ins), response)
+        return response if forged is None else forged
+
+    applet.process = process  # type: ignore[method-assign]
+    return LocalChannel(applet)
+
+
+def _identity(identity: bytes, role: bytes, token_id: bytes) -> bytes:
+    items = [(Tag.TOKEN_ID, token_id), (Tag.IDENTITY, identity), (Tag.ROLE, role)]
+    return encode_tlv(items) + bytes.fromhex("9000")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            lambda ins, ok: (
+                encode_tlv([(Tag.VERSION, b"\x01"), (Tag.MAX_DATA, (70_000).to_bytes(3, "big"))])
+                + ok[-2:]
+                if ins is Ins.SELECT
+                else None
+            ),
+            id="max-data-over-extended-length",
+        ),
+        pytest.param(
+            lambda ins, ok: (
+                _identity(b"alpha-1\x1b[2J", b"soldier", ok[2:18])
+                if ins is Ins.GET_IDENTITY
+                else None
+            ),
+            id="identity-with-escapes",
+        ),
+        pytest.param(
+            lambda ins, ok: (
+                _identity(b"alpha-1", b"s" * 200, ok[2:18]) if ins is Ins.GET_IDENTITY else None
+            ),
+            id="role-too-long",
+        ),
+    ],
+)
+def test_a_card_answering_out_of_spec_is_a_card_error_not_a_crash(
+    card_template: KnownCard, answer: Callable[[Ins, bytes], bytes | None]
+) -> None:
+    """The card's answers are read like a token file: held to the desk's rules before use."""
+    with pytest.raises(CardError, match="malformed"):
+        token = CardToken(_hostile(card_template, answer))
+        token.verify_pin(PIN)
+        token.mac(Slot.MAC, os.urandom(70_000))  # one command of 70,000 bytes: no APDU holds it

@@ -14,9 +14,11 @@ Rules
 * Session (RAM only; cleared by power off, reset, SELECT and a failed VERIFY):
   selected or not, PIN verified or not, an open command chain or not.
 * Every change of the persistent state is handed to ``persist`` *before* the
-  response is built: a wrong PIN is counted before it is reported, and a key
-  change is in force only once stored. If ``persist`` fails the applet answers
-  ``6581`` and its state is as before (atomic).
+  response is built: a key change is in force only once stored. If ``persist``
+  fails the applet answers ``6581`` and its state is as before (atomic).
+* VERIFY counts the try *before* it checks the PIN and, for the right one,
+  stores the full counter again: right and wrong PINs write alike, so a write
+  that fails (or is torn) tells nothing about the PIN.
 * Any input yields a response with a status word from ``docs/secure-element.md``;
   the applet never raises on bad input (tested with hypothesis).
 """
@@ -51,7 +53,7 @@ from mesh.token.apdu import (
     wrong_pin_sw,
 )
 from mesh.token.cardstate import CardState, LifeCycle
-from mesh.token.errors import KeyChangeRefused, Refusal, TokenError, TokenLocked, UnwrapFailed
+from mesh.token.errors import KeyChangeRefused, Refusal, TokenError, UnwrapFailed
 from mesh.token.image import MAX_ROLE_LENGTH, TokenImage
 from mesh.token.interface import (
     KEY_SIZE,
@@ -367,17 +369,24 @@ class Applet:
             return _refuse(wrong_pin_sw(image.tries_left))
         self._session.keys = self._session.sealer = None
         try:
-            check = image.try_pin(data.decode("utf-8"))
+            pin = data.decode("utf-8")
         except UnicodeDecodeError:
             return _refuse(SW.WRONG_DATA)
-        except TokenLocked:
+        if image.tries_left <= 0:
             return _refuse(SW.PIN_BLOCKED)
+        # The try is counted before the PIN is checked, right or wrong: a write made only for a
+        # wrong PIN would tell the two apart to whoever makes it fail (power torn, memory full).
+        counted = replace(image, tries_left=image.tries_left - 1)
+        if not self._store(replace(self._state, image=counted)):
+            return _refuse(SW.MEMORY_FAILURE)  # no try counted, and no PIN checked
+        try:
+            check = image.try_pin(pin)
         except TokenError:  # keys that open but are malformed: the stored state is damaged
             return _refuse(SW.NO_DIAGNOSIS)
-        if check.changed and not self._store(replace(self._state, image=check.image)):
-            return _refuse(SW.MEMORY_FAILURE)  # not counted, so not told either
         if check.keys is None:
-            return _refuse(wrong_pin_sw(check.image.tries_left))
+            return _refuse(wrong_pin_sw(counted.tries_left))
+        if not self._store(replace(self._state, image=check.image)):
+            return _refuse(SW.MEMORY_FAILURE)  # right, but the counter stays one try down
         self._session.keys, self._session.sealer = check.keys, check.sealer
         return _ok()
 

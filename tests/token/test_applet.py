@@ -129,6 +129,22 @@ def test_a_wrong_pin_that_cannot_be_stored_is_not_reported(card: CardRig) -> Non
     assert tries_left(applet) == MAX_PIN_TRIES
 
 
+def test_a_pin_try_that_cannot_be_counted_tells_nothing(card: CardRig) -> None:
+    """A card that cannot store its counter (torn power, worn memory) must not say which PIN is
+    right: were a write made for a wrong PIN only, its failure would tell them apart for free."""
+    applet = selected(card)
+    card.fail_writes = True
+    for _ in range(MAX_PIN_TRIES + 1):  # more guesses than the counter allows
+        assert verify(applet, WRONG) == SW.MEMORY_FAILURE
+    assert verify(applet, PIN) == SW.MEMORY_FAILURE  # the same answer: nothing learnt
+    mac = Command(0x80, Ins.MAC, Slot.MAC, 0, b"x", 256)
+    assert send(applet, mac)[1] == SW.SECURITY_STATUS
+    card.fail_writes = False
+    assert tries_left(applet) == MAX_PIN_TRIES
+    assert verify(applet, PIN) == SW.OK
+    assert tries_left(applet) == MAX_PIN_TRIES and send(applet, mac)[1] == SW.OK
+
+
 def test_the_right_pin_resets_the_counter_and_the_status_query_reports(card: CardRig) -> None:
     applet = selected(card)
     status = Command(0x00, Ins.VERIFY, 0, 0x81)
@@ -236,6 +252,7 @@ def test_forged_key_changes_are_refused_and_the_card_is_unchanged(
     applet = selected(card)
     verify(applet, PIN)
     before = card.state()
+    card.stored.clear()  # what VERIFY wrote: the try counted, then the counter full again
     message = make(card_template)  # type: ignore[operator]
     parts = chain(0x80, Ins.KEY_CHANGE, 0, 0, message, max_data=255, le=None)
     assert [send(applet, c)[1] for c in parts][-1] == sw

@@ -1,14 +1,15 @@
 """Crash-safe file writes and bounded reads.
 
-Token files, bundles and exports are replaced atomically (temporary file in
-the same folder, fsync, rename, fsync of the folder), so a crash or a full
-disk leaves either the old file or the new one, never a mix.
+Token files, bundles and exports are replaced atomically (a temporary file
+made anew in the same folder, fsync, rename, fsync of the folder), so a crash
+or a full disk leaves either the old file or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -65,10 +66,16 @@ def check_replaceable(
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` through a temporary file of ``mode`` made anew beside it.
+
+    Anew: a random name opened with ``O_EXCL | O_NOFOLLOW``, so a file or symlink already there
+    (planted, or left by a killed process of the same pid) is never written through, nor its
+    owner and mode given to ``path``.
+    """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = directory / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -205,6 +205,29 @@ def test_counter_writes_are_atomic(known_token: KnownToken) -> None:
     assert [p.name for p in known_token.path.parent.iterdir()] == [known_token.path.name]
 
 
+@pytest.mark.parametrize("planted", ["symlink", "world-readable-file"])
+def test_a_file_planted_where_the_write_makes_its_temporary_is_never_written_through(
+    known_token: KnownToken, tmp_path: Path, planted: str
+) -> None:
+    """The temporary file is made anew (``O_EXCL``, no symlink followed): the counter written
+    back lands in the token file alone, a regular file of mode 0600 whatever was there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"untouched")
+    # the name a predictable scheme (``.<name>.<pid>.tmp``) gives this process's write
+    temporary = known_token.path.with_name(f".{known_token.path.name}.{os.getpid()}.tmp")
+    if planted == "symlink":
+        temporary.symlink_to(elsewhere)
+    else:
+        temporary.write_bytes(b"")
+        temporary.chmod(0o644)
+    with pytest.raises(WrongPin):
+        SoftwareToken(known_token.path).verify_pin(WRONG)
+    assert elsewhere.read_bytes() == b"untouched"
+    assert not known_token.path.is_symlink()
+    assert stat.S_IMODE(known_token.path.stat().st_mode) == 0o600
+    assert SoftwareToken(known_token.path).info().pin_tries_left == MAX_PIN_TRIES - 1
+
+
 # -- integrity of the file -----------------------------------------------------------------------
 
 

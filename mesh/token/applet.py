@@ -147,7 +147,7 @@ _PERSONALISE_TAGS = frozenset(
 )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)  # a PERSONALISE buffer holds keys and PIN in the clear
 class _Chain:
     """An open command chain: what it is for and what has arrived so far."""
 
@@ -160,7 +160,7 @@ class _Chain:
     tag: bytearray = field(default_factory=bytearray)  # VERIFY MAC: the tag to check
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)  # holds the slot keys once the PIN is verified
 class _Session:
     selected: bool = False
     keys: tuple[bytes, ...] | None = None

@@ -342,3 +342,17 @@ def test_random_apdus_never_crash_and_answer_defined_status_words(
             assert len(response) == 2  # errors carry no data
     image = applet.state.image
     assert image is not None and image.generations == (1, 1, 1, 1)  # no random key change
+
+
+def test_no_repr_of_the_applet_session_shows_a_slot_key(
+    card: CardRig, card_template: KnownCard
+) -> None:
+    """As a PIN check and a key change (``PinCheck``, ``KeyChange``): what a log or a traceback
+    with locals prints of an unlocked session carries no key."""
+    applet = selected(card)
+    assert verify(applet, PIN) == SW.OK
+    send(applet, Command(0x80 | CLA_CHAINING, Ins.MAC, Slot.MAC, 0, b"part"))  # a chain open
+    session = applet._session
+    shown = repr(session) + repr(session.chain)
+    for key in card_template.keys:
+        assert repr(key) not in shown and key.hex() not in shown

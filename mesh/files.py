@@ -2,7 +2,9 @@
 
 Token files, bundles and exports are replaced atomically (a temporary file
 made anew in the same folder, fsync, rename, fsync of the folder), so a crash
-or a full disk leaves either the old file or the new one, never a mix.
+or a full disk leaves either the old file or the new one, never a mix. Files
+that hold secrets or history are created private (mode 0600) even in a folder
+that others may read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from pathlib import Path
 
 from mesh.errors import MeshError
 
-__all__ = ["FileTooLarge", "UnsafeOutput", "check_replaceable", "read_bounded", "write_atomic"]
+__all__ = [
+    "FileTooLarge",
+    "UnsafeOutput",
+    "check_replaceable",
+    "create_private",
+    "read_bounded",
+    "write_atomic",
+]
 
 
 class FileTooLarge(MeshError):
@@ -63,6 +72,22 @@ def check_replaceable(
             pass
     except OSError as exc:
         raise UnsafeOutput(f"cannot write {path}: {exc.strerror}") from None
+
+
+def create_private(path: str | os.PathLike[str]) -> bool:
+    """Create ``path`` empty, of mode 0600, unless something is there already; True if made.
+
+    For SQLite files (an empty file is an empty database): ``sqlite3.connect`` creates a
+    missing one with mode 0644, and its ``-wal`` and ``-shm`` files take the database's mode,
+    so an agent's history or a desk's sealed keys in a folder of mode 0755 were readable by
+    every user of the machine. ``O_NOFOLLOW``: a symlink planted there is refused, not followed.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:

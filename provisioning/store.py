@@ -24,6 +24,7 @@ import cbor2
 from mesh.crypto import InvalidTag, Sealer, SealingParams
 from mesh.crypto.primitives import CryptoError
 from mesh.errors import sqlite_reason
+from mesh.files import create_private
 from mesh.timefmt import utc_iso
 from provisioning.errors import (
     DeskCorrupt,
@@ -168,9 +169,16 @@ class Store:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:  # a file of that name, or a parent that cannot hold a folder
             raise DeskError(f"cannot create the desk folder {folder}: {exc.strerror}") from None
-        tmp = folder / f".{STORE_NAME}.{os.getpid()}.tmp"
+        # a name of its own, made anew and private: nothing planted there is written through
+        tmp = folder / f".{STORE_NAME}.{os.urandom(8).hex()}.tmp"
         params = SealingParams.generate()
         sealer = Sealer(passphrase, params)
+        try:
+            made = create_private(tmp)
+        except OSError as exc:
+            raise DeskError(f"cannot create the desk in {folder}: {exc.strerror}") from None
+        if not made:  # 64 random bits taken: something else is writing here
+            raise DeskError(f"cannot create the desk in {folder}: {tmp.name} exists")
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
             db.executescript(SCHEMA)

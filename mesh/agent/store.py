@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import MeshError
+from mesh.files import create_private
 
 __all__ = [
     "STATE_DB",
@@ -215,7 +216,12 @@ class AgentStore:
         except OSError as exc:  # a file of that name, or a parent that cannot hold a folder
             raise StoreError(f"cannot create the state folder {folder}: {exc.strerror}") from None
         try:
+            create_private(folder / STATE_DB)  # the history: for this user only
             self.db = sqlite3.connect(folder / STATE_DB, isolation_level=None)
+        except (OSError, sqlite3.DatabaseError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc
+            raise StoreError(f"cannot open the agent state {folder / STATE_DB}: {why}") from None
+        try:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self._key_messages_by_sender()

@@ -210,3 +210,21 @@ def test_a_state_file_keyed_by_id_alone_moves_to_id_and_sender(tmp_path: Path) -
     assert [(m.text, m.read) for m in store.history(peer="b")] == [("kept", True)]
     assert store.receive([(mid, "b", None, "kept", 1.0)]) == []
     assert len(store.receive([(mid, "c", None, "other", 2.0)])) == 1
+
+
+def test_the_history_is_private_even_in_a_folder_others_may_read(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    folder.mkdir()
+    folder.chmod(0o755)
+    store = AgentStore(folder)
+    store.receive([(b"\x01" * 16, "b", None, "the plan", 1.0)])
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    store.close()
+    assert set(modes) >= {STATE_DB, f"{STATE_DB}-wal"}
+    assert set(modes.values()) == {0o600}, modes  # was 0o644: plaintext history for everyone
+
+
+def test_a_state_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / STATE_DB).mkdir()  # a folder where the file goes
+    with pytest.raises(StoreError, match="cannot open the agent state"):
+        AgentStore(tmp_path)

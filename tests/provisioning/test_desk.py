@@ -257,6 +257,26 @@ def test_desk_init_checks_the_window_before_writing_anything(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_desk_made_in_a_folder_others_may_read_is_still_private(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)  # (whatever the umask)
+    now = _now()
+    with Desk.init(
+        folder,
+        passphrase=PASSPHRASE,
+        name="x",
+        start=now,
+        end=now + HOUR,
+        epoch_seconds=HOUR,
+        now=now,
+    ) as desk:
+        desk.audit_log()  # the WAL and its index exist now, and take the database's mode
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes.get("desk.sqlite") == 0o600
+    assert set(modes.values()) == {0o600}, modes  # was 0o644: sealed keys for everyone to try
+
+
 def test_the_desk_refuses_a_wrong_passphrase(site: Site) -> None:
     before = snapshot(site.root)
     with pytest.raises(WrongPassphrase):

@@ -81,8 +81,15 @@ def countdown(now: float, deadline: float | None) -> str:
 
 
 def clock_time(moment: float, now: float) -> str:
-    """``09:05`` for today (UTC), ``11-30 09:05`` for another day."""
-    at = datetime.fromtimestamp(moment, UTC)
+    """``09:05`` for today (UTC), ``11-30 09:05`` for another day; ``—`` past the calendar.
+
+    A chat's time is its sender's clock: a mate that sends milliseconds (year 58,000) must not
+    take the screen down.
+    """
+    try:
+        at = datetime.fromtimestamp(moment, UTC)
+    except (OverflowError, ValueError, OSError):
+        return UNKNOWN
     today = datetime.fromtimestamp(now, UTC).date()
     return at.strftime("%H:%M") if at.date() == today else at.strftime("%m-%d %H:%M")
 

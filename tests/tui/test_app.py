@@ -434,3 +434,21 @@ async def test_send_without_agent_keeps_the_text_and_says_why(socket_path: Path)
         )
         await pilot.press("up")
         assert app.screen.query_one(ChatInput).value == "hello?"
+
+
+async def test_a_mates_time_past_the_calendar_shows_as_unknown_not_a_crash(
+    socket_path: Path,
+) -> None:
+    """A chat's time is its sender's clock; one in milliseconds (year 58,000) crashed the app."""
+    async with FakeAgent(socket_path) as agent, make_app(socket_path).run_test() as pilot:
+        await loaded(pilot)
+        app = pilot.app
+        await pilot.press("f2", "down", "down", "enter")  # gs-1
+        await wait_until(pilot, lambda: app.state.active == GS1, "gs-1 to open")
+        for at in (FIXED_NOW * 1000, -FIXED_NOW * 1000):
+            message = await agent.incoming("gs-1", f"sent at {at}")
+            message["at"] = at
+            await agent.push({"event": "message", "message": message})
+        await wait_until(pilot, lambda: "sent at -" in log_text(app), "both messages")
+        assert app.is_running
+        assert log_text(app).count("—") >= 2

@@ -97,6 +97,8 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         for queue in self._subscribers:
+            if queue.full():  # a client that stopped reading: its last event makes room
+                queue.get_nowait()
             queue.put_nowait(None)
         for task in list(self._tasks):
             task.cancel()

@@ -1462,9 +1462,13 @@ class Agent:
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             raise ControlError("bad-request", f"unknown op {op!r}")
-        result = handler(args)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = handler(args)
+            if inspect.isawaitable(result):
+                result = await result
+        except sqlite3.Error as exc:  # a full disk, say: an answer, not a dropped client
+            log.error("control %s: the store failed: %s", op, exc)
+            raise ControlError("internal", f"the agent's store failed: {exc}") from None
         return cast(dict[str, Any], result)
 
     def _op_hello(self, args: dict[str, Any]) -> dict[str, Any]:

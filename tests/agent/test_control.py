@@ -1,17 +1,21 @@
-"""The control server alone, over a real Unix socket: what clients that misbehave cost the agent."""
+"""The control API over a real Unix socket: what a client that misbehaves, or a failing store,
+costs the agent and its other clients."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mesh.agent.agent import Agent, AgentConfig
 from mesh.agent.control import EVENT_QUEUE, ControlServer
+from mesh.sim import Simulation
 
 
 @pytest.fixture
@@ -50,3 +54,40 @@ def test_a_subscriber_that_stopped_reading_does_not_break_the_agents_stop(
         writer.close()
 
     asyncio.run(run())
+
+
+def test_a_store_that_fails_is_an_internal_error_not_a_dropped_client(
+    make_sim: Callable[..., Simulation],
+) -> None:
+    """A full disk made mark_read raise sqlite3's error through the control server: the client
+    was dropped unanswered (the TUI took it for a lost agent, reconnected, marked the open chat
+    read again, and so on) and a traceback went to the log."""
+    sim = make_sim(["a", "b"])
+    sim.provision()
+    node = sim.nodes["a"]
+
+    async def run() -> list[dict[str, Any]]:
+        token, bundle = node.unlock()
+        config = AgentConfig(state_dir=node.state, listen=("127.0.0.1", node.port), mdns=False)
+        agent = Agent(config, bundle, token)
+        await agent.start()
+        try:
+            agent.store.db.execute("PRAGMA query_only = ON")  # every write fails, as on a full disk
+            reader, writer = await asyncio.open_unix_connection(str(node.control))
+            answers = []
+            for request in (
+                {"id": 1, "op": "mark_read", "peer": "b"},
+                {"id": 2, "op": "send", "to": "b", "text": "hello"},
+                {"id": 3, "op": "hello"},
+            ):
+                writer.write(json.dumps(request).encode() + b"\n")
+                answers.append(json.loads(await asyncio.wait_for(reader.readline(), 10)))
+            writer.close()
+            return answers
+        finally:
+            await agent.stop()
+
+    mark_read, send, hello = asyncio.run(run())
+    assert mark_read["id"] == 1 and mark_read["error"]["code"] == "internal", mark_read
+    assert send["id"] == 2 and send["error"]["code"] == "internal", send
+    assert hello["id"] == 3 and hello["ok"] is True  # the same connection, still answered

@@ -91,15 +91,21 @@ class AppState:
         return dataclasses.replace(self, connection=connection, connection_detail=detail)
 
     def with_snapshot(self, snapshot: Snapshot, connection: Connection) -> AppState:
-        """What the agent says now replaces what the TUI knew; message histories merge."""
+        """What the agent says now replaces what the TUI knew; message histories merge.
+
+        Peers and alerts are keyed by identity and id (the widgets draw one row per key), so one
+        the agent lists twice is kept once: the last.
+        """
+        peers = {p.identity: p for p in snapshot.peers}
+        alerts = {a.alert_id: a for a in snapshot.alerts}
         return dataclasses.replace(
             self,
             connection=connection,
             connection_detail="",
             info=snapshot.info,
-            peers=tuple(sorted(snapshot.peers, key=lambda p: p.identity)),
+            peers=tuple(sorted(peers.values(), key=lambda p: p.identity)),
             groups=snapshot.groups,
-            alerts=tuple(sorted(snapshot.alerts, key=_alert_order)),
+            alerts=tuple(sorted(alerts.values(), key=_alert_order)),
         ).with_messages(snapshot.messages)
 
     def with_info(self, info: AgentInfo) -> AppState:

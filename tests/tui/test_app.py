@@ -452,3 +452,22 @@ async def test_a_mates_time_past_the_calendar_shows_as_unknown_not_a_crash(
         await wait_until(pilot, lambda: "sent at -" in log_text(app), "both messages")
         assert app.is_running
         assert log_text(app).count("—") >= 2
+
+
+async def test_a_mate_or_alert_listed_twice_by_the_agent_is_shown_once_not_a_crash(
+    socket_path: Path,
+) -> None:
+    """The peers table and the alerts list are keyed by identity and id: a duplicate in the
+    agent's answer raised DuplicateKey while drawing and took the app down."""
+    agent = FakeAgent(socket_path)
+    peers, alerts = agent._op_peers, agent._op_alerts
+    agent._op_peers = lambda *a: {"peers": [*peers(*a)["peers"], agent.peers["gs-1"]]}
+    agent._op_alerts = lambda *a: {"alerts": alerts(*a)["alerts"] * 2}
+    async with agent, make_app(socket_path).run_test() as pilot:
+        await loaded(pilot)
+        await pilot.pause(0.2)
+        app = pilot.app
+        assert app.is_running
+        assert app.screen.query_one(PeersPanel).row_count == 4
+        assert [a.alert_id for a in app.state.alerts] == [1, 2]
+        assert app.screen.query_one(AlertsPanel).option_count == 2

@@ -54,8 +54,10 @@ class ControlServer:
         self._remove_stale()
         old_umask = os.umask(0o177)
         try:
+            # (the reader's limit is where the "\n" may start: a line of MAX_LINE bytes, its
+            # "\n" included, has it at MAX_LINE - 1)
             self._server = await asyncio.start_unix_server(
-                self._client, path=self.path, limit=MAX_LINE
+                self._client, path=self.path, limit=MAX_LINE - 1
             )
         except OSError as exc:  # no such folder, a path too long for a socket, ...
             raise MeshError(

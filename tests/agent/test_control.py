@@ -9,12 +9,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from mesh.agent.agent import Agent, AgentConfig
-from mesh.agent.control import EVENT_QUEUE, ControlServer
+from mesh.agent.control import EVENT_QUEUE, MAX_LINE, ControlServer
 from mesh.sim import Simulation
 
 
@@ -91,3 +91,32 @@ def test_a_store_that_fails_is_an_internal_error_not_a_dropped_client(
     assert mark_read["id"] == 1 and mark_read["error"]["code"] == "internal", mark_read
     assert send["id"] == 2 and send["error"]["code"] == "internal", send
     assert hello["id"] == 3 and hello["ok"] is True  # the same connection, still answered
+
+
+def test_the_line_limit_counts_the_newline(socket_path: Path) -> None:
+    """docs/agent.md: over 64 KiB, ``\\n`` included, is too large (and the TUI stops at that
+    size); a line one byte longer was still answered."""
+
+    async def answer(size: int) -> dict[str, Any]:
+        start, end = b'{"op": "hello", "pad": "', b'"}\n'
+        line = start + b"x" * (size - len(start) - len(end)) + end
+        assert len(line) == size
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        writer.write(line)
+        await writer.drain()
+        answer = json.loads(await asyncio.wait_for(reader.readline(), 10))
+        writer.close()
+        return cast(dict[str, Any], answer)
+
+    async def run() -> None:
+        server = ControlServer(socket_path, _dispatch)
+        await server.start()
+        try:
+            assert (await answer(MAX_LINE))["ok"] is True
+            for size in (MAX_LINE + 1, MAX_LINE + 2):
+                refused = await answer(size)
+                assert refused["ok"] is False and refused["error"]["code"] == "too-large", size
+        finally:
+            await server.close()
+
+    asyncio.run(run())

@@ -100,9 +100,13 @@ class ControlClient:
         return result if isinstance(result, dict) else {}
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Subscribe now; the iterator then yields events until the agent goes away."""
-        self._sock.settimeout(None)
+        """Subscribe now; the iterator then yields events until the agent goes away.
+
+        The answer to ``subscribe`` is waited for with the timeout, as any other (a wedged
+        agent is an error, not a silent hang); only the events are waited for without one.
+        """
         self.request("subscribe")
+        self._sock.settimeout(None)
         return self._event_stream()
 
     def _event_stream(self) -> Iterator[dict[str, Any]]:

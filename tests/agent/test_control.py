@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +16,7 @@ from typing import Any, cast
 import pytest
 
 from mesh.agent.agent import Agent, AgentConfig
+from mesh.agent.client import ControlClient, ControlUnavailable
 from mesh.agent.control import EVENT_QUEUE, MAX_LINE, ControlServer
 from mesh.sim import Simulation
 
@@ -120,3 +123,30 @@ def test_the_line_limit_counts_the_newline(socket_path: Path) -> None:
             await server.close()
 
     asyncio.run(run())
+
+
+def test_snrmesh_events_gives_up_on_an_agent_that_never_answers_subscribe(
+    socket_path: Path,
+) -> None:
+    """Every other command says "did not answer in time" after its timeout; 'snrmesh events'
+    dropped the timeout before subscribing and hung, silent, on a wedged agent."""
+    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    wedged.bind(str(socket_path))
+    wedged.listen()  # connections complete in the backlog; nobody ever reads or answers
+    outcome: list[BaseException | None] = []
+
+    def follow() -> None:
+        try:
+            with ControlClient(str(socket_path), timeout=0.5) as client:
+                client.events()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    thread.join(5)
+    wedged.close()  # (lets a hung client go)
+    thread.join(5)
+    assert outcome and isinstance(outcome[0], ControlUnavailable), outcome
+    assert "did not answer in time" in str(outcome[0])

@@ -228,3 +228,16 @@ def test_a_state_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     (tmp_path / STATE_DB).mkdir()  # a folder where the file goes
     with pytest.raises(StoreError, match="cannot open the agent state"):
         AgentStore(tmp_path)
+
+
+def test_every_commit_is_synced_so_a_power_cut_loses_no_acknowledged_message(
+    tmp_path: Path,
+) -> None:
+    # A power cut cannot be staged here; what decides it is SQLite's setting (WAL mode: NORMAL
+    # syncs only at checkpoints, FULL at every commit), so the setting is what is pinned.
+    store = AgentStore(tmp_path)
+    try:
+        assert store.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert store.db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        store.close()

@@ -120,4 +120,6 @@ def load_plan(path: str | Path) -> MissionPlan:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MissionError(f"mission file {path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays or tables
+        raise MissionError(f"mission file {path} is nested too deeply") from None
     return parse_plan(doc)

@@ -69,6 +69,9 @@ def test_bad_mission_documents_are_refused_by_name(doc: dict[str, Any], reason: 
         (b"[[node]\nid = 1", "not valid TOML"),
         (b"\xff\xfe not utf-8", "not valid TOML"),
         (b"x" * (MAX_PLAN_SIZE + 1), "too large"),
+        # tomllib recurses once per level: a few thousand brackets, far below the size cap
+        pytest.param(b"x = " + b"[" * 5000 + b"]" * 5000, "nested too deeply", id="arrays"),
+        pytest.param(b"x = " + b"{a=" * 5000 + b"1" + b"}" * 5000, "too deeply", id="tables"),
     ],
 )
 def test_unreadable_mission_files_are_refused(tmp_path: Path, content: bytes, reason: str) -> None:

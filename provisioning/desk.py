@@ -490,32 +490,34 @@ class Desk:
         """Issue a CK for every permitted pair and every epoch not yet over, once.
 
         Re-running is cheap and idempotent: pairs and epochs that already have a
-        CK are skipped. ``on_progress(done, total)`` reports CKs minted.
+        CK are skipped. ``on_progress(done, total)`` reports CKs minted. The
+        pairs, the CKs there are and the parties' WRAP keys are read under the
+        write lock: a rekey or a revocation that commits meanwhile is seen, not
+        overwritten by copies for keys a token no longer holds.
         """
         epochs = [e for e in self.mission.epochs() if e.end > now]
-        pairs = list(self.permitted_pairs())
-        existing: dict[tuple[str, str], set[int]] = {}
-        for a, b, epoch in self._db.execute("SELECT a, b, epoch FROM keysets"):
-            existing.setdefault((a, b), set()).add(epoch)
-        jobs: list[CkJob] = [
-            (a, b, e.index, e.start, e.end)
-            for a, b in pairs
-            for e in epochs
-            if e.index not in existing.get((a, b), ())
-        ]
-        total = len(jobs)
-        skipped = len(pairs) * len(epochs) - total
-        if total:
-            parties = sorted({p for a, b, *_ in jobs for p in (a, b)})
-            targets = {p: self._wrap_target(p) for p in parties}
-            done = 0
+        with self.store.transaction():
+            pairs = list(self.permitted_pairs())
+            existing: dict[tuple[str, str], set[int]] = {}
+            for a, b, epoch in self._db.execute("SELECT a, b, epoch FROM keysets"):
+                existing.setdefault((a, b), set()).add(epoch)
+            jobs: list[CkJob] = [
+                (a, b, e.index, e.start, e.end)
+                for a, b in pairs
+                for e in epochs
+                if e.index not in existing.get((a, b), ())
+            ]
+            total = len(jobs)
+            if total:
+                parties = sorted({p for a, b, *_ in jobs for p in (a, b)})
+                targets = {p: self._wrap_target(p) for p in parties}
+                done = 0
 
-            def tick(n: int) -> None:
-                nonlocal done
-                done += n
-                on_progress(done, total)
+                def tick(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    on_progress(done, total)
 
-            with self.store.transaction():
                 for rows in mint_keysets(
                     jobs,
                     targets,
@@ -529,7 +531,10 @@ class Desk:
                     )
                 self._audit(now, "issue", keysets=total, pairs=len(pairs), epochs=len(epochs))
         return IssueReport(
-            pairs=len(pairs), epochs=len(epochs), issued=total, skipped_existing=skipped
+            pairs=len(pairs),
+            epochs=len(epochs),
+            issued=total,
+            skipped_existing=len(pairs) * len(epochs) - total,
         )
 
     def discovery_key(self, epoch: Epoch) -> DiscoveryKey:

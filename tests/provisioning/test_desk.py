@@ -6,6 +6,7 @@ import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,44 @@ def test_issue_covers_new_pairs_only_for_epochs_not_over(site: Site) -> None:
             "SELECT epoch FROM keysets WHERE a = 'alpha-1' AND b = 'uav-1' ORDER BY epoch"
         ).fetchall()
     assert [e for (e,) in epochs] == list(range(1, EPOCHS))
+
+
+@pytest.mark.parametrize("change", ["rekey", "revoke"])
+def test_issue_sees_a_rekey_or_revocation_that_commits_while_it_starts(
+    site: Site, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another desk command that commits just before issue takes the write lock is seen: no CK
+    wrapped for uav-1's keys before a rekey (its token could never open it, and no later rekey
+    rewraps it), none for uav-1 once revoked."""
+    now = _now()
+    with site.open() as desk, site.open() as other:
+        desk.pair("alpha-1", "uav-1", now=now)
+        begin = desk.store.transaction
+
+        @contextlib.contextmanager
+        def racing(**kwargs: bool) -> Iterator[sqlite3.Connection]:
+            if change == "rekey":
+                other.rekey("uav-1", site.unlock("uav-1"), now=now)
+            else:
+                other.revoke("uav-1", now=now)
+            with begin(**kwargs) as db:
+                yield db
+
+        monkeypatch.setattr(desk.store, "transaction", racing)
+        report = desk.issue(now=now)
+        monkeypatch.undo()
+        new_kid = slot_kid(desk.node("uav-1").token_id, Slot.WRAP, desk.node("uav-1").generation)
+        copies = desk._db.execute(
+            "SELECT copy_b FROM keysets WHERE a = 'alpha-1' AND b = 'uav-1'"
+        ).fetchall()
+    if change == "revoke":
+        assert (report.issued, copies) == (0, [])
+    else:
+        assert report.issued == EPOCHS
+        assert {read_copy_header(c).kid for (c,) in copies} == {new_kid}
+        token = site.unlock("uav-1")
+        for (copy,) in copies:
+            open_copy(token, copy)
 
 
 def test_a_revoked_node_gets_no_more_keysets_and_is_named_to_the_others(site: Site) -> None:

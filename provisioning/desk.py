@@ -336,15 +336,16 @@ class Desk:
     ) -> NodeRecord:
         """Write the token of a node enrolled without one (``desk apply`` without ``--tokens``)."""
         check_pin(pin)
-        node = self._active(identity)
-        if node.personalised:
-            raise PolicyError(
-                f"node {identity} already has a token; a second one would be a clone "
-                "(use 'desk rekey' to refresh its keys)"
-            )
+        self._active(identity)  # an unknown or revoked node is named before the write lock
         written: list[str] = []
         try:
             with self.store.transaction():
+                node = self._active(identity)  # under the lock: a second personalise waits
+                if node.personalised:
+                    raise PolicyError(
+                        f"node {identity} already has a token; a second one would be a clone "
+                        "(use 'desk rekey' to refresh its keys)"
+                    )
                 self._personalise(
                     identity,
                     node.role,

@@ -256,6 +256,29 @@ def test_a_plan_that_fails_late_leaves_the_desk_and_the_token_folder_as_they_wer
         assert [n.identity for n in desk.nodes()] == sorted(NODES)
 
 
+def test_two_personalisations_of_one_node_at_once_make_one_token_not_a_clone(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 'already has a token' check is made under the write lock: a second 'desk
+    personalise' of the node that commits meanwhile is refused, not copied."""
+    with site.open() as desk:
+        desk.apply(parse_plan({"node": [{"id": "bravo-1", "role": "soldier"}]}), now=_now())
+    with site.open() as desk, site.open() as other:
+        begin = desk.store.transaction
+
+        @contextlib.contextmanager
+        def racing(**kwargs: bool) -> Iterator[sqlite3.Connection]:
+            other.personalise("bravo-1", token_path=site.root / "first.token", pin=PIN, now=_now())
+            with begin(**kwargs) as db:
+                yield db
+
+        monkeypatch.setattr(desk.store, "transaction", racing)
+        with pytest.raises(PolicyError, match="already has a token"):
+            desk.personalise("bravo-1", token_path=site.root / "clone.token", pin=PIN, now=_now())
+    assert (site.root / "first.token").exists()
+    assert not (site.root / "clone.token").exists()
+
+
 def test_enrol_undoes_the_token_file_when_the_store_transaction_fails(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:

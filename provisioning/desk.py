@@ -5,25 +5,29 @@ seed's SAS in its preparatory phase). Every operation takes ``now`` (POSIX
 seconds) from the caller, runs in one store transaction and appends to the
 audit log (never a secret). Operations that write a token file do so inside
 the transaction and undo it if the transaction fails, so a failed command
-leaves every file as it was. A card (``--token pcsc:READER``) is personalised
-and closed as the transaction's last step: a failure before that leaves it
-open, to be personalised again.
+leaves every file as it was; killed before it could undo them, it leaves a
+locked record of them beside the store, and the next command that writes
+tokens removes those its rollback orphaned (``_tokens_in_flight``). A card
+(``--token pcsc:READER``) is personalised and closed as the transaction's last
+step: a failure before that leaves it open, to be personalised again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from jwcrypto import jwk
 from jwcrypto.common import base64url_encode
 
 from mesh.crypto import hkdf_sha256, random_bytes
-from mesh.files import write_atomic
+from mesh.files import FileTooLarge, read_bounded, write_atomic
 from mesh.keyset import KeysetError, check_identity, decrypt_copy, read_copy_header, wrap_copy
 from mesh.keyset.bundle import Bundle, seal_bundle
 from mesh.keyset.copies import DiscoveryKey, read_wrapped_kid
@@ -41,7 +45,7 @@ from mesh.token import (
 )
 from mesh.token.keychange import KeyChange, build_key_change
 from mesh.token.open import is_card, personalise_token
-from mesh.token.software import check_pin
+from mesh.token.software import SoftwareToken, check_pin
 from provisioning.bundles import (
     DISCOVERY_SECRET,
     PERMITTED_PAIRS,
@@ -66,6 +70,9 @@ __all__ = ["Desk", "IssueReport", "NodeRecord", "derive_slot_keys"]
 SLOT_KEY_INFO = b"snrmesh token slot keys v1"
 MAX_SEED_SIZE = 4096
 FIRST_GENERATION = 1
+# beside desk.sqlite while a command writes token files: CBOR {absolute path: token id}
+TOKENS_IN_FLIGHT = ".tokens-in-flight."
+MAX_IN_FLIGHT_SIZE = 16 * 1024 * 1024
 
 
 def derive_slot_keys(token_id: bytes, seed: bytes | None) -> tuple[bytes, ...]:
@@ -231,7 +238,7 @@ class Desk:
     # -- enrolment --------------------------------------------------------------------------------
 
     def _insert_node(
-        self, identity: str, role: str, now: int, seed: bytes | None
+        self, identity: str, role: str, now: int, seed: bytes | None, token_id: bytes
     ) -> tuple[bytes, tuple[bytes, ...]]:
         try:
             check_identity(identity)
@@ -240,7 +247,6 @@ class Desk:
         check_role(role)
         if self._db.execute("SELECT 1 FROM nodes WHERE identity = ?", (identity,)).fetchone():
             raise DuplicateNode(f"node {identity} is already enrolled")
-        token_id = random_bytes(TOKEN_ID_SIZE)
         keys = derive_slot_keys(token_id, seed)
         self._db.execute(
             "INSERT INTO nodes (identity, role, token_id, generation, sealed_keys, enrolled_at) "
@@ -301,6 +307,75 @@ class Desk:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    @contextlib.contextmanager
+    def _tokens_in_flight(self, files: dict[str, bytes]) -> Iterator[None]:
+        """While the block writes token files (path: token id), a record of them, held locked.
+
+        Killed (kill -9, a power cut) after a file was written but before its
+        transaction committed, a command leaves a token whose keys the desk never
+        kept, and run again it would refuse to overwrite that file. The record
+        outlives such a death, unlocked: :meth:`_remove_orphan_tokens` then
+        removes exactly those files. It is on disk before any token file is.
+        """
+        files = {os.path.abspath(p): t for p, t in files.items() if not is_card(p)}
+        if not files:
+            yield
+            return
+        folder = self.store.path.parent
+        name = f"{TOKENS_IN_FLIGHT}{random_bytes(8).hex()}"
+        tmp, record = folder / f".tmp{name}", folder / name
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # before the name is seen: a live command's record
+            data = cbor2.dumps(files)
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+            os.replace(tmp, record)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            yield
+        finally:
+            for path in (tmp, record):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            os.close(fd)
+
+    def _remove_orphan_tokens(self) -> None:
+        """Remove the token files a killed command wrote whose keys its rollback dropped.
+
+        Only the files an unlocked record names that still hold the recorded
+        token id, which no node whose token the desk counts as written has.
+        """
+        for record in self.store.path.parent.glob(f"{TOKENS_IN_FLIGHT}*"):
+            try:
+                fd = os.open(record, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its command still runs
+                try:
+                    files = cbor2.loads(read_bounded(record, MAX_IN_FLIGHT_SIZE, what="record"))
+                except (OSError, FileTooLarge, cbor2.CBORDecodeError):
+                    continue
+                for path, token_id in files.items() if isinstance(files, dict) else ():
+                    kept = self._db.execute(
+                        "SELECT 1 FROM nodes WHERE token_id = ? AND personalised = 1", (token_id,)
+                    ).fetchone()
+                    with contextlib.suppress(TokenError, OSError, TypeError, ValueError):
+                        if kept is None and SoftwareToken(path).info().token_id == token_id:
+                            os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record)
+            finally:
+                os.close(fd)
+
     def enrol(
         self,
         identity: str,
@@ -313,16 +388,21 @@ class Desk:
     ) -> NodeRecord:
         """Enrol a node and personalise its token: a new file, or a card (``pcsc:READER``)."""
         check_pin(pin)
+        self._remove_orphan_tokens()
         if not is_card(os.fspath(token_path)) and os.path.exists(token_path):
             what = "is a folder" if os.path.isdir(token_path) else "already exists"
             raise DeskError(
                 f"token file {os.fspath(token_path)} {what}; refusing to overwrite (--token "
                 "names the file to create)"
             )
+        token_id = random_bytes(TOKEN_ID_SIZE)
         written: list[str] = []
         try:
-            with self.store.transaction():
-                token_id, keys = self._insert_node(identity, role, now, seed)
+            with (
+                self._tokens_in_flight({os.fspath(token_path): token_id}),
+                self.store.transaction(),
+            ):
+                token_id, keys = self._insert_node(identity, role, now, seed, token_id)
                 self._personalise(
                     identity, role, token_id, keys, FIRST_GENERATION, token_path, pin, written, now
                 )
@@ -336,10 +416,14 @@ class Desk:
     ) -> NodeRecord:
         """Write the token of a node enrolled without one (``desk apply`` without ``--tokens``)."""
         check_pin(pin)
-        self._active(identity)  # an unknown or revoked node is named before the write lock
+        self._remove_orphan_tokens()
+        node = self._active(identity)  # an unknown or revoked node is named before the write lock
         written: list[str] = []
         try:
-            with self.store.transaction():
+            with (
+                self._tokens_in_flight({os.fspath(token_path): node.token_id}),
+                self.store.transaction(),
+            ):
                 node = self._active(identity)  # under the lock: a second personalise waits
                 if node.personalised:
                     raise PolicyError(
@@ -420,8 +504,19 @@ class Desk:
             check_pin(pin)
         created: list[str] = []
         written: list[str] = []
+        token_ids = {planned.identity: random_bytes(TOKEN_ID_SIZE) for planned in plan.nodes}
+        in_flight = (
+            {}
+            if tokens_dir is None
+            else {
+                os.fspath(Path(tokens_dir) / f"{identity}.token"): token_id
+                for identity, token_id in token_ids.items()
+            }
+        )
+        if tokens_dir is not None:
+            self._remove_orphan_tokens()
         try:
-            with self.store.transaction():
+            with self._tokens_in_flight(in_flight), self.store.transaction():
                 for planned in plan.nodes:
                     row = self._db.execute(
                         "SELECT role FROM nodes WHERE identity = ?", (planned.identity,)
@@ -433,7 +528,9 @@ class Desk:
                                 f"as {row[0]}, not {planned.role}"
                             )
                         continue
-                    token_id, keys = self._insert_node(planned.identity, planned.role, now, seed)
+                    token_id, keys = self._insert_node(
+                        planned.identity, planned.role, now, seed, token_ids[planned.identity]
+                    )
                     created.append(planned.identity)
                     if tokens_dir is not None and pin is not None:
                         path = Path(tokens_dir) / f"{planned.identity}.token"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,6 +281,68 @@ def test_two_personalisations_of_one_node_at_once_make_one_token_not_a_clone(
             desk.personalise("bravo-1", token_path=site.root / "clone.token", pin=PIN, now=_now())
     assert (site.root / "first.token").exists()
     assert not (site.root / "clone.token").exists()
+
+
+KILLED_WHILE_PERSONALISING = """
+import os, signal, sys
+from provisioning.desk import Desk
+from provisioning.plan import parse_plan
+desk_dir, tokens, command, pin = sys.argv[1:]
+desk = Desk.open(desk_dir, passphrase=os.environ["PASSPHRASE"])
+real_audit = desk._audit
+def audit(now, op, **detail):
+    if op == "personalise" and detail["node"] == "bravo-2":  # its file written, not committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_audit(now, op, **detail)
+desk._audit = audit
+nodes = [{"id": "bravo-1", "role": "soldier"}, {"id": "bravo-2", "role": "uav"}]
+plan = parse_plan({"node": nodes})
+if command == "apply":
+    desk.apply(plan, now=1, tokens_dir=tokens, pin=pin)
+elif command == "enrol":
+    desk.enrol("bravo-2", "uav", token_path=os.path.join(tokens, "bravo-2.token"), pin=pin, now=1)
+else:
+    desk.personalise("bravo-2", token_path=os.path.join(tokens, "bravo-2.token"), pin=pin, now=1)
+"""
+
+
+@pytest.mark.parametrize("command", ["apply", "enrol", "personalise"])
+def test_a_desk_killed_while_it_writes_tokens_finishes_the_job_when_run_again(
+    site: Site, command: str
+) -> None:
+    """Killed (-9) after a token file was written but before its transaction committed, the desk
+    leaves a file whose keys it never kept; run again, the same command replaces it."""
+    tokens = site.root / "tokens"
+    tokens.mkdir()
+    plan = parse_plan(
+        {"node": [{"id": "bravo-1", "role": "soldier"}, {"id": "bravo-2", "role": "uav"}]}
+    )
+    if command == "personalise":
+        with site.open() as desk:
+            desk.apply(plan, now=_now())
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_PERSONALISING, site.desk_dir, tokens, command, PIN],
+        env={**os.environ, "PASSPHRASE": PASSPHRASE},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert (tokens / "bravo-2.token").exists()  # left behind, its keys rolled back
+    with site.open() as desk:
+        if command == "apply":
+            desk.apply(plan, now=_now(), tokens_dir=str(tokens), pin=PIN)
+        elif command == "enrol":
+            desk.enrol("bravo-2", "uav", token_path=tokens / "bravo-2.token", pin=PIN, now=_now())
+        else:
+            desk.personalise("bravo-2", token_path=tokens / "bravo-2.token", pin=PIN, now=_now())
+        records = {n.identity: n for n in desk.nodes()}
+    assert (tokens / "bravo-2.token").exists()
+    for path in tokens.iterdir():
+        info = SoftwareToken(path).info()
+        assert info.token_id == records[info.identity].token_id
+        assert records[info.identity].personalised
+    assert sorted(p.name for p in site.desk_dir.iterdir() if "in-flight" in p.name) == []
 
 
 def test_enrol_undoes_the_token_file_when_the_store_transaction_fails(

@@ -73,6 +73,8 @@ class ControlClient:
             line = self._file.readline(MAX_LINE + 1)
         except TimeoutError:
             raise ControlUnavailable("the agent did not answer in time") from None
+        except OSError as exc:  # reset: the agent died or dropped us
+            raise ControlUnavailable(f"the control connection broke: {exc.strerror}") from None
         if not line:
             raise ControlUnavailable("the agent closed the control connection")
         try:
@@ -86,7 +88,12 @@ class ControlClient:
     def request(self, op: str, **args: Any) -> dict[str, Any]:
         self._next_id += 1
         rid = self._next_id
-        self._sock.sendall(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
+        except TimeoutError:
+            raise ControlUnavailable("the agent did not take the request in time") from None
+        except OSError:  # a broken pipe: the agent refused a request too long to read,
+            pass  # and its answer (id null) may wait to be read; else _read says it broke
         while True:
             reply = self._read()
             if reply.get("id") == rid and "ok" in reply:

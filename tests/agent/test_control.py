@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 
 from mesh.agent.agent import Agent, AgentConfig
-from mesh.agent.client import ControlClient, ControlUnavailable
+from mesh.agent.client import ControlClient, ControlUnavailable, RequestFailed
 from mesh.agent.control import EVENT_QUEUE, MAX_LINE, ControlServer
 from mesh.sim import Simulation
 
@@ -150,3 +150,43 @@ def test_snrmesh_events_gives_up_on_an_agent_that_never_answers_subscribe(
     thread.join(5)
     assert outcome and isinstance(outcome[0], ControlUnavailable), outcome
     assert "did not answer in time" in str(outcome[0])
+
+
+@pytest.mark.parametrize("how", ["too-long", "reset"])
+def test_the_cli_client_turns_a_broken_connection_into_its_own_errors(
+    socket_path: Path, how: str
+) -> None:
+    """A request the agent refuses before it has all of it (the agent closes: a broken pipe
+    under ``sendall``), or a connection reset, was an OSError traceback from the client."""
+    loop = asyncio.new_event_loop()
+    server = ControlServer(socket_path, _dispatch)
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        with ControlClient(str(socket_path)) as client:
+            if how == "too-long":
+                with pytest.raises((RequestFailed, ControlUnavailable)) as caught:
+                    client.request("hello", pad="x" * (64 * MAX_LINE))
+                if isinstance(caught.value, RequestFailed):
+                    assert caught.value.code == "too-large"
+            else:
+                client._sock.setsockopt(  # (a reset from our side, the same error either way)
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+                client._sock.shutdown(socket.SHUT_RDWR)
+                with pytest.raises(ControlUnavailable):
+                    client.request("hello")
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -9,8 +9,9 @@ from textual.app import App
 from textual.command import CommandPalette
 from textual.widgets import Static
 
-from tests.tui.conftest import loaded, make_app, wait_until
+from tests.tui.conftest import FAST_RETRY, loaded, make_app, wait_until
 from tests.tui.fake_agent import FIXED_NOW, FakeAgent
+from tui.app import SnrmeshApp
 from tui.messages import ConversationSelected
 from tui.model import Connection
 from tui.screens import HelpScreen, MainScreen
@@ -471,3 +472,15 @@ async def test_a_mate_or_alert_listed_twice_by_the_agent_is_shown_once_not_a_cra
         assert app.screen.query_one(PeersPanel).row_count == 4
         assert [a.alert_id for a in app.state.alerts] == [1, 2]
         assert app.screen.query_one(AlertsPanel).option_count == 2
+
+
+async def test_past_the_missions_end_the_status_bar_says_so(socket_path: Path) -> None:
+    """The agent sends no epoch event once there is none: the bar kept "epoch 0, next in
+    expired" after the mission ended, until something made the app ask again."""
+    async with FakeAgent(socket_path) as agent:
+        end = agent.mission_start + 24 * 3600
+        app = SnrmeshApp(socket_path, clock=lambda: end + 1, retry=FAST_RETRY)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await loaded(pilot)
+            status = status_text(app)
+            assert "mission over" in status and "epoch" not in status, status

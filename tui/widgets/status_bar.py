@@ -59,7 +59,10 @@ class StatusBar(Widget):
             line.append(SEPARATOR)
             line.append(info.mission.name)
             line.append(SEPARATOR)
-            if info.epoch is None:
+            over = info.mission.end is not None and now >= info.mission.end
+            if over:  # (the agent sends no epoch event when there is none: it said the last)
+                line.append("mission over", style("status--warn"))
+            elif info.epoch is None:
                 line.append("no epoch", style("status--warn"))
             else:
                 left = countdown(now, info.epoch.end)

@@ -1513,7 +1513,9 @@ class Agent:
         if not isinstance(text, str) or not text.strip():
             raise ControlError("bad-request", "send needs a non-empty 'text'")
         if len(text) > MAX_TEXT or len(text.encode("utf-8")) > MAX_TEXT_BYTES:
-            raise ControlError("too-large", f"text over {MAX_TEXT} characters")
+            raise ControlError(
+                "too-large", f"text over {MAX_TEXT} characters or {MAX_TEXT_BYTES} bytes of UTF-8"
+            )
         if not text.replace("\n", " ").replace("\t", " ").isprintable():
             raise ControlError("bad-request", "text has control characters")
         to, group = args.get("to"), args.get("group")
@@ -1545,6 +1547,8 @@ class Agent:
             raise ControlError("bad-request", "limit must be 1..10000")
         if not all(v is None or isinstance(v, str) for v in (peer, group)):
             raise ControlError("bad-request", "peer and group must be text")
+        if peer is not None and group is not None:
+            raise ControlError("bad-request", "history takes at most one of 'peer' and 'group'")
         messages: list[StoredMessage] = self.store.history(peer=peer, group=group, limit=limit)
         # a typo would otherwise read as an empty conversation; a former mate's history stays
         if not messages and peer is not None and peer not in self.peers:

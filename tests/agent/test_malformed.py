@@ -91,6 +91,7 @@ def test_hostile_control_lines_get_a_bad_request_answer(make_sim: MakeSim) -> No
         b'{"op": "mark_read", "peer": "\\ud800"}',
         b'{"op": "set_status", "battery": 1' + b"0" * 400 + b"}",  # an int past float's range
         b'{"op": "set_status", "battery": 1e400}',  # json reads it as inf
+        b'{"op": "history", "peer": "b", "group": "all"}',  # was unknown-group
     ]
     sim = make_sim(["a"])
     sim.provision()

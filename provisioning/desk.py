@@ -854,10 +854,11 @@ class Desk:
 
     def revoke(self, identity: str, *, now: int) -> NodeRecord:
         """No further CKs for ``identity``; later exports leave it out and list it revoked."""
-        node = self.node(identity)
-        if node.revoked:
+        if self.node(identity).revoked:  # (named before the write lock is waited for)
             raise PolicyError(f"node {identity} is already revoked")
         with self.store.transaction():
+            if self.node(identity).revoked:  # under the lock: a revoke that ran meanwhile
+                raise PolicyError(f"node {identity} is already revoked")
             self._db.execute("UPDATE nodes SET revoked_at = ? WHERE identity = ?", (now, identity))
             self._audit(now, "revoke", node=identity)
         return self.node(identity)

@@ -176,6 +176,32 @@ def test_issue_sees_a_rekey_or_revocation_that_commits_while_it_starts(
             open_copy(token, copy)
 
 
+def test_two_revokes_of_one_node_at_once_revoke_it_once(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "already revoked" check ran before the write lock: both revokes passed it, the
+    second moved revoked_at and the audit log said it was revoked twice."""
+    now = _now()
+    with site.open() as desk, site.open() as other:
+        begin = desk.store.transaction
+
+        @contextlib.contextmanager
+        def racing(**kwargs: bool) -> Iterator[sqlite3.Connection]:
+            other.revoke("alpha-2", now=now)
+            with begin(**kwargs) as db:
+                yield db
+
+        monkeypatch.setattr(desk.store, "transaction", racing)
+        with pytest.raises(PolicyError, match="already revoked"):
+            desk.revoke("alpha-2", now=now + 5)
+        monkeypatch.undo()
+        revokes = [e for e in desk.audit_log() if e["op"] == "revoke"]
+        assert len(revokes) == 1
+        assert desk._db.execute(
+            "SELECT revoked_at FROM nodes WHERE identity = 'alpha-2'"
+        ).fetchone() == (now,)
+
+
 def test_a_revoked_node_gets_no_more_keysets_and_is_named_to_the_others(site: Site) -> None:
     now = _now()
     with site.open() as desk:

@@ -65,13 +65,10 @@ def parse_address(
     if port is None and default_port is not None:
         port = str(default_port)
     lowest = 0 if listening else 1
-    if (
-        host is None
-        or not port
-        or not (port.isascii() and port.isdigit())
-        or not lowest <= int(port) < 65536
-    ):
+    if host is None or not port or not (port.isascii() and port.isdigit()):
         raise AddressError(
             f"bad address {text!r}: expected HOST:PORT (a host name, an IPv4 address or [IPv6])"
         )
+    if not lowest <= int(port) < 65536:
+        raise AddressError(f"bad address {text!r}: expected HOST:PORT, the port {lowest}..65535")
     return host, int(port)

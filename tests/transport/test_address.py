@@ -62,6 +62,16 @@ def test_addresses_refused_before_any_lookup(text: str, monkeypatch: pytest.Monk
         parse_address(text, 9)
 
 
+@pytest.mark.parametrize(
+    ("text", "listening", "needle"),
+    [("host:65536", False, "the port 1..65535"), ("host:0", False, "the port 1..65535"),
+     ("127.0.0.1:70000", True, "the port 0..65535")],
+)  # fmt: skip
+def test_a_port_out_of_range_says_its_range(text: str, listening: bool, needle: str) -> None:
+    with pytest.raises(AddressError, match=needle):  # it said only "expected HOST:PORT"
+        parse_address(text, 9, listening=listening)
+
+
 def test_port_0_is_for_listening_only() -> None:
     assert parse_address("127.0.0.1:0", listening=True) == ("127.0.0.1", 0)
     with pytest.raises(AddressError):

@@ -99,12 +99,30 @@ def _check_names(args: argparse.Namespace) -> None:
             raise MeshError(f"{option} {text}: {exc}") from None
 
 
+def _check_addresses(args: argparse.Namespace) -> None:
+    """``--listen``, ``--peer`` and ``--as`` addresses, refused here, before the PIN (they were
+    parsed only once the token was open: a PIN typed for a mistyped port)."""
+    from mesh.agent.agent import DEFAULT_PORT
+    from mesh.transport.address import AddressError, parse_address
+
+    addresses = [("--listen", args.listen, args.listen, True)]
+    addresses += [("--peer", p, p.rpartition("@")[2], False) for p in args.peer]
+    for option, text, address, listening in addresses:
+        try:
+            parse_address(address, DEFAULT_PORT, listening=listening)
+        except AddressError as exc:
+            raise MeshError(f"{option} {text}: {exc}") from None
+    if args.as_address is not None:
+        _as_address(args.as_address)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from mesh.agent.agent import DEFAULT_PORT, Agent, AgentConfig
     from mesh.transport.address import parse_address
 
     _check_status(args)  # before the PIN is asked for
     _check_names(args)
+    _check_addresses(args)
     if args.no_mdns and args.mdns_interface:  # (the interface was silently ignored)
         raise MeshError("--mdns-interface needs mDNS: give one of it and --no-mdns, not both")
 

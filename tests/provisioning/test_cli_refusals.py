@@ -361,6 +361,16 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
           ("peer-bad-name", ("--peer", "Gs 1@127.0.0.1:5"), "invalid identity 'Gs 1'"),
           ("block-bad-name", ("--block", "ALPHA-2"), "--block ALPHA-2: invalid identity"),
       )],
+    # a mistyped address was refused only once the PIN had been typed (doc walk)
+    *[(f"agent-address-{name}", _nothing,
+       ("agent", "--bundle", "alpha-1.bundle", "--token", "alpha-1.token", "--no-mdns", *extra),
+       (needle,), {"pin": None})
+      for name, extra, needle in (
+          ("listen-port", ("--listen", "127.0.0.1:70000"), "--listen 127.0.0.1:70000: bad"),
+          ("peer-port", ("--peer", "127.0.0.1:70000"), "the port 1..65535"),
+          ("named-peer-port", ("--peer", "gs-1@127.0.0.1:x"), "--peer gs-1@127.0.0.1:x: bad"),
+          ("as-no-port", ("--as", "127.0.0.1"), "--as '127.0.0.1': expected HOST:PORT"),
+      )],
     ("as-request-out-empty", _nothing,
      ("as", "request", "--as", "127.0.0.1:9", "--token", "alpha-1.token", "--target", "gs-1",
       "--out", ""), ("--out needs a file name",), {}),

@@ -381,7 +381,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="S",
         help="status heartbeat period in seconds, 1..3600 (default: 30)",
     )
-    p.add_argument("--position", type=_position, metavar="LAT,LON,ALT", help="own position")
+    p.add_argument(
+        "--position",
+        type=_position,
+        metavar="LAT,LON,ALT",
+        help="own position: latitude and longitude in degrees, altitude in metres "
+        "(e.g. 48.85,2.35,35)",
+    )
     p.add_argument(
         "--position-file",
         metavar="FILE",
@@ -450,6 +456,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="send a chat message",
         description="Queue a chat message; the agent delivers it end to end "
         "(now, or when the mate is next reachable).",
+        epilog='example: snrmesh send --to gs-1 "on station"',
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="NODE", help="a dialogue mate")
@@ -464,6 +471,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="list dialogue mates and link state",
         description="List this node's dialogue mates as its agent sees them: link state "
         "(direct, relayed, offline, refused), when each was last heard and its position.",
+        epilog="example: snrmesh peers --control ~/.local/state/snrmesh/control.sock",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_peers)
@@ -474,6 +482,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="print the message history",
         description="Print the messages the agent holds, oldest first, with the delivery "
         "state of those sent.",
+        epilog="example: snrmesh history --peer gs-1 --limit 20",
     )
     only = p.add_mutually_exclusive_group()  # both printed nothing, with exit status 0
     only.add_argument("--peer", metavar="NODE", help="only the conversation with NODE")
@@ -489,6 +498,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         parents=[client],
         help="follow the agent's event stream (JSON lines)",
         description="Print the agent's events as they happen, one JSON object a line "
-        "(messages, delivery states, links, alerts), until the agent stops or ctrl-C.",
+        "(messages, delivery states, links, alerts), until the agent stops or ctrl-C. "
+        "The events and their fields: docs/agent.md, 'Events'.",
+        epilog='example: snrmesh events | grep \'"event": "alert"\'',
     )
     p.set_defaults(func=cmd_events)

@@ -11,6 +11,7 @@ from typing import Any
 
 from mesh.errors import MeshError
 from mesh.sim import MAX_RUN_SECONDS, TOPOLOGIES, SimError, Simulation
+from mesh.sim.topology import SQUAD_SIZE
 
 __all__ = ["register", "run_scenario"]
 
@@ -150,7 +151,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--topology",
         choices=TOPOLOGIES,
         default="full",
-        help="who is in direct reach of whom (default: full)",
+        help="who is in direct reach of whom: full, everyone; line, each node its two "
+        f"neighbours; squads, squads of {SQUAD_SIZE} in full reach, their first nodes in a line "
+        "(default: full)",
     )
     p.add_argument(
         "--cut",

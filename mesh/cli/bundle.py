@@ -73,8 +73,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser(
         "inspect",
         help="verify a bundle's integrity with its token and list mates and CK windows",
-        description="Verify BUNDLE with the node's token (PIN from SNRMESH_PIN or a prompt): "
-        "a bundle for another token, made before a rekey, or with one flipped byte is refused.",
+        description="Verify the bundle FILE with the node's token (PIN from SNRMESH_PIN or a "
+        "prompt): a bundle for another token, made before a rekey, or with one flipped byte "
+        "is refused.",
+        epilog="example: snrmesh bundle inspect alpha-1.bundle --token alpha-1.token",
     )
     p.add_argument("bundle", metavar="FILE", help="the bundle file")
     p.add_argument(

@@ -371,9 +371,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help_text: str,
         *parents: argparse.ArgumentParser,
         description: str | None = None,
+        example: str | None = None,
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, parents=[common, *parents], help=help_text, description=description or help_text
+            name,
+            parents=[common, *parents],
+            help=help_text,
+            description=description or help_text,
+            epilog=example and f"example: snrmesh desk {name} desk {example}",
         )
         p.set_defaults(func=handler)
         return p
@@ -384,6 +389,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "create a desk and its mission",
         description="Create a desk in DIR for one mission: a validity window split into "
         "epochs. Every CK is valid for exactly one epoch, so keys change routinely.",
+        example="--mission op-dawn --start 2026-12-01T06:00:00Z --hours 24 --epoch-hours 6",
     )
     p.add_argument("--mission", required=True, metavar="NAME", help="mission name")
     p.add_argument(
@@ -410,22 +416,33 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Enrol NODE with a role, generate its token keys and write its "
         "software token (sealed under a PIN from SNRMESH_PIN or a prompt) to --token, or "
         "personalise the blank card in --token pcsc:READER with them.",
+        example="alpha-1 --role soldier --token alpha-1.token",
     )
     p.add_argument("node", metavar="NODE", help="node identity, e.g. alpha-1")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--token", required=True, metavar="FILE|pcsc:READER", help=_NEW_TOKEN_HELP)
 
-    p = add("personalise", cmd_personalise, "write the token of a node enrolled by 'apply'")
-    p.add_argument("node", metavar="NODE")
+    p = add(
+        "personalise",
+        cmd_personalise,
+        "write the token of a node enrolled by 'apply'",
+        example="uav-2 --token uav-2.token",
+    )
+    p.add_argument("node", metavar="NODE", help="a node enrolled by 'apply', without a token")
     p.add_argument("--token", required=True, metavar="FILE|pcsc:READER", help=_NEW_TOKEN_HELP)
 
-    p = add("group", cmd_group, "add nodes to a group (every member pairs with every other)")
-    p.add_argument("group", metavar="GROUP")
-    p.add_argument("nodes", metavar="NODE", nargs="*")
+    p = add(
+        "group",
+        cmd_group,
+        "add nodes to a group (every member pairs with every other)",
+        example="squad gs-1 alpha-1",
+    )
+    p.add_argument("group", metavar="GROUP", help="group name, e.g. squad (created if new)")
+    p.add_argument("nodes", metavar="NODE", nargs="*", help="enrolled nodes to add to it")
 
-    p = add("pair", cmd_pair, "make two nodes dialogue mates")
-    p.add_argument("node_a", metavar="NODE_A")
-    p.add_argument("node_b", metavar="NODE_B")
+    p = add("pair", cmd_pair, "make two nodes dialogue mates", example="gs-1 uav-1")
+    p.add_argument("node_a", metavar="NODE_A", help="an enrolled node")
+    p.add_argument("node_b", metavar="NODE_B", help="another enrolled node")
 
     p = add(
         "apply",
@@ -434,6 +451,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         seed,
         description="Apply a TOML mission file ([[node]] id/role, [groups], pairs) in one "
         "transaction. Nodes already enrolled with the same role are kept. See docs/keysets.md.",
+        example="mission.toml --tokens tokens/",
     )
     p.add_argument("mission_file", metavar="MISSION.toml")
     p.add_argument(
@@ -449,13 +467,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "issue CKs for every permitted pair and remaining epoch",
         description="Issue a Communication Keyset for every permitted pair and every epoch "
         "not yet over. Idempotent: existing CKs are kept.",
+        example="--workers 4",
     )
     p.add_argument(
         "--workers", type=int, metavar="N", help="worker processes, 1..64 (default: cores)"
     )
 
-    p = add("export", cmd_export, "write a node's bundle")
-    p.add_argument("node", metavar="NODE")
+    p = add("export", cmd_export, "write a node's bundle", example="alpha-1 --out alpha-1.bundle")
+    p.add_argument("node", metavar="NODE", help="an enrolled node")
     p.add_argument(
         "--out",
         required=True,
@@ -465,7 +484,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
     add("show", cmd_show, "show the mission, nodes, groups, pairs and keyset counts")
-    p = add("audit", cmd_audit, "print the append-only audit log")
+    p = add("audit", cmd_audit, "print the append-only audit log", example="--limit 20")
     p.add_argument("--limit", type=int, metavar="N", help="only the last N entries (default: all)")
 
     p = add(
@@ -475,8 +494,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         seed,
         description="Replace every key of NODE's token through a key change wrapped under "
         "its current key, and re-wrap its CKs. Its old bundle stops working.",
+        example="alpha-1 --token alpha-1.token",
     )
-    p.add_argument("node", metavar="NODE")
+    p.add_argument("node", metavar="NODE", help="the node whose token it is")
     p.add_argument(
         "--token",
         required=True,
@@ -490,6 +510,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "enrol a fleet of smart meters in bulk (factory keys, no token files)",
         description="Enrol --count meters whose keys are diversified from --factory-seed "
         "(created if missing), streamed in chunks. See docs/authentication-server.md.",
+        example="--count 10000 --factory-seed fleet.seed --head-end head-end",
     )
     add_import_meters_arguments(p)
 
@@ -497,5 +518,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "revoke",
         cmd_revoke,
         "revoke a node: no further CKs; later exports exclude it (again: nothing changes, exit 0)",
+        example="uav-1",
     )
-    p.add_argument("node", metavar="NODE")
+    p.add_argument("node", metavar="NODE", help="an enrolled node")

@@ -725,9 +725,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "bundles fetched from now on list it as revoked. For a PostgreSQL store, which the "
         "desk no longer reaches; on the desk's own file it is 'desk revoke'. Revoking twice "
         "changes nothing.",
+        epilog="example: snrmesh as revoke uav-1 --postgres 'host=/run/pg dbname=as'",
     )
     p.set_defaults(func=cmd_revoke)
-    p.add_argument("node", metavar="NODE")
+    p.add_argument("node", metavar="NODE", help="the node to revoke, e.g. uav-1")
     _store_choice(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -741,9 +742,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(a copy took the last key change first). For a PostgreSQL store, which the desk no "
         "longer reaches; on the desk's own file 'desk rekey' does the same. Run again after "
         "a failure, it resumes.",
+        epilog="example: snrmesh as reinstate alpha-1 --store desk --token alpha-1.token",
     )
     p.set_defaults(func=cmd_reinstate)
-    p.add_argument("node", metavar="NODE")
+    p.add_argument("node", metavar="NODE", help="the suspended node (snrmesh as audit --alerts)")
     p.add_argument("--token", required=True, metavar="FILE", help="the trusted token")
     _store_choice(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -758,6 +760,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "answered under keys it had already replaced: a copy of it exists, and the "
         "identity is suspended until its trusted token's keys are changed ('snrmesh as "
         "reinstate', or 'snrmesh desk rekey' before an import), which locks the copy out.",
+        epilog="example: snrmesh as audit --store desk --op as-key-change --limit 20",
     )
     p.set_defaults(func=cmd_audit)
     _store_choice(p)

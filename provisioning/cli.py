@@ -389,7 +389,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "create a desk and its mission",
         description="Create a desk in DIR for one mission: a validity window split into "
         "epochs. Every CK is valid for exactly one epoch, so keys change routinely.",
-        example="--mission op-dawn --start 2026-12-01T06:00:00Z --hours 24 --epoch-hours 6",
+        example="--mission op-dawn --hours 24 --epoch-hours 6",
     )
     p.add_argument("--mission", required=True, metavar="NAME", help="mission name")
     p.add_argument(

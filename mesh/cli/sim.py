@@ -109,7 +109,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     for a, b in args.cut:  # a typo cut nothing, and the run went on as if it had
         unknown = sorted({a, b} - names)
         if unknown:
-            raise MeshError(f"--cut {a}-{b}: no node {unknown[0]} (the nodes are node-01..)")
+            last = f"node-{args.nodes:02d}"
+            raise MeshError(f"--cut {a}-{b}: no node {unknown[0]} (the nodes are node-01..{last})")
         if a == b:
             raise MeshError(f"--cut {a}-{b}: a node has no link to itself")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))

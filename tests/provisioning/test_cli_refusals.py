@@ -304,7 +304,7 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
     *[(f"sim-duration-{d}", _nothing, ("sim", "--nodes", "2", "--duration", d),
        ("--duration is a number of seconds",), {}) for d in ("0", "-1", "nan", "inf")],
     ("sim-cut-unknown-node", _nothing, ("sim", "--nodes", "3", "--cut", "node-01-node-09"),
-     ("no node node-09",), {}),
+     ("no node node-09 (the nodes are node-01..node-03)",), {}),  # it said "node-01.."
     ("sim-cut-itself", _nothing, ("sim", "--nodes", "3", "--cut", "node-02-node-02"),
      ("no link to itself",), {}),
     ("meters-sim-negative-first", _factory_seed_file,

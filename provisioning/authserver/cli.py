@@ -668,7 +668,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "lock clients out (default: the descriptor limit, raised to the hard one, less 64; "
         "at most 65,536)",
     )
-    p.add_argument("--json", action="store_true", help="print counters as JSON on exit")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="on exit, print the counters as one JSON line (stdout's first line is still "
+        "the 'listening on' line)",
+    )
 
     p = sub.add_parser(
         "import-desk",

@@ -137,12 +137,23 @@ class Emulator:
         self._stop.set()
 
     def run(self) -> None:
+        waiting = False  # said once per wait: it went on silently, as if it were plugged in
         while not self._stop.is_set():
             try:
                 sock = socket.create_connection(self.address, timeout=RETRY)
-            except OSError:
+            except OSError as exc:
+                if not waiting:
+                    log.info(
+                        "no vpcd reader at %s:%d yet (%s; is pcscd running, with "
+                        "vsmartcard-vpcd?): trying again every %g s",
+                        *self.address,
+                        exc.strerror or exc,
+                        RETRY,
+                    )
+                    waiting = True
                 self._stop.wait(RETRY)
                 continue
+            waiting = False
             self._on_change(True)
             try:
                 self._serve(sock)

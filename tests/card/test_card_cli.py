@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,27 @@ def test_emulate_refuses_a_state_file_it_could_not_write(tmp_path: Path) -> None
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert len(result.stderr.splitlines()) == 1 and needle in result.stderr, result.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_an_emulator_with_no_reader_to_plug_into_says_so_once(tmp_path: Path) -> None:
+    """No pcscd or vpcd at --vpcd: it waited without a word, as if the card were in."""
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "card", "emulate", "--state",
+             str(tmp_path / "a.card"), "--vpcd", f"127.0.0.1:{port}"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.5)  # three tries
+        finally:
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=10)
+    assert process.returncode == 0 and "Traceback" not in err
+    waiting = [line for line in err.splitlines() if "no vpcd reader" in line]
+    assert len(waiting) == 1 and "is pcscd running, with vsmartcard-vpcd?" in waiting[0], err
 
 
 def test_the_emulator_process_keeps_its_card_across_restarts(

@@ -293,7 +293,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         )
     lines.append(f"groups ({len(s['groups'])}):")
     lines += [f"  {g}: {', '.join(members)}" for g, members in s["groups"].items()]
-    lines.append(f"pairs ({len(s['pairs'])}): " + ", ".join(f"{a}-{b}" for a, b in s["pairs"]))
+    # "a + b": "a-b" was ambiguous, names have hyphens ("gs-1-uav-1")
+    lines.append(f"pairs ({len(s['pairs'])}): " + ", ".join(f"{a} + {b}" for a, b in s["pairs"]))
     lines.append(f"permitted pairs: {s['permitted_pairs']}, keysets issued: {s['keysets']}")
     lines.append("recent audit entries:")
     lines += [f"  #{e['seq']} {e['at']} {e['op']}" for e in s["audit"]]

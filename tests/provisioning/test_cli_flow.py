@@ -168,7 +168,9 @@ def test_a_mission_through_the_command_line(tmp_path: Path) -> None:
         ("uav-1", 8, True),
     ]
     assert shown["permitted_pairs"] == 3 and shown["keysets"] == 12
-    assert "permitted pairs: 3, keysets issued: 12" in op.ok("desk", "show", "desk")
+    shown_text = op.ok("desk", "show", "desk")
+    assert "permitted pairs: 3, keysets issued: 12" in shown_text
+    assert "pairs (2): alpha-1 + uav-1, gs-1 + uav-1\n" in shown_text  # was "gs-1-uav-1"
 
     with Desk.open(tmp_path / "desk", passphrase=PASSPHRASE) as desk:
         old_secrets = desk_secrets(desk)  # before the rekey replaces alpha-1's slot keys

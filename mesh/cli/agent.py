@@ -76,13 +76,17 @@ def _check_status(args: argparse.Namespace) -> None:
 
     if not (math.isfinite(args.heartbeat) and MIN_HEARTBEAT <= args.heartbeat <= MAX_HEARTBEAT):
         raise MeshError(f"--heartbeat is {MIN_HEARTBEAT:g}..{MAX_HEARTBEAT:g} seconds")
-    try:
-        decode(encode(Status("r", 0.0, args.position, args.battery, args.status_text)))
-    except WireError as exc:
-        raise MeshError(
-            "--position LAT,LON,ALT (-90..90, -180..180, -100000..1000000 m), --battery "
-            f"0..100, --status-text up to 200 printable characters: {exc}"
-        ) from None
+    for option, rule, status in (  # one at a time: the error names the option at fault
+        ("--position", "LAT,LON,ALT in -90..90, -180..180, -100000..1000000 m",
+         Status("r", 0.0, position=args.position)),
+        ("--battery", "0..100", Status("r", 0.0, battery=args.battery)),
+        ("--status-text", "up to 200 printable characters",
+         Status("r", 0.0, text=args.status_text)),
+    ):  # fmt: skip
+        try:
+            decode(encode(status))
+        except WireError as exc:
+            raise MeshError(f"{option} {rule}: {exc}") from None
 
 
 def _check_names(args: argparse.Namespace) -> None:

@@ -347,9 +347,10 @@ CASES: list[tuple[str, Prepare, tuple[object, ...], tuple[str, ...], dict[str, s
        ("agent", "--bundle", "alpha-1.bundle", "--token", "alpha-1.token", "--no-mdns",
         "--listen", "127.0.0.1:0", *extra), (needle,), {})
       for name, extra, needle in (
-          ("battery", ("--battery", "150"), "--battery 0..100"),
-          ("text", ("--status-text", "x" * 201), "--status-text up to 200"),
-          ("position", ("--position", "91,0,0"), "position out of range"),
+          # each names its own option first: all three were in every one of these messages
+          ("battery", ("--battery", "150"), "error: --battery 0..100: battery out of range"),
+          ("text", ("--status-text", "x" * 201), "error: --status-text up to 200"),
+          ("position", ("--position", "91,0,0"), "error: --position LAT,LON,ALT in -90..90"),
           ("mdns", ("--mdns-interface", "127.0.0.1"), "--mdns-interface needs mDNS"),
           ("heartbeat-zero", ("--heartbeat", "0"), "--heartbeat is 1..3600"),
           ("heartbeat-nan", ("--heartbeat", "nan"), "--heartbeat is 1..3600"),

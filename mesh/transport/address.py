@@ -62,6 +62,10 @@ def parse_address(
     with nothing after the colon is refused: a port left out by mistake, not the default.
     """
     host, port = _split(text)
+    if host is not None and host.lower().removesuffix(".").rsplit(".", 1)[-1] == "invalid":
+        # RFC 6761 section 6.4: resolvers should answer names under .invalid at once, without a
+        # query; the system's does not, so they are refused here
+        raise AddressError(f"bad address {text!r}: a name under .invalid never resolves")
     if port is None and default_port is not None:
         port = str(default_port)
     lowest = 0 if listening else 1

@@ -78,8 +78,8 @@ or PostgreSQL to scale out over several workers). See docs/authentication-server
 def _address(text: str) -> tuple[str, int]:
     try:
         return parse_address(text, listening=True)  # (port 0: as serve's pick-one)
-    except AddressError:
-        raise LocalAuthError(f"{text!r} is not HOST:PORT (a host name, IPv4 or [IPv6])") from None
+    except AddressError as exc:  # (its message says what is wrong: the port's range, ...)
+        raise LocalAuthError(str(exc)) from None
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> int:

@@ -89,3 +89,21 @@ def test_any_text_parses_to_a_plain_host_or_raises_address_error(text: str) -> N
         return
     assert 0 <= port < 65536 and host.isascii() and " " not in host
     assert ":" not in host or host.count(":") >= 2  # only an IPv6 address has colons
+
+
+@pytest.mark.parametrize(
+    "text", ["nosuchhost.invalid:7451", "a.b.INVALID.:1", "invalid:1", "x.invalid"]
+)
+def test_names_under_invalid_are_refused_without_a_lookup(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 6761 6.4: such a name never resolves, and the system's resolver still sends a query
+    for it (a refusals test did, against the loopback-only rule)."""
+
+    def no_lookup(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a lookup for {args!r}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    with pytest.raises(AddressError, match=r"a name under \.invalid never resolves"):
+        parse_address(text, 9)
+    assert parse_address("invalid.example:1") == ("invalid.example", 1)

@@ -722,8 +722,9 @@ def test_a_mate_newer_than_the_bundle_gets_it_fetched_and_is_linked(
             try:
                 await _until(lambda: "alpha-3" in gs.links, "the link", timeout=40)
                 assert gs.refresh.last_success > 0 and gs.keys.strangers == set()
-                assert gs.discovery is not None  # its mDNS now knows alpha-3's tag
-                assert "alpha-3" in gs.discovery._tags.values()
+                discovery = gs.discovery
+                assert discovery is not None  # its mDNS knows alpha-3's tag from the next tick
+                await _until(lambda: "alpha-3" in discovery._tags.values(), "alpha-3's tag")
             finally:
                 await alpha.stop()
         finally:

@@ -7,18 +7,25 @@ every datagram that differs from the genuine one is refused and logged.
 
 from __future__ import annotations
 
+from unittest import mock
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.crypto.noise import KeyPair
+from mesh.keyset.keyset import CommunicationKeyset
 from mesh.protocol import (
+    Connection,
     ConnectionTerminated,
     FrameRejected,
     HandshakeRefused,
+    MemoryKeyStore,
+    Role,
     State,
     Transport,
 )
 from mesh.protocol.frames import REFUSE_FRAME
-from tests.protocol.harness import NOW, deliver, drain, make_pair, received_data
+from tests.protocol.harness import NOW, config, deliver, drain, make_pair, received_data
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MESSAGES = [b"alpha %d" % n for n in range(3)]
@@ -80,27 +87,44 @@ def test_random_mutations_on_datagrams(data: st.DataObject) -> None:
     assert delivered["r"] == MESSAGES and delivered["i"] == [b"bravo"]
 
 
+# The responder's ephemeral key, pinned in the stream test: a fresh responder then answers
+# the recorded message 1 exactly as the genuine one did, so the recorded stream (message 1,
+# key confirmation, records) replays whole into a victim and mutations reach its records.
+RESPONDER_EPHEMERAL = KeyPair.generate()
+
+
+def _victim(ck: CommunicationKeyset) -> Connection:
+    """A responder that holds the CK but no high-water mark (else message 1 is a replay)."""
+    return Connection(
+        config=config("bravo", Transport.STREAM), keys=MemoryKeyStore([ck]), role=Role.RESPONDER
+    )
+
+
 @SETTINGS
 @given(st.data())
 def test_random_mutations_on_a_stream(data: st.DataObject) -> None:
     pair = make_pair(Transport.STREAM)
     wire = pair.wire()
     [init] = wire.take("i")
-    wire.to("r", init)
-    [response] = wire.take("r")
-    wire.to("i", response)
-    for message in MESSAGES:
-        wire.initiator.send_data(message, NOW)
-    genuine = b"".join(wire.take("i"))  # key confirmation and three records
-    victim = pair.responder()
-    stream = init + genuine
-    mutated = data.draw(mutations(stream))
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(mutated)), max_size=4)))
-    error = None
-    for start, end in zip([0, *cuts], [*cuts, len(mutated)], strict=True):
-        error = deliver(victim, mutated[start:end])
-        if error is not None:
-            break
+    with mock.patch.object(KeyPair, "generate", lambda: RESPONDER_EPHEMERAL):
+        wire.to("r", init)
+        [response] = wire.take("r")
+        wire.to("i", response)
+        for message in MESSAGES:
+            wire.initiator.send_data(message, NOW)
+        genuine = b"".join(wire.take("i"))  # key confirmation and three records
+        stream = init + genuine
+        control = _victim(pair.ck)  # the recording itself opens: the test can fail
+        assert deliver(control, stream) is None
+        assert received_data(drain(control)) == MESSAGES
+        victim = _victim(pair.ck)
+        mutated = data.draw(mutations(stream))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(mutated)), max_size=4)))
+        error = None
+        for start, end in zip([0, *cuts], [*cuts, len(mutated)], strict=True):
+            error = deliver(victim, mutated[start:end])
+            if error is not None:
+                break
     events = drain(victim)
     got = received_data(events)
     assert got == MESSAGES[: len(got)]  # only genuine data, in order, nothing invented

@@ -27,6 +27,7 @@ from mesh.protocol import (
     MemoryKeyStore,
     Reason,
     Role,
+    SessionConfig,
     State,
     Transport,
 )
@@ -435,6 +436,37 @@ def test_ck_id_swapped_for_another_pairs(transport: Transport) -> None:
     wire.pump()
     chat(wire)
     chat(world.bystander_session())
+
+
+@pytest.mark.parametrize("field", ["ck_id", "mission_id", "not_after", "identities"])
+@BOTH
+def test_the_prologue_binds_the_ck_so_its_pair_key_alone_does_not_open_message_1(
+    transport: Transport, field: str
+) -> None:
+    """A responder holding a CK with the same pair key but another ``ck_id``, mission, end
+    of window or pair (each passing every check made before the crypto) refuses message 1
+    on its tag: the prologue it builds differs (``docs/protocol.md``, Prologue)."""
+    world = make_world(transport)
+    ck = world.victim.ck
+    [init] = world.victim.wire().take("i")
+    mission = ck.mission_id
+    if field == "ck_id":
+        other = dataclasses.replace(ck, ck_id=os.urandom(16))
+        init = init[:1] + other.ck_id + init[17:]
+    elif field == "mission_id":
+        other = dataclasses.replace(ck, mission_id=OTHER_MISSION)
+        mission = OTHER_MISSION
+    elif field == "not_after":
+        other = dataclasses.replace(ck, not_after=ck.not_after + 1)
+    else:  # alpha sent it; this bravo's CK pairs it with alice, under the same key
+        other = dataclasses.replace(ck, party_a="alice")
+    bravo = Connection(
+        config=SessionConfig(identity="bravo", mission_id=mission, transport=transport),
+        keys=MemoryKeyStore([other]),
+        role=Role.RESPONDER,
+    )
+    assert deliver(bravo, init) is not None
+    assert_refused(bravo, Reason.AUTH_FAILED)
 
 
 @pytest.mark.parametrize(

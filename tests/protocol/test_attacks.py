@@ -34,6 +34,7 @@ from mesh.protocol import (
 from mesh.protocol.frames import (
     MAX_FRAME_SIZE,
     REFUSE_FRAME,
+    FrameType,
     RecordKind,
     pack_record_header,
 )
@@ -663,7 +664,8 @@ def test_a_ck_stolen_later_does_not_decrypt_recorded_sessions(transport: Transpo
     the CK (and no high-water mark). It reads message 1's payload -- a timestamp and
     capabilities, nothing secret -- but every recorded record fails to open, because the
     session keys also depend on ephemeral private keys that were never stored (a
-    regression that reused or derived an ephemeral key would make this test fail)."""
+    regression that reused or derived the responder's ephemeral key would make this test
+    fail; the initiator's is the next test's)."""
     world = make_world(transport)
     wire = world.victim.established()
     wire.initiator.send_data(b"the secret plan", NOW)
@@ -678,3 +680,48 @@ def test_a_ck_stolen_later_does_not_decrypt_recorded_sessions(transport: Transpo
     events = drain(thief)
     assert not [e for e in events if isinstance(e, DataReceived | HandshakeCompleted)]
     assert Reason.AUTH_FAILED in refusals(events)
+
+
+def _ephemerals(frames: list[bytes]) -> list[bytes]:
+    """The ephemeral public key of every message 1 (INIT, REKEY_INIT) and message 2."""
+    keys = []
+    for frame in frames:
+        kind = frame[0] & 0x0F
+        if kind in (FrameType.INIT, FrameType.REKEY_INIT):
+            keys.append(frame[17:49])
+        elif kind == FrameType.RESPONSE:
+            keys.append(frame[1:33])
+    return keys
+
+
+@BOTH
+def test_every_message_1_and_2_carries_a_fresh_ephemeral_key(transport: Transport) -> None:
+    """Forward secrecy needs a new ephemeral key per handshake on *both* sides, and so does
+    message 1's AEAD key (derived from the PSK and the initiator's ``e`` alone: one ``e``
+    used twice would encrypt two timestamps under one key and nonce). The test above holds
+    only while the responder's key is fresh; this one fails if either side ever reuses one:
+    across sessions, rekeys and (datagrams) retried messages 1 and the answers to them."""
+    pair = make_world(transport).victim
+    frames: list[bytes] = []
+    for n in range(2):
+        wire = pair.established(NOW + n, rekey_after_records=2)
+        for _ in range(2):  # the key confirmation and one record: a rekey each time
+            wire.initiator.send_data(b"x", NOW + n)
+            wire.pump(NOW + n)
+        assert wire.initiator.epoch == wire.responder.epoch == 2
+        frames += wire.log["i"] + wire.log["r"]
+    expected = 2 * 3 * 2  # sessions x handshakes x messages
+    if transport is Transport.DATAGRAM:
+        wire = pair.wire(NOW + 10, retransmit_interval=1.0)
+        wire.take("i")  # message 1 lost: the initiator retries
+        wire.initiator.handle_timer(NOW + 11)
+        wire.to("r", wire.take("i")[0], NOW + 11)
+        wire.take("r")  # message 2 lost: a second retry, answered afresh
+        wire.initiator.handle_timer(NOW + 13)
+        wire.pump(NOW + 13)
+        assert wire.initiator.state is wire.responder.state is State.ESTABLISHED
+        frames += wire.log["i"] + wire.log["r"]
+        expected += 3 + 2
+    keys = _ephemerals(frames)
+    assert len(keys) == expected
+    assert len(set(keys)) == len(keys)

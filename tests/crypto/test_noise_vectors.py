@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from mesh.crypto.noise import HandshakeState, KeyPair, NoiseError, NoiseProtocol
+from mesh.crypto.noise import (
+    MAX_NONCE,
+    CipherState,
+    HandshakeState,
+    KeyPair,
+    NoiseError,
+    NoiseProtocol,
+)
 from mesh.crypto.primitives import InvalidTag
 
 # A copy of ../shared/vectors/noise/ (see vectors/SOURCE.txt), so that a fresh clone tests alone.
@@ -134,6 +141,29 @@ def test_misuse_is_refused() -> None:
         responder.read_message(bytes(40))  # too short for e + tag
     with pytest.raises(NoiseError):
         KeyPair.from_private_bytes(bytes(31))
+
+
+@pytest.mark.parametrize("cipher", ["ChaChaPoly", "AESGCM"])
+def test_the_last_nonce_is_reserved_and_a_failed_decryption_keeps_n(cipher: str) -> None:
+    """Spec section 5.1: n = 2^64-1 is never used (EncryptWithAd and DecryptWithAd fail
+    once n reaches it, and SetNonce cannot choose it); a decryption that fails its tag
+    leaves n where it was."""
+    functions = NoiseProtocol.from_name(f"Noise_NN_25519_{cipher}_SHA256").cipher
+    sender, receiver = CipherState(functions, bytes(32)), CipherState(functions, bytes(32))
+    with pytest.raises(InvalidTag):
+        receiver.decrypt_with_ad(b"", bytes(20))
+    assert receiver.n == 0
+    sender.set_nonce(MAX_NONCE - 1)
+    receiver.set_nonce(MAX_NONCE - 1)
+    assert receiver.decrypt_with_ad(b"", sender.encrypt_with_ad(b"", b"last")) == b"last"
+    assert sender.n == receiver.n == MAX_NONCE
+    with pytest.raises(NoiseError):
+        sender.encrypt_with_ad(b"", b"one too many")
+    with pytest.raises(NoiseError):
+        receiver.decrypt_with_ad(b"", bytes(20))
+    for state in (sender, receiver):
+        with pytest.raises(NoiseError):
+            state.set_nonce(MAX_NONCE)
 
 
 def test_low_order_public_key_is_refused() -> None:

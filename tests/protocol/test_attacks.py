@@ -589,6 +589,22 @@ def test_empty_or_padded_control_records_from_a_key_holder(transport: Transport)
         assert_fatal_or_dropped(wire, "r", error, transport)
 
 
+@BOTH
+def test_a_record_kind_changed_between_empty_kinds_fails_its_tag(transport: Transport) -> None:
+    """The header is the AEAD's associated data: the kind bits cannot be moved, even between
+    two kinds that both carry nothing (a REKEY_REQUEST passed off as a CLOSE would end the
+    session). Only the tag can tell these apart: no size or payload check does."""
+    wire = make_world(transport).victim.established()
+    sender = wire.responder._sender
+    assert sender is not None
+    request = sender.seal(RecordKind.REKEY_REQUEST, b"")
+    moved = (RecordKind.REKEY_REQUEST ^ RecordKind.CLOSE) << 1
+    error = wire.to("i", bytes([request[0] ^ moved]) + request[1:])
+    assert_refused(wire.initiator, Reason.AUTH_FAILED)
+    assert wire.initiator.state is not State.CLOSED
+    assert_fatal_or_dropped(wire, "i", error, transport)
+
+
 def test_record_under_a_phase_with_no_key() -> None:
     wire = make_world(Transport.DATAGRAM).victim.established()
     header = pack_record_header(RecordKind.DATA, 1, 0, 16 + 4)

@@ -506,6 +506,24 @@ def test_clock_skew_is_configurable(transport: Transport) -> None:
 
 
 @BOTH
+def test_a_message_1_refused_for_clock_skew_leaves_the_high_water_mark(
+    transport: Transport,
+) -> None:
+    """The mark is raised only once message 1 is fresh on both counts (``docs/protocol.md``,
+    step 6): a peer whose clock ran 20 minutes ahead is refused, but does not lock the
+    pair out until real time passes its stamp."""
+    world = make_world(transport)
+    ck = world.victim.ck
+    ahead = Pair(ck, MemoryKeyStore([ck]), world.bravo, transport).wire(NOW + 1200)
+    error = ahead.to("r", ahead.take("i")[0])
+    assert error is not None and error.reason is Reason.CLOCK_SKEW
+    assert world.bravo.high_water(ck.ck_id, Role.RESPONDER) == 0
+    wire = world.victim.established()  # the clock fixed: the next message 1 is fresh
+    assert wire.responder.state is State.ESTABLISHED
+    chat(wire)
+
+
+@BOTH
 def test_revoked_ck(transport: Transport) -> None:
     world = make_world(transport)
     wire = world.victim.wire()

@@ -207,7 +207,7 @@ async def request_keysets(
     retry_after: float | None = None  # when the AS last said to come back
     for n in range(backoff.attempts):
         outcome.attempts += 1
-        # the same request ids on every attempt: a retransmit gets the identical answer
+        # the same request ids on every attempt (the AS issues a retransmit again: the same CK)
         session = ClientSession(token, wanted)
         events = await attempt(host, port, session, local_addr=local_addr, timeout=timeout)
         outcome.cookies += session.cookie_used

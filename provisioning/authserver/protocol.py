@@ -118,7 +118,7 @@ MAX_REQUESTS = 64  # keyset and bundle requests per link
 MAX_HELLOS = 2  # the first, and one echoing a cookie
 MAX_CLEAR_BUFFER = 1024
 SESSION_TIMEOUT = 30.0
-REPLY_CACHE = 65_536
+KEY_CHANGE_CACHE = 65_536  # key-change messages per worker (the same bytes again)
 UNAVAILABLE_RETRY = 5.0
 STORE_WARNING_EVERY = 10.0  # seconds between two warnings of a failing store, per worker
 LINK_CLOCK_SKEW = 1e12  # the link's freshness comes from the nonces, not from clocks
@@ -183,7 +183,7 @@ SERVER_TRANSITIONS: dict[tuple[ServerState, _S], ServerState] = {
 
 @dataclass(slots=True)
 class AuthService:
-    """What every server session shares: the store, the admission rules, bounded caches.
+    """What every server session shares: the store, the admission rules, a bounded cache.
 
     Loop-only: one instance per worker process, used from one thread.
     """
@@ -191,7 +191,6 @@ class AuthService:
     store: KeyStateStore
     admission: Admission
     policy: KeyPolicy = field(default_factory=KeyPolicy)
-    replies: OrderedDict[tuple[str, int, bytes], bytes] = field(default_factory=OrderedDict)
     key_changes: OrderedDict[tuple[bytes, int], str] = field(default_factory=OrderedDict)
     counters: dict[str, int] = field(default_factory=dict)
     _store_warned_at: float = -math.inf
@@ -226,12 +225,11 @@ class AuthService:
             log.warning("AS store unavailable, answering 'unavailable': %s", exc)
 
     def forget_unsynced(self) -> None:
-        """Drop the caches after a failed store sync: they may hold what was not made durable.
+        """Drop the cache after a failed store sync: it may hold what was not made durable.
 
         A cached key change whose pending keys were lost would move a token to
-        keys the store never holds; a cached reply, a CK the store never kept.
+        keys the store never holds.
         """
-        self.replies.clear()
         self.key_changes.clear()
 
     def session(self, source: str, now: float) -> ServerSession:
@@ -240,7 +238,7 @@ class AuthService:
     @staticmethod
     def _remember(cache: OrderedDict, key: object, value: object) -> None:  # type: ignore[type-arg]
         cache[key] = value
-        if len(cache) > REPLY_CACHE:
+        if len(cache) > KEY_CHANGE_CACHE:
             cache.popitem(last=False)
 
 
@@ -486,15 +484,11 @@ class ServerSession:
 
     def _on_request(self, request: KeysetRequest, now: float) -> None:
         service, identity = self._service, self._next_request()
-        assert self._key is not None and self._link is not None
-        # keyed by the generation too: a reply holds our copy wrapped under that generation's
-        # WRAP key, useless to a token whose retry changed its keys again (the store rewraps)
-        cache_key = (identity, self._key.generation, request.request_id)
-        reply = service.replies.get(cache_key)
-        if reply is not None:  # a retransmitted request: the identical answer
-            service.count("retransmit")
-            self._link.connection.send_data(reply, now)
-            return
+        assert self._link is not None
+        # no reply cache: a retransmitted request (its answer lost) is issued again, and the
+        # store returns the same CK -- with the checks of now (a target revoked or suspended
+        # since is refused) and the copies as they are now (rewrapped by a key change of
+        # either party since, which a cached answer would not carry)
         wait = service.admission.request(identity, now)
         if wait is not None:
             self._link.send(Refuse(Refusal.RATE_LIMITED, wait), now)
@@ -519,7 +513,6 @@ class ServerSession:
                     issued.ticket,
                 )
             )
-        service._remember(service.replies, cache_key, reply)
         self._link.connection.send_data(reply, now)
 
     def _on_bundle(self, request: BundleRequest, now: float) -> None:

@@ -496,30 +496,15 @@ def test_the_rate_limit_tables_are_bounded_least_recently_used_first(
     assert len(service.admission._identities._buckets) == 4
 
 
-# -- 8. bounded reply cache ------------------------------------------------------------------
+# -- 8. bounded key-change cache --------------------------------------------------------------
 
 
-def test_the_reply_and_key_change_caches_are_bounded(
+def test_the_key_change_cache_is_bounded(
     sqlite_store: SqliteKeyStateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Doc L121-124: retransmitted requests are answered from a bounded cache."""
-    monkeypatch.setattr(protocol, "REPLY_CACHE", 2)
-    service = make_service(sqlite_store, key_lifetime=1e9)
-    first_rid = b"\x01" * 16
-    grants: dict[int, Granted] = {}
-    for i in range(1, 6):
-        events = run(service, _meter(i), [request("gs-1", rid=bytes([i]) * 16)])
-        grants[i] = next(e for e in events if isinstance(e, Granted))
-        assert len(service.replies) <= 2
-    assert len(service.replies) == 2
-    # the newest is still served from the cache, the oldest was dropped (the store answers)
-    again = run(service, _meter(5), [request("gs-1", rid=b"\x05" * 16)])
-    assert next(e for e in again if isinstance(e, Granted)) == grants[5]
-    assert service.counters["retransmit"] == 1
-    events = run(service, _meter(1), [request("gs-1", rid=first_rid)])
-    assert service.counters["retransmit"] == 1 and len(service.replies) <= 2
-    assert next(e for e in events if isinstance(e, Granted)).grant.ck_id == grants[1].grant.ck_id
-    # key-change messages: one per token changed, under the same bound
+    """Doc: a lost CHALLENGE gets the same key-change bytes while the bounded cache holds them."""
+    monkeypatch.setattr(protocol, "KEY_CHANGE_CACHE", 2)
+    # key-change messages: one per token changed, under the bound
     changing = make_service(sqlite_store, key_lifetime=0)
     for i in range(6, 11):
         assert run(changing, _meter(i), [])[0] == Authenticated(2, True)

@@ -227,13 +227,46 @@ def test_retransmitted_request_gets_the_identical_answer(site: Site, store: KeyS
     rid = b"r" * 16
     first = [e for e in run(service, meter, [request("gs-1", rid=rid)]) if isinstance(e, Granted)]
     again = [e for e in run(service, meter, [request("gs-1", rid=rid)]) if isinstance(e, Granted)]
-    assert first == again and service.counters["retransmit"] == 1
+    assert first == again and len(first) == 1
+    # issued again (with the checks of now), from the same CK: nothing new is minted
+    assert [k["outcome"] for k in _audit(store, "as-keyset")] == ["minted", "existing"]
+
+
+def test_a_request_retransmitted_after_its_target_was_revoked_is_refused(
+    site: Site, store: KeyStateStore
+) -> None:
+    """A retransmit is issued again, with the checks: a revocation since then holds."""
+    service = make_service(store, key_lifetime=1e9)
+    alpha = site.token("alpha-1")
+    rid = b"v" * 16
+    assert any(isinstance(e, Granted) for e in run(service, alpha, [request("gs-1", rid=rid)]))
+    _revoke(site, store, "gs-1")
+    events = run(service, alpha, [request("gs-1", rid=rid)])
+    assert [e.refusal for e in events if isinstance(e, Refused)] == [Refusal.POLICY], events
+
+
+def test_a_request_retransmitted_after_its_targets_key_change_carries_a_ticket_it_opens(
+    site: Site, store: KeyStateStore
+) -> None:
+    """The target's key change (on another worker) rewraps its copy: the retransmit gets that."""
+    worker, other_worker = make_service(store, key_lifetime=1e9), make_service(store)
+    alpha, gs = site.token("alpha-1"), site.token("gs-1")
+    rid = b"t" * 16
+    first = next(
+        e.grant for e in run(worker, alpha, [request("gs-1", rid=rid)]) if isinstance(e, Granted)
+    )
+    assert run(other_worker, gs, [])[0] == Authenticated(2, True)  # rewraps gs-1's copies
+    again = next(
+        e.grant for e in run(worker, alpha, [request("gs-1", rid=rid)]) if isinstance(e, Granted)
+    )
+    assert again.ck_id == first.ck_id and again.own == first.own
+    assert open_copy(gs, again.ticket).ck_id == again.ck_id
 
 
 def test_a_request_retransmitted_after_another_key_change_gets_copies_under_the_new_keys(
     site: Site, store: KeyStateStore
 ) -> None:
-    """The reply cache is per key generation: a cached copy under superseded keys would not open."""
+    """A retransmit after the retry changed the keys again: its copy under the new keys opens."""
     service = make_service(store)  # a key change at every link
     meter = meter_token(SEED, meter_identity("meter", 4))
     rid = b"k" * 16

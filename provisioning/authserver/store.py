@@ -250,6 +250,9 @@ class KeyStateStore(ABC):
     ) -> None:
         """The token proved the pending keys: they become current (idempotent).
 
+        Refused (:class:`RemoteAuthError`, ``suspended`` or ``revoked``) for a node
+        suspended or revoked since the link read its row, unless ``reinstate``.
+
         ``reinstate``: the operator changed a suspended node's keys (:meth:`reinstate`):
         the suspension is lifted and no superseded key is kept, so the copy that set
         off the clone alert fails like a stranger.
@@ -397,6 +400,8 @@ class SqlKeyStateStore(KeyStateStore):
     ) -> None:
         with self.transaction() as cur:
             record = self._locked(cur, identity)
+            if record.suspended and not reinstate:  # since the link's HELLO read the row
+                raise RemoteAuthError(record.barred, identity)
             if record.generation == new_generation:
                 return  # another worker committed it
             if record.generation != new_generation - 1 or record.pending is None:

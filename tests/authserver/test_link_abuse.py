@@ -184,6 +184,31 @@ def test_a_revoked_token_resuming_its_key_change_is_refused(
     assert record is not None and record.generation == 1 and record.pending is not None
 
 
+def test_a_node_revoked_while_it_answers_a_key_change_gets_nothing_committed(
+    site: Site, store: KeyStateStore
+) -> None:
+    """The HELLO's record said "not revoked"; the revocation came before the ANSWER. The
+    commit re-reads the row under its lock: refused, the key change left pending."""
+    service = make_service(store)  # keys due at every authentication
+    meter = _meter(18)
+    ups: list[bytes] = []
+
+    def revoke_before_the_answer(direction: str, data: bytes) -> bytes:
+        if direction == "up":
+            ups.append(data)
+            if len(ups) == 3:  # key confirmation + ANSWER, the token at its new keys already
+                assert store.revoke(meter.identity, NOW)  # type: ignore[attr-defined]
+        return data
+
+    events = transfer(
+        ClientSession(meter, []), service.session("127.0.0.1", NOW), hook=revoke_before_the_answer
+    )
+    assert events == [Refused(Refusal.REVOKED, None)], events
+    assert meter.info().generation(Slot.AUTH) == 2
+    record = store.load(meter.identity)
+    assert record is not None and record.generation == 1 and record.pending is not None
+
+
 def test_two_processes_on_one_token_file_do_not_look_like_a_clone(
     site: Site, store: KeyStateStore
 ) -> None:

@@ -46,7 +46,7 @@ from mesh.agent.routing import RoutingTable
 from mesh.agent.store import AgentStore, Outgoing, StoredMessage
 from mesh.backoff import full_jitter
 from mesh.discovery import discovery_tag, tag_map
-from mesh.discovery.mdns import MdnsDiscovery
+from mesh.discovery.mdns import MdnsDiscovery, local_addresses
 from mesh.errors import MeshError
 from mesh.files import read_bounded, write_atomic
 from mesh.keyset.bundle import Bundle, open_bundle
@@ -1169,20 +1169,22 @@ class Agent:
         key = self.keys.discovery_key(now)
         if self.discovery is not None and key is not None:
             self.discovery.set_tags(tag_map(key, tuple(self.peers)))
-            host = self._advertised_host()
             self._spawn(
                 self.discovery.async_advertise(
-                    discovery_tag(key, self.identity), host, self.listen_address[1]
+                    discovery_tag(key, self.identity),
+                    self._advertised_hosts(),
+                    self.listen_address[1],
                 )
             )
             self.discovery.rescan()
 
-    def _advertised_host(self) -> str:
+    def _advertised_hosts(self) -> list[str]:
+        """Where mates dial us: the listen address, else every interface we announce on."""
         host = self.listen_address[0]
         if host not in ("0.0.0.0", "::", ""):
-            return host
+            return [host]
         interfaces = self.config.mdns_interfaces
-        return interfaces[0] if interfaces else "127.0.0.1"
+        return list(interfaces) if interfaces else local_addresses()
 
     def _roll_links(self, now: float) -> None:
         """Make-before-break onto the epoch's CK once a link's CK is no longer the current one.

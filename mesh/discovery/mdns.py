@@ -10,25 +10,38 @@ tags (other missions, strangers) are ignored.
 ``interfaces`` is passed to zeroconf as is: ``None`` means all interfaces
 (the field default); tests and demos pass ``["127.0.0.1"]`` so that nothing
 leaves the machine. All methods run on the event loop (``async_*``).
+
+The address records say where to dial: the caller's, or for an agent listening
+on every address, :func:`local_addresses` (a mate that dialled 127.0.0.1 would
+reach itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Callable
 
+import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["SERVICE_TYPE", "MdnsDiscovery"]
+__all__ = ["SERVICE_TYPE", "MdnsDiscovery", "local_addresses"]
 
 SERVICE_TYPE = "_snrmesh._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
 MAX_SEEN = 4096  # instance names remembered for rescans (a hostile LAN cannot grow us)
 
 Found = Callable[[str, str, int], None]
+
+
+def local_addresses() -> list[str]:
+    """This machine's IPv4 addresses, loopback only when it has no other."""
+    found = {ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4}
+    outside = sorted(str(a) for a in found if not ipaddress.IPv4Address(a).is_loopback)
+    return outside or ["127.0.0.1"]
 
 
 class MdnsDiscovery:
@@ -51,8 +64,8 @@ class MdnsDiscovery:
             self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
         )
 
-    async def async_advertise(self, tag: str, address: str, port: int) -> None:
-        """(Re-)advertise under ``tag`` (a new tag each epoch)."""
+    async def async_advertise(self, tag: str, addresses: list[str], port: int) -> None:
+        """(Re-)advertise under ``tag`` (a new tag each epoch), reachable at ``addresses``."""
         if self._zc is None:
             return
         if self._info is not None:
@@ -61,7 +74,7 @@ class MdnsDiscovery:
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
             f"{tag}.{SERVICE_TYPE}",
-            addresses=[socket.inet_aton(address)],
+            addresses=[socket.inet_aton(address) for address in addresses],
             port=port,
             properties={"v": "1"},
             server=f"{tag}.local.",

@@ -69,6 +69,7 @@ class SimNode:
     process: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"  # where it listens (and announces, with mDNS)
+    defaults: bool = False  # listen on 0.0.0.0, announce on every interface (the agent's defaults)
     wrapper: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", "ns1"]
     token_spec: str | None = None  # e.g. "pcsc:READER" for a card; None: the token file below
 
@@ -189,10 +190,14 @@ class Simulation:
             *node.wrapper,
             *(sys.executable, "-m", "mesh.cli", "agent"),
             *("--bundle", str(node.bundle), "--token", node.token_spec or str(node.token)),
-            *("--state", str(node.state), "--listen", f"{node.host}:{node.port}"),
+            *("--state", str(node.state)),
+            *("--listen", f"{'0.0.0.0' if node.defaults else node.host}:{node.port}"),
             *("--heartbeat", str(self.heartbeat)),
         ]
-        args += ["--mdns-interface", node.host] if self.mdns else ["--no-mdns"]
+        if not self.mdns:
+            args += ["--no-mdns"]
+        elif not node.defaults:
+            args += ["--mdns-interface", node.host]
         for other in self.nodes.values():
             if other is node or not topology:
                 continue

@@ -98,3 +98,23 @@ def test_three_hosts_discover_each_other_by_multicast_mdns_and_chat(
             20,
             f"{name} to receive over the bridge",
         )
+
+
+def test_with_the_default_listen_and_interfaces_mates_on_other_hosts_link_up(
+    make_sim: MakeSim, namespaces: list[str]
+) -> None:
+    """``--listen 0.0.0.0`` and no ``--mdns-interface``: each announces its own addresses.
+
+    It announced 127.0.0.1 (the fallback for a wildcard listen without an interface), so a
+    mate on another host dialled itself and no link ever came up.
+    """
+    sim = make_sim(["gs-1", "alpha-1", "uav-1"], mdns=True)
+    for i, (name, ns) in enumerate(zip(sim.nodes, namespaces, strict=True), 1):
+        node = sim.nodes[name]
+        node.host, node.defaults = f"{SUBNET}.{i}", True
+        node.wrapper = ["ip", "netns", "exec", ns]
+    sim.provision()
+    sim.start()
+    args = sim.agent_args(sim.nodes["gs-1"])
+    assert "--mdns-interface" not in args and f"0.0.0.0:{sim.nodes['gs-1'].port}" in args
+    sim.wait_for(sim.links_up, 30, "links found by mDNS with the agent's defaults")

@@ -51,6 +51,9 @@ class MdnsDiscovery:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
+        # one advertisement at a time: registering probes for a second or so, and one that
+        # overlapped the next registered its tag after the next had unregistered it
+        self._advertising = asyncio.Lock()
         self._tags: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: set[str] = set()
@@ -66,20 +69,21 @@ class MdnsDiscovery:
 
     async def async_advertise(self, tag: str, addresses: list[str], port: int) -> None:
         """(Re-)advertise under ``tag`` (a new tag each epoch), reachable at ``addresses``."""
-        if self._zc is None:
-            return
-        if self._info is not None:
-            with contextlib.suppress(Exception):
-                await self._zc.async_unregister_service(self._info)
-        self._info = AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{tag}.{SERVICE_TYPE}",
-            addresses=[socket.inet_aton(address) for address in addresses],
-            port=port,
-            properties={"v": "1"},
-            server=f"{tag}.local.",
-        )
-        await self._zc.async_register_service(self._info, allow_name_change=False)
+        async with self._advertising:
+            if self._zc is None:
+                return
+            if self._info is not None:
+                with contextlib.suppress(Exception):
+                    await self._zc.async_unregister_service(self._info)
+            self._info = AsyncServiceInfo(
+                SERVICE_TYPE,
+                f"{tag}.{SERVICE_TYPE}",
+                addresses=[socket.inet_aton(address) for address in addresses],
+                port=port,
+                properties={"v": "1"},
+                server=f"{tag}.local.",
+            )
+            await self._zc.async_register_service(self._info, allow_name_change=False)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """``{tag: identity}`` of the mates we recognise this epoch."""

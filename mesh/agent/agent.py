@@ -100,6 +100,7 @@ TICK = 0.5  # seconds between housekeeping rounds
 ROUTES_EVERY = 10.0
 RETRY_EVERY = 5.0
 PING_AFTER = 15.0
+LINK_SILENT = 60.0  # nothing read from a link's mate this long (routes go every 10 s): closed
 ROLL_GRACE = 30.0  # an accepting side rolls a link itself if the dialler has not, this late
 EXPIRY_WARNING = 600.0
 BACKOFF_BASE = 0.5
@@ -1143,8 +1144,11 @@ class Agent:
             status = self._status_message()
             for peer in self.peers:
                 self._send_to(peer, status, create=False)
-        for link in list(self.links.values()):
-            if now - link.last_activity >= PING_AFTER:
+        for peer, link in list(self.links.items()):
+            if now - link.last_heard >= LINK_SILENT:  # a cut without a reset: TCP would
+                log.info("link %s: nothing heard for %.0f s", peer, now - link.last_heard)
+                link.close()  # hold it for many minutes, and a relay would never be tried
+            elif now - link.last_activity >= PING_AFTER:
                 with contextlib.suppress(LocalProtocolError):
                     link.send(encode(Ping()))
         self._warn_expiry(now)

@@ -83,7 +83,8 @@ class Link:
         self.connection = connection
         self.address = address
         self.established = False
-        self.last_activity = clock()
+        self.last_activity = clock()  # last byte read or written
+        self.last_heard = self.last_activity  # last byte read
         self._reader = reader
         self._writer = writer
         self._owner = owner
@@ -173,7 +174,7 @@ class Link:
                 if not data:
                     break
                 now = self._clock()
-                self.last_activity = now
+                self.last_activity = self.last_heard = now
                 try:
                     self.connection.receive_data(data, now)
                 except RemoteProtocolError as exc:

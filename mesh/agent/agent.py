@@ -1181,6 +1181,9 @@ class Agent:
                 )
             )
             self.discovery.rescan()
+        elif self.discovery is not None:  # past the mission (or no key for this epoch)
+            self.discovery.set_tags({})
+            self._spawn(self.discovery.async_withdraw())
 
     def _advertised_hosts(self) -> list[str]:
         """Where mates dial us: the listen address, else every interface we announce on."""

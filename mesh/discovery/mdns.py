@@ -72,9 +72,7 @@ class MdnsDiscovery:
         async with self._advertising:
             if self._zc is None:
                 return
-            if self._info is not None:
-                with contextlib.suppress(Exception):
-                    await self._zc.async_unregister_service(self._info)
+            await self._async_unregister()
             self._info = AsyncServiceInfo(
                 SERVICE_TYPE,
                 f"{tag}.{SERVICE_TYPE}",
@@ -84,6 +82,17 @@ class MdnsDiscovery:
                 server=f"{tag}.local.",
             )
             await self._zc.async_register_service(self._info, allow_name_change=False)
+
+    async def async_withdraw(self) -> None:
+        """Announce nothing (no tag for now: the mission is over)."""
+        async with self._advertising:
+            await self._async_unregister()
+
+    async def _async_unregister(self) -> None:
+        if self._zc is not None and self._info is not None:
+            with contextlib.suppress(Exception):
+                await self._zc.async_unregister_service(self._info)
+        self._info = None
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """``{tag: identity}`` of the mates we recognise this epoch."""

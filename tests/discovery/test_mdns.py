@@ -10,12 +10,15 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from zeroconf import ServiceStateChange, Zeroconf
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from mesh.agent.agent import Agent, AgentConfig
 from mesh.discovery import discovery_tag
 from mesh.discovery.mdns import SERVICE_TYPE, MdnsDiscovery
+from mesh.sim import Simulation
 
 LOOPBACK = ["127.0.0.1"]
 
@@ -37,6 +40,10 @@ class Observer:
             self.names.discard(name)
         else:
             self.names.add(name)
+
+    @property
+    def zeroconf(self) -> Zeroconf:
+        return self._zc.zeroconf
 
     async def close(self) -> None:
         await self._browser.async_cancel()
@@ -78,6 +85,63 @@ def test_an_advertisement_that_overlaps_the_previous_one_leaves_only_the_last_ta
             assert observer.names & mine == expected
         finally:
             await discovery.async_close()
+            await observer.close()
+
+    asyncio.run(main())
+
+
+def test_an_agent_announces_a_tag_that_names_nothing_a_new_one_each_epoch_none_after(
+    tmp_path: Path,
+) -> None:
+    """What a stranger resolves holds no identity, role or mission; at the epoch boundary the
+    tag changes and the old one is withdrawn; past the mission's end nothing is announced.
+
+    Past the end the last epoch's tag stayed announced for as long as the agent ran (and its
+    preamble said it had no tag at all)."""
+    with Simulation(["alpha-1", "gs-1"], workdir=tmp_path, hours=2, epoch_hours=1) as sim:
+        sim.provision()
+        node = sim.nodes["alpha-1"]
+        token, bundle = node.unlock()
+    mission = bundle.mission
+    offset = 0.0
+
+    def clock() -> float:
+        return time.time() + offset
+
+    async def main() -> None:
+        nonlocal offset
+        observer = Observer()
+        config = AgentConfig(
+            state_dir=node.state,
+            listen=("127.0.0.1", 0),
+            mdns_interfaces=("127.0.0.1",),  # never beyond loopback
+        )
+        agent = Agent(config, bundle, token, clock=clock)
+        await agent.start()
+        try:
+            tags = [agent._tag(clock())]
+            name = f"{tags[0]}.{SERVICE_TYPE}"
+            await _until(lambda: name in observer.names, "the first epoch's tag")
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            assert await info.async_request(observer.zeroconf, 3000)
+            assert info.properties == {b"v": b"1"}
+            assert info.server == f"{tags[0]}.local."
+            assert info.port == agent.listen_address[1]
+            announced = repr((info.name, info.server, info.properties, info.text)).lower()
+            for secret in ("alpha", "gs-1", "soldier", "simulation", mission.mission_id.hex()):
+                assert secret not in announced
+
+            offset = mission.epoch_at(clock()).end + 1 - time.time()  # type: ignore[union-attr]
+            tags.append(agent._tag(clock()))
+            assert tags[1] != tags[0]
+            announced_now = {f"{tag}.{SERVICE_TYPE}" for tag in tags}
+            new = {f"{tags[1]}.{SERVICE_TYPE}"}
+            await _until(lambda: observer.names & announced_now == new, "the tag to change")
+
+            offset = mission.end + 1 - time.time()
+            await _until(lambda: not observer.names & announced_now, "nothing past the end")
+        finally:
+            await agent.stop()
             await observer.close()
 
     asyncio.run(main())

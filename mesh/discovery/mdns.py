@@ -111,8 +111,8 @@ class MdnsDiscovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
-        tag = name.removesuffix("." + service_type)
-        identity = self._tags.get(tag)
+        tag, _, rest = name.partition(".")  # a stranger's pointer may name anything
+        identity = self._tags.get(tag) if rest == service_type else None
         if identity is None:
             return
         info = AsyncServiceInfo(service_type, name)

@@ -145,3 +145,30 @@ def test_an_agent_announces_a_tag_that_names_nothing_a_new_one_each_epoch_none_a
             await observer.close()
 
     asyncio.run(main())
+
+
+def test_a_pointer_to_a_name_outside_the_service_type_is_ignored_without_an_error() -> None:
+    """A stranger's PTR record may point anywhere: at a bare mate's tag, say. That reached
+    zeroconf's ``ServiceInfo``, whose ``BadTypeInNameException`` escaped the resolving task
+    (a traceback in the agent's log for each such packet)."""
+
+    async def main() -> None:
+        found: list[tuple[str, str, int]] = []
+        discovery = MdnsDiscovery(interfaces=LOOPBACK, on_found=lambda *seen: found.append(seen))
+        await discovery.async_start()
+        try:
+            tag = _tags(1)[0]
+            discovery.set_tags({tag: "alpha-1"})
+            assert discovery._zc is not None
+            for name in (tag, f"{tag}.local.", f"x.{tag}.{SERVICE_TYPE}"):
+                discovery._on_change(
+                    discovery._zc.zeroconf, SERVICE_TYPE, name, ServiceStateChange.Added
+                )
+            tasks = list(discovery._tasks)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert results == [None] * len(tasks)
+            assert found == []
+        finally:
+            await discovery.async_close()
+
+    asyncio.run(main())

@@ -168,6 +168,7 @@ class PeerInfo:
     text: str | None = None
     refused_reason: str | None = None
     address: tuple[str, int] | None = None  # where to dial it (discovered or configured)
+    candidates: list[tuple[str, int]] = field(default_factory=list)  # all it announced
     next_dial: float = 0.0
     failures: int = 0
     dialling: bool = False
@@ -448,13 +449,17 @@ class Agent:
         key = self.keys.discovery_key(now)
         return NO_TAG if key is None else discovery_tag(key, self.identity)
 
-    def _discovered(self, identity: str, host: str, port: int) -> None:
+    def _discovered(self, identity: str, hosts: list[str], port: int) -> None:
+        """A mate's announcement: it may name several addresses (one per network of its host),
+        not all reachable from here, so a failed dial moves on to the next (``_dial_mate``)."""
         info = self.peers.get(identity)
         if info is None or identity in self.config.blocked:
             return
-        if info.address != (host, port):
-            log.info("discovered %s at %s:%d", identity, host, port)
-            info.address = (host, port)
+        candidates = [(host, port) for host in hosts]
+        if candidates != info.candidates:
+            log.info("discovered %s at %s", identity, ", ".join(f"{h}:{port}" for h in hosts))
+            info.candidates = candidates
+            info.address = candidates[0]
             info.next_dial = 0.0
             info.failures = 0
 
@@ -496,6 +501,9 @@ class Agent:
             info.dialling = False
             info.failures = 0 if ok else info.failures + 1
             info.next_dial = self.clock() + (1.0 if ok else self._backoff(info.failures))
+            if not ok and (host, port) in info.candidates:  # the next announced address
+                at = info.candidates.index((host, port))
+                info.address = info.candidates[(at + 1) % len(info.candidates)]
 
     async def _dial_static(self, static: StaticPeer) -> None:
         ok = False

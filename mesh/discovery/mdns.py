@@ -32,9 +32,10 @@ __all__ = ["SERVICE_TYPE", "MdnsDiscovery", "local_addresses"]
 
 SERVICE_TYPE = "_snrmesh._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
+MAX_ADDRESSES = 16  # of one mate's, tried in turn (a stranger's record may list hundreds)
 MAX_SEEN = 4096  # instance names remembered for rescans (a hostile LAN cannot grow us)
 
-Found = Callable[[str, str, int], None]
+Found = Callable[[str, list[str], int], None]  # identity, its announced addresses, port
 
 
 def local_addresses() -> list[str]:
@@ -119,8 +120,8 @@ class MdnsDiscovery:
         if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS):
             return
         addresses = info.parsed_addresses(IPVersion.V4Only)
-        if addresses and info.port:
-            self._on_found(identity, addresses[0], info.port)
+        if addresses and info.port:  # (a host on several networks announces each address)
+            self._on_found(identity, addresses[:MAX_ADDRESSES], info.port)
 
     def rescan(self) -> None:
         """Resolve every instance seen so far again (after the tag map changed)."""

@@ -18,7 +18,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from mesh.agent.agent import Agent, AgentConfig
 from mesh.discovery import discovery_tag
 from mesh.discovery.mdns import SERVICE_TYPE, MdnsDiscovery
-from mesh.sim import Simulation
+from mesh.sim import Simulation, free_ports
 
 LOOPBACK = ["127.0.0.1"]
 
@@ -172,3 +172,50 @@ def test_a_pointer_to_a_name_outside_the_service_type_is_ignored_without_an_erro
             await discovery.async_close()
 
     asyncio.run(main())
+
+
+def test_every_announced_address_is_passed_on_and_a_failed_dial_tries_the_next(
+    tmp_path: Path,
+) -> None:
+    """A host on several networks announces each of its addresses, not all reachable from a
+    given mate (a container bridge, another LAN); only the first was ever dialled."""
+
+    async def main() -> None:
+        (tag,) = _tags(1)
+        found: list[tuple[str, list[str], int]] = []
+        announcer = MdnsDiscovery(interfaces=LOOPBACK, on_found=lambda *seen: None)
+        browser = MdnsDiscovery(interfaces=LOOPBACK, on_found=lambda *seen: found.append(seen))
+        await announcer.async_start()
+        await browser.async_start()
+        try:
+            browser.set_tags({tag: "b"})
+            await announcer.async_advertise(tag, ["127.0.0.9", "127.0.0.1"], 7717)
+            browser.rescan()
+            await _until(lambda: bool(found), "b's announcement")
+            assert found[0] == ("b", ["127.0.0.9", "127.0.0.1"], 7717)
+        finally:
+            await announcer.async_close()
+            await browser.async_close()
+
+    asyncio.run(main())
+
+    (port,) = free_ports(1)  # nothing listens there, on either address
+    with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
+        sim.provision()
+        node = sim.nodes["a"]
+        token, bundle = node.unlock()
+        agent = Agent(AgentConfig(state_dir=node.state, mdns=False), bundle, token)
+        try:
+            agent._discovered("b", ["127.0.0.9", "127.0.0.1"], port)
+            info = agent.peers["b"]
+            assert info.address == ("127.0.0.9", port)
+
+            async def dial() -> None:
+                await agent._dial_mate(info, *info.address)  # refused: the next address
+
+            asyncio.run(dial())
+            assert info.address == ("127.0.0.1", port) and info.failures == 1
+            asyncio.run(dial())
+            assert info.address == ("127.0.0.9", port)  # round again
+        finally:
+            agent.store.close()

@@ -211,6 +211,8 @@ class Agent:
         self.identity = bundle.identity
         now = clock()
         self.store = AgentStore(config.state_dir)
+        # a revocation is for good: one an earlier bundle listed stays, whatever this one says
+        bundle = dataclasses.replace(bundle, revoked=self.store.remember_revoked(bundle.revoked))
         self.keys = KeyRing(bundle, token, self.store, now=now)
         self.session_config = SessionConfig(
             identity=self.identity,
@@ -1368,13 +1370,15 @@ class Agent:
 
         ``raw`` is what to write to the bundle file (None: written already).
 
-        Nothing here waits or fails half-way: the key ring is swapped first (or
-        nothing changes), then the peers follow.
+        Nothing here waits or fails half-way: its revocations are stored and the
+        key ring is swapped first (or nothing changes), then the peers follow.
         """
         previous_discovery = self.keys.discovery_keys
         was_revoked = self.keys.bundle.revoked
-        self.keys.install(contents)
         bundle = contents.bundle
+        # before the file, which holds the bundle as the AS sent it (that may omit one)
+        self.store.remember_revoked(bundle.revoked)
+        self.keys.install(contents)
         alerts: list[tuple[str, str | None, str]] = []
         mates = contents.mates
         for gone in [p for p in self.peers if p not in mates]:

@@ -18,6 +18,9 @@ per commit cheap.
 * ``read_receipts``: read receipts owed to a sender that has not answered them
   yet; written with the ``read`` mark itself, so a crash cannot lose one.
 * ``alerts``: refused peers, expiring keysets, token problems.
+* ``revoked``: every node revoked in a bundle this agent held. A revocation is for
+  good, and the bundle file holds only the last bundle as its AS sent it (one that
+  forgot a revocation: an AS restored from a backup), so a restart takes these too.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ CREATE TABLE IF NOT EXISTS alerts (
     dismissed INTEGER NOT NULL DEFAULT 0,
     repeats   INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS revoked (
+    identity  TEXT PRIMARY KEY
+);
 """
 MAX_ALERTS = 1000  # alerts of one kind not dismissed; past it the oldest go
 
@@ -120,6 +126,7 @@ _TYPES: dict[str, dict[str, tuple[str, ...]]] = {
         "dismissed": ("integer",),
         "repeats": ("integer",),
     },
+    "revoked": {"identity": ("text",)},
 }
 _VALUES = {  # columns that hold one of a few words
     "outbox": f"state IN ({', '.join(repr(s) for s in OUT_STATES)})",
@@ -517,6 +524,18 @@ class AgentStore:
                 "SET timestamp = MAX(timestamp, excluded.timestamp)",
                 list(marks),
             )
+
+    # -- revocations ------------------------------------------------------------------------------
+
+    def remember_revoked(self, identities: Iterable[str]) -> frozenset[str]:
+        """Record ``identities`` as revoked for good; returns every node ever recorded so."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO revoked VALUES (?) ON CONFLICT DO NOTHING",
+                [(identity,) for identity in identities],
+            )
+            return frozenset(r for (r,) in self.db.execute("SELECT identity FROM revoked"))
 
     # -- alerts -----------------------------------------------------------------------------------
 

@@ -932,3 +932,39 @@ def test_messages_kept_for_a_dropped_mate_become_undeliverable_when_it_is_revoke
             gs.store.close()
 
     asyncio.run(main())
+
+
+def test_a_revocation_the_as_forgot_is_still_held_after_a_restart(
+    site: Site, tmp_path: Path
+) -> None:
+    """The bundle file holds what the AS sent, which may have forgotten a revocation (an AS
+    restored from a backup): the agent's state keeps it, so a restart does not undo it."""
+    with site.open() as desk:
+        desk.export("gs-1", tmp_path / "before.bundle", now=NOW)  # alpha-2 a mate
+        desk.revoke("alpha-2", now=NOW)
+
+    async def restored() -> bytes:
+        return (tmp_path / "before.bundle").read_bytes()
+
+    async def main() -> None:
+        gs = _offline(site, tmp_path, "gs-1", restored)
+        await gs._op_send({"to": "alpha-1", "text": "a mate"})
+        try:
+            gs.refresh.started()
+            await gs._fetch_bundle()
+            assert gs.refresh.state == "ok" and "alpha-2" not in gs.peers
+        finally:
+            gs.store.close()
+        assert gs.config.bundle_path is not None
+        token = gs.token
+        on_file = open_bundle(gs.config.bundle_path.read_bytes(), token)
+        assert "alpha-2" not in on_file.revoked  # what the AS sent, as it sent it
+        again = Agent(gs.config, on_file, token)  # a restart on the same state folder
+        try:
+            assert "alpha-2" in again.bundle.revoked
+            assert "alpha-2" not in again.peers and "alpha-2" not in again.keys.mates
+            assert "alpha-1" in again.peers
+        finally:
+            again.store.close()
+
+    asyncio.run(main())

@@ -261,6 +261,7 @@ class Agent:
         self._last_routes = 0.0
         self._last_retry = 0.0
         self._last_heartbeat = -math.inf
+        self._last_tick = -math.inf  # to notice the clock stepping back
         self._epoch_index: int | None = None
         self._retag = False  # a new bundle: tags and announcement again, same epoch
         self._pending_receipts: dict[str, list[Receipt]] = {}
@@ -1109,6 +1110,9 @@ class Agent:
             await asyncio.sleep(TICK)
 
     def _tick(self, now: float) -> None:
+        if now < self._last_tick:
+            self._clock_stepped(now - self._last_tick)
+        self._last_tick = now
         if not self._token_checking and now - self._last_token_check >= TOKEN_CHECK_EVERY:
             self._last_token_check = now
             self._token_checking = True
@@ -1162,6 +1166,31 @@ class Agent:
                 with contextlib.suppress(LocalProtocolError):
                     link.send(encode(Ping()))
         self._warn_expiry(now)
+
+    def _clock_stepped(self, step: float) -> None:
+        """The clock went back ``-step`` seconds (an NTP step, an operator setting the time).
+
+        Every time the agent keeps from it moves by as much: else each interval would
+        wait until the clock came back there -- for hours no card check, no dial, no
+        fetch, no routes. CK windows stay as they are: they are the mission's.
+        """
+        log.warning("the clock stepped back %.0f s: timers follow it", -step)
+        self._last_token_check += step
+        self._last_routes += step
+        self._last_retry += step
+        self._last_heartbeat += step
+        for info in self.peers.values():
+            info.next_dial += step
+            info.next_relay += step
+        for static in self.static:
+            static.next_dial += step
+        for link in self._all_links:
+            link.last_heard += step
+            link.last_activity += step
+        self._alerted = {k: (when + step, row) for k, (when, row) in self._alerted.items()}
+        self._gone_told = {p: (when + step, on) for p, (when, on) in self._gone_told.items()}
+        self._heard = {p: when + step for p, when in self._heard.items()}
+        self.refresh.clock_stepped(step)
 
     def _advertise_routes(self, now: float) -> None:
         self._routes_dirty = False

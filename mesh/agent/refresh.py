@@ -93,6 +93,11 @@ class RefreshSchedule:
         gap = min(self.policy.lacking_gap, self.policy.every)
         return now - self._last_end >= gap and lacking()
 
+    def clock_stepped(self, step: float) -> None:
+        """The clock moved by ``step`` seconds: the times to come move with it."""
+        self._last_end += step
+        self._next += step
+
     def started(self) -> None:
         self.running = True
 

@@ -172,7 +172,7 @@ class PeerInfo:
     next_dial: float = 0.0
     failures: int = 0
     dialling: bool = False
-    expiry_warned: bool = False
+    expiry_warned: float | None = None  # the end of the last CK an expiring alert was for
     relay_failures: int = 0  # housekeeping's relayed handshakes to it since ours was last up
     next_relay: float = 0.0  # when housekeeping may open our relayed session to it again
 
@@ -1268,10 +1268,10 @@ class Agent:
     def _warn_expiry(self, now: float) -> None:
         for peer, info in self.peers.items():
             expires = self.keys.expiry(peer, now)
-            if expires is None or info.expiry_warned:
+            if expires is None or info.expiry_warned == expires:  # (a later bundle: again)
                 continue
             if expires - now < EXPIRY_WARNING and self.keys.keyset_for(peer, expires) is None:
-                info.expiry_warned = True
+                info.expiry_warned = expires
                 self._alert(
                     "expiring",
                     peer,

@@ -10,6 +10,7 @@ import pytest
 
 from mesh.agent.agent import ALERT_COALESCE, Agent, AgentConfig
 from mesh.agent.store import MAX_ALERTS, STATE_DB, AgentStore
+from mesh.keyset.bundle import Bundle
 from mesh.sim import Simulation
 
 
@@ -141,3 +142,50 @@ def test_a_flood_of_refusals_leaves_the_other_alerts_and_the_table_bounded(
         assert rows == MAX_ALERTS + 1
     finally:
         store.close()
+
+
+def test_the_last_keyset_expiring_is_alerted_once_and_again_for_a_later_bundle(
+    tmp_path: Path,
+) -> None:
+    """``expiring``: the last CK with a mate ends within 10 minutes. Once, not every tick; and
+    once more when a bundle taken since (``--as``) brought later CKs that now end too."""
+    import dataclasses
+
+    from mesh.agent.keyring import RingContents
+
+    with Simulation(["a", "b"], workdir=tmp_path / "sim") as sim:
+        sim.provision()
+        node = sim.nodes["a"]
+        token, full = node.unlock()
+        first, second, *_ = sorted({k.not_after for k in full.keysets})  # 6-hour epochs
+
+        def until(end: float) -> Bundle:
+            return dataclasses.replace(
+                full, keysets=tuple(k for k in full.keysets if k.not_after <= end)
+            )
+
+        clock = Clock()
+        clock.now = first - 3600
+        only_first = until(first)
+        agent = Agent(AgentConfig(state_dir=node.state, mdns=False), only_first, token, clock=clock)
+        try:
+
+            def expiring() -> list[str]:
+                return [a.message for a in agent.store.alerts() if a.kind == "expiring"]
+
+            agent._warn_expiry(clock.now)
+            assert expiring() == []  # an hour left
+            for _ in range(3):
+                clock.now = first - 300
+                agent._warn_expiry(clock.now)
+                clock.now += 2 * ALERT_COALESCE
+            assert expiring() == ["the last keyset with b expires in 5 min"]
+            clock.now = first - 200  # a bundle from the AS brings the next epoch's CK
+            agent._adopt(RingContents.open(until(second), token, now=clock.now), None, clock.now)
+            agent._warn_expiry(clock.now)
+            assert len(expiring()) == 1  # epochs chain: b's last CK ends in 6 h now
+            clock.now = second - 420
+            agent._warn_expiry(clock.now)
+            assert expiring()[1:] == ["the last keyset with b expires in 7 min"]
+        finally:
+            agent.store.close()

@@ -41,7 +41,9 @@ from provisioning.authserver.messages import (
 from provisioning.authserver.meters import (
     FACTORY_SEED_SIZE,
     check_fleet,
+    factory_keys,
     import_meters,
+    meter_identity,
     simulate_fleet,
 )
 from provisioning.authserver.protocol import AuthService
@@ -494,7 +496,17 @@ def cmd_import_meters(args: argparse.Namespace) -> int:
                 head_end=args.head_end,
                 on_progress=tick,
             ),
+            lambda token_id: (
+                store.db.execute("SELECT 1 FROM nodes WHERE token_id = ?", (token_id,)).fetchone()
+                is not None
+            ),
         )
+
+
+def _holds_token(store: SqlKeyStateStore, token_id: bytes) -> bool:
+    with store.reading() as cur:
+        cur.execute(f"SELECT 1 FROM nodes WHERE token_id = {store.placeholder}", (token_id,))
+        return cur.fetchone() is not None
 
 
 def cmd_as_import_meters(args: argparse.Namespace) -> int:
@@ -515,22 +527,43 @@ def cmd_as_import_meters(args: argparse.Namespace) -> int:
                 head_end=args.head_end,
                 on_progress=tick,
             ),
+            lambda token_id: _holds_token(store, token_id),
         )
 
 
 def _import_fleet(
-    args: argparse.Namespace, enrol: Callable[[bytes, Callable[[int], None]], int]
+    args: argparse.Namespace,
+    enrol: Callable[[bytes, Callable[[int], None]], int],
+    holds: Callable[[bytes], bool],
 ) -> int:
-    """The factory seed (made if missing, removed again if nothing was enrolled), then enrol."""
+    """The factory seed (made if missing, removed again if nothing was enrolled), then enrol.
+
+    ``holds(token_id)``: whether the store has a node of that token id. A failure may
+    follow a commit (a connection lost during COMMIT): a new seed goes again only once
+    the store says its first meter is not there, for the meters enrolled with it have
+    no other source of their keys.
+    """
     with progress(not args.json, "enrolling meters") as tick:
         created = not os.path.exists(args.factory_seed)
         seed = _factory_seed(args.factory_seed, create=True)  # once the store opened
         try:
             count = enrol(seed, lambda done: tick(done, args.count))
-        except BaseException:  # nothing was enrolled with it: a new seed goes too
+        except BaseException:
             if created:
-                with contextlib.suppress(OSError):
-                    os.unlink(args.factory_seed)
+                token_id, _ = factory_keys(seed, meter_identity(args.prefix, args.first))
+                try:
+                    enrolled = holds(token_id)
+                except Exception:  # cannot tell: the seed stays
+                    enrolled = True
+                if enrolled:
+                    print(
+                        f"snrmesh: the factory seed {args.factory_seed} is kept: meters may "
+                        "have been enrolled with it (run the same command again to see)",
+                        file=sys.stderr,
+                    )
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(args.factory_seed)
             raise
     return _emit(
         args,

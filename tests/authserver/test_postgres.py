@@ -34,6 +34,7 @@ from provisioning.authserver.errors import (
 )
 from provisioning.authserver.meters import (
     MemoryToken,
+    factory_keys,
     import_meters,
     meter_identity,
     meter_token,
@@ -604,6 +605,44 @@ def test_meters_enrolled_into_postgres_after_the_import_are_served(
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["imported"] == 3 and seed_file.stat().st_size == 32
     assert _count(postgres_dsn, "SELECT count(*) FROM pairs WHERE a = 'gs-1'") >= 3
+
+
+def test_a_new_seed_outlives_a_fleet_import_whose_commit_may_have_happened(
+    postgres_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A new seed is removed again only when nothing was enrolled with it.
+
+    The connection can break while PostgreSQL commits: the client sees a failure
+    (``unavailable``) though the meters are enrolled. The seed is then the only way
+    to derive the keys the manufacturer must write into them; removing it left an
+    enrolled fleet no meter can ever join, and whose numbers a new seed cannot take.
+    """
+    from mesh.cli.main import main
+
+    real = PostgresKeyStateStore.enrol_meters
+
+    def committed_then_lost(self: PostgresKeyStateStore, **kwargs: Any) -> int:
+        real(self, **kwargs)
+        raise StoreUnavailable("PostgreSQL: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(PostgresKeyStateStore, "enrol_meters", committed_then_lost)
+    monkeypatch.setenv("SNRMESH_DESK_PASSPHRASE", PASSPHRASE)
+    seed_file = tmp_path / "lost.seed"
+    args = ["as", "import-meters", "--postgres", postgres_dsn, "--count", "3", "--first"]
+    assert main([*args, "9101", "--factory-seed", str(seed_file)]) == 1
+    assert "server closed the connection" in capsys.readouterr().err
+    assert _count(postgres_dsn, "SELECT count(*) FROM nodes WHERE identity LIKE 'meter-00091%'")
+    token_id, _ = factory_keys(seed_file.read_bytes(), meter_identity("meter", 9101))
+    with psycopg.connect(postgres_dsn) as conn:
+        row = conn.execute("SELECT identity FROM nodes WHERE token_id = %s", (token_id,))
+        assert row.fetchone() == (meter_identity("meter", 9101),)
+    # refused before anything was written: the new seed goes again
+    refused = tmp_path / "refused.seed"
+    assert main([*args, "9101", "--factory-seed", str(refused)]) == 1
+    assert "overlap" in capsys.readouterr().err and not refused.exists()
 
 
 def _count(dsn: str, sql: str) -> int:

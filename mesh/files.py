@@ -74,19 +74,38 @@ def check_replaceable(
         raise UnsafeOutput(f"cannot write {path}: {exc.strerror}") from None
 
 
-def create_private(path: str | os.PathLike[str]) -> bool:
-    """Create ``path`` empty, of mode 0600, unless something is there already; True if made.
+def create_private(path: str | os.PathLike[str], data: bytes = b"") -> bool:
+    """Create ``path`` with ``data``, of mode 0600, unless something is there already; True if made.
 
     For SQLite files (an empty file is an empty database): ``sqlite3.connect`` creates a
     missing one with mode 0644, and its ``-wal`` and ``-shm`` files take the database's mode,
     so an agent's history or a desk's sealed keys in a folder of mode 0755 were readable by
     every user of the machine. ``O_NOFOLLOW``: a symlink planted there is refused, not followed.
+    With ``data`` (a secret that must not replace one another process made meanwhile): written
+    and synced, the file and its folder; a failure removes it again. A reader meanwhile may see
+    it short, so its reader must check the length.
     """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         return False
-    os.close(fd)
+    if not data:
+        os.close(fd)
+        return True
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    dir_fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return True
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from mesh.cli.progress import progress
 from mesh.cli.secrets import DESK_PASSPHRASE_ENV, PIN_ENV, read_secret
 from mesh.crypto import random_bytes
-from mesh.files import FileTooLarge, check_replaceable, read_bounded, write_atomic
+from mesh.files import FileTooLarge, check_replaceable, create_private, read_bounded, write_atomic
 from mesh.keyset import KeysetError, check_identity
 from mesh.keyset.bundle import BUNDLE_MAGIC, open_bundle
 from mesh.timefmt import utc_iso
@@ -89,14 +89,19 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> int:
     return 0
 
 
-def _factory_seed(path: str, *, create: bool) -> bytes:
+def _factory_seed(path: str, *, create: bool) -> tuple[bytes, bool]:
+    """The seed in ``path``, or with ``create`` a new one if there is none; True if made.
+
+    Made exclusively: two runs that both found no file share the first one's seed.
+    """
     if create and not os.path.exists(path):
         seed = random_bytes(FACTORY_SEED_SIZE)
         try:
-            write_atomic(path, seed)
+            if create_private(path, seed):
+                return seed, True
         except OSError as exc:
             raise LocalAuthError(f"cannot write factory seed {path!r}: {exc.strerror}") from None
-        return seed
+        # another run made it meanwhile: its seed is the fleet's
     try:
         seed = read_bounded(path, FACTORY_SEED_SIZE, what="factory seed")
     except FileTooLarge:
@@ -105,7 +110,7 @@ def _factory_seed(path: str, *, create: bool) -> bytes:
         raise LocalAuthError(f"cannot read factory seed {path}: {exc.strerror}") from None
     if len(seed) != FACTORY_SEED_SIZE:
         raise LocalAuthError(f"factory seed {path} is not {FACTORY_SEED_SIZE} bytes")
-    return seed
+    return seed, False
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -445,7 +450,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     host, port = _address(args.as_address)
     check_fleet(args.count, args.prefix, args.first)  # --first -1 simulated 'meter--000001'
-    seed = _factory_seed(args.factory_seed, create=False)
+    seed, _ = _factory_seed(args.factory_seed, create=False)
     with progress(not args.json, "meters done") as tick:
         report = eventloop.run(
             simulate_fleet(
@@ -544,8 +549,7 @@ def _import_fleet(
     no other source of their keys.
     """
     with progress(not args.json, "enrolling meters") as tick:
-        created = not os.path.exists(args.factory_seed)
-        seed = _factory_seed(args.factory_seed, create=True)  # once the store opened
+        seed, created = _factory_seed(args.factory_seed, create=True)  # once the store opened
         try:
             count = enrol(seed, lambda done: tick(done, args.count))
         except BaseException:

@@ -202,6 +202,40 @@ def test_client_backs_off_with_full_jitter_within_bounds() -> None:
     assert all(backoff.delay(0, rng) <= 0.5 for _ in range(50))
 
 
+def test_a_seed_another_run_made_meanwhile_is_used_not_replaced(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches started at once with one new ``--factory-seed`` path share one seed.
+
+    Both found no file; the second's seed replaced the first's, so the meters the
+    first enrolled had keys no remaining file could derive.
+    """
+    from mesh.cli.main import main
+    from provisioning.authserver import cli as as_cli
+
+    seed_file = tmp_path / "fleet.seed"
+    theirs = bytes(range(32))  # the other run's, written after this run looked
+    real = as_cli.random_bytes
+
+    def meanwhile(n: int) -> bytes:
+        if not seed_file.exists():
+            seed_file.write_bytes(theirs)
+        return real(n)
+
+    monkeypatch.setattr(as_cli, "random_bytes", meanwhile)
+    monkeypatch.setenv("SNRMESH_DESK_PASSPHRASE", PASSPHRASE)
+    args = ["desk", "import-meters", str(site.desk_dir), "--count", "2", "--first", "500"]
+    assert main([*args, "--factory-seed", str(seed_file)]) == 0
+    assert seed_file.read_bytes() == theirs
+    store = SqliteKeyStateStore.open(site.desk_dir, PASSPHRASE)
+    try:
+        record = store.load(meter_identity("meter", 500))
+    finally:
+        store.close()
+    assert record is not None
+    assert record.token_id == meter_token(theirs, meter_identity("meter", 500)).token_id
+
+
 def test_cli_serve_request_import_and_sim(site: Site, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "mesh.cli"]
     seed_file = tmp_path / "fleet.seed"

@@ -210,6 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_import_desk(args: argparse.Namespace) -> int:
     """``snrmesh as import-desk DIR --postgres DSN``: the desk's mission into PostgreSQL, once."""
+    if args.grant is not None and args.abandon:
+        raise LocalAuthError("--grant goes with an import, not with --abandon")
     if args.force and not args.abandon:
         raise LocalAuthError("--force only goes with --abandon")
     if args.postgres is None and not (args.abandon and args.force):
@@ -234,7 +236,12 @@ def cmd_import_desk(args: argparse.Namespace) -> int:
             )
         with progress(not args.json, "copying rows") as tick:
             counts = import_desk(
-                store, args.postgres, now=int(time.time()), source=str(args.dir), on_progress=tick
+                store,
+                args.postgres,
+                now=int(time.time()),
+                source=str(args.dir),
+                grant=args.grant,
+                on_progress=tick,
             )
     done = (
         "the import had committed in PostgreSQL; marked the desk imported now"
@@ -732,6 +739,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--postgres",
         metavar="DSN",
         help="e.g. 'host=/run/pg dbname=as' (required but for --abandon --force)",
+    )
+    p.add_argument(
+        "--grant",
+        metavar="ROLE",
+        help="give this existing role what 'as serve' takes, and no more: serve under it, "
+        "not under the importing role, which owns the tables (an owner can disable the "
+        "audit log's append-only triggers)",
     )
     p.add_argument(
         "--abandon",

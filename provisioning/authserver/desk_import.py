@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql
 
 from mesh.crypto import random_bytes
 from mesh.timefmt import utc_iso
@@ -42,6 +43,16 @@ __all__ = ["abandon_import", "import_desk"]
 
 T = TypeVar("T")
 PROGRESS_EVERY = 10_000  # rows between two progress reports of the copy
+# what 'as serve' takes of each table, given by '--grant ROLE': the audit log can only grow
+# (the triggers do not bind a table's owner, who may disable them: the AS must not own it)
+AS_GRANTS = (
+    ("SELECT", "mission"),
+    ("SELECT", "groups"),
+    ("SELECT", "pairs"),
+    ("SELECT, UPDATE", "nodes"),  # UPDATE: key changes, revocations, and the FOR UPDATE locks
+    ("SELECT, INSERT, UPDATE", "keysets"),
+    ("SELECT, INSERT", "audit"),
+)
 _UNKNOWN = b"?"  # what a database holds when it cannot say (mission ids are 16 bytes)
 
 
@@ -51,6 +62,7 @@ def import_desk(
     *,
     now: int,
     source: str,
+    grant: str | None = None,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> dict[str, int]:
     """Copy a desk's mission into an empty PostgreSQL database, in one transaction.
@@ -60,7 +72,8 @@ def import_desk(
     Rows are streamed (``COPY``) from one snapshot of the desk, so a million
     meters need no more memory than a few. Returns the rows copied per table
     (``resumed``: 1 when it only confirmed an import whose copy had committed).
-    ``on_progress(done, total)`` follows the rows as they are copied.
+    ``on_progress(done, total)`` follows the rows as they are copied. ``grant``: a
+    role given what serving takes (:data:`AS_GRANTS`), for ``as serve`` to run under.
 
     Crash-safe: the desk is marked with the database it goes to
     (:data:`IMPORTING_META`, checked and set in one write transaction of the
@@ -90,6 +103,8 @@ def import_desk(
                 counts = _copy_mission(
                     conn, store, meta, now=now, source=source, on_progress=on_progress
                 )
+                if grant is not None:
+                    _grant(conn, grant)
                 if _desk_mark(store.db, IMPORTING_META) != run:  # '--abandon --force' meanwhile
                     raise LocalAuthError(
                         "the desk's import mark was cleared while the copy ran: nothing was "
@@ -333,6 +348,18 @@ def _copy_mission(
         (now, "as-import", audit_json({"source": source, **counts})),
     )
     return counts
+
+
+def _grant(conn: psycopg.Connection[Any], role: str) -> None:
+    """Give ``role`` what serving takes of the tables just made, and nothing more."""
+    who = sql.Identifier(role)
+    for privileges, table in AS_GRANTS:
+        conn.execute(
+            sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(privileges), sql.Identifier(table), who)
+        )
+    conn.execute(
+        sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.Identifier("audit_seq_seq"), who)
+    )
 
 
 def _database_name(conn: psycopg.Connection[Any]) -> str:

@@ -56,7 +56,7 @@ from tests.authserver.conftest import (
     request,
     run,
 )
-from tests.authserver.pgserver import PostgresServer
+from tests.authserver.pgserver import SUPERUSER, PostgresServer
 
 T = TypeVar("T")
 WORKERS = 2
@@ -643,6 +643,55 @@ def test_a_new_seed_outlives_a_fleet_import_whose_commit_may_have_happened(
     refused = tmp_path / "refused.seed"
     assert main([*args, "9101", "--factory-seed", str(refused)]) == 1
     assert "overlap" in capsys.readouterr().err and not refused.exists()
+
+
+def test_the_role_an_import_grants_serves_but_cannot_rewrite_the_audit_log(
+    site: Site, postgres: PostgresServer
+) -> None:
+    """Doc 'Deployment': the audit log is append-only, also against the AS's own role.
+
+    The triggers bind no table owner (``ALTER TABLE audit DISABLE TRIGGER``), and the
+    import's role owns every table: an AS serving under that role could rewrite its log.
+    ``--grant ROLE`` gives another role what serving takes, and nothing more.
+    """
+    fresh = postgres.create_database("as_granted")
+    with contextlib.closing(psycopg.connect(fresh, autocommit=True)) as owner:
+        owner.execute("CREATE ROLE as_worker LOGIN")
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "as", "import-desk", str(site.desk_dir),
+         "--postgres", fresh, "--grant", "as_worker", "--json"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    worker = fresh.replace(f"user={SUPERUSER}", "user=as_worker")
+    store = PostgresKeyStateStore.open(worker, PASSPHRASE)
+    try:
+        store.group_commits()
+        token = meter_token(SEED, meter_identity("meter", 3))
+        events = run(make_service(store, key_lifetime=0), token, [request("gs-1")])
+        assert any(isinstance(e, Granted) for e in events), events
+        assert store.revoke("alpha-1", NOW)
+        store.sync(store.commits)
+    finally:
+        store.close()
+    with contextlib.closing(psycopg.connect(worker, autocommit=True)) as conn:
+        before = conn.execute("SELECT * FROM audit ORDER BY seq").fetchall()
+        assert {"as-key-change", "revoke"} <= {row[2] for row in before}
+        for statement in (
+            "ALTER TABLE audit DISABLE TRIGGER audit_no_change",
+            "DROP TRIGGER audit_no_change ON audit",
+            "UPDATE audit SET detail = '{}'",
+            "DELETE FROM audit",
+            "TRUNCATE audit",
+            "INSERT INTO nodes (identity, role, token_id, generation, sealed_keys, "
+            "enrolled_at) VALUES ('x', 'x', '\\x00', 1, '\\x00', 0)",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        assert conn.execute("SELECT * FROM audit ORDER BY seq").fetchall() == before
 
 
 def _count(dsn: str, sql: str) -> int:

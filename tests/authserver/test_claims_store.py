@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from mesh.keyset import open_copy
+from provisioning.authserver import meters as meters_module
 from provisioning.authserver import protocol
 from provisioning.authserver import store as store_module
 from provisioning.authserver.client import Backoff, request_keysets
@@ -716,3 +717,39 @@ def test_a_failing_store_is_told_to_the_operator_and_to_the_client(
     assert service.counters["unavailable"] == 3
     warned = [r.getMessage() for r in caplog.records if "store unavailable" in r.getMessage()]
     assert len(warned) == 1 and "the database cannot be reached" in warned[0]
+
+
+# -- 9. fleets: enrolment holds one chunk in memory, on both stores ---------------------------
+
+
+def test_enrolling_ten_times_the_meters_takes_no_more_memory(
+    store: SqlKeyStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Doc 'Fleets': rows are generated and written in chunks, "memory holds one chunk".
+
+    Peak Python memory while enrolling 10 x N meters stays that of N (chunks of 100
+    here): a list of the fleet's rows (or pairs) would make it ten times larger.
+    """
+    import tracemalloc
+
+    monkeypatch.setattr(meters_module, "IMPORT_CHUNK", 100)
+
+    def enrol(count: int, first: int) -> None:
+        if isinstance(store, PostgresKeyStateStore):
+            store.enrol_meters(seed=SEED, count=count, now=NOW, first=first, head_end="gs-1")
+        else:
+            assert isinstance(store, SqliteKeyStateStore)
+            meters_module.import_meters(
+                store.store, seed=SEED, count=count, now=NOW, first=first, head_end="gs-1"
+            )
+
+    enrol(50, 100_000)  # warm: statement caches, imports
+    peaks = []
+    for count, first in ((400, 200_000), (4000, 300_000)):
+        tracemalloc.start()
+        try:
+            enrol(count, first)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] < 2 * peaks[0] + 64 * 1024, peaks

@@ -6,7 +6,7 @@ and one scrypt per node would cost a million files and ~1 CPU-day. So:
 * **factory keys** -- each meter's generation-1 slot keys are diversified from
   one *factory seed* (the way card issuers diversify a master key):
   ``HKDF-SHA256(seed, salt = token id, info = "snrmesh meter factory keys v1")``,
-  token id = ``HMAC-SHA256(seed, identity)[:16]``. The manufacturer writes them
+  token id = ``HMAC-SHA256(seed, "token id" 0x00 identity)[:16]``. The manufacturer writes them
   into each meter's secure element; the AS store gets the same keys, sealed
   like every desk node's (ChaCha20-Poly1305 under the desk key, derived from
   the passphrase **once** per store, not per meter). Trade-off: whoever holds

@@ -261,6 +261,70 @@ def test_issuance_never_wraps_for_a_key_the_target_just_replaced(postgres_dsn: s
         other.close()
 
 
+def _reads(store: PostgresKeyStateStore) -> list[int]:
+    """Count the store's reading statements from now on (one item each)."""
+    counted: list[int] = []
+    reading = store.reading
+
+    def counting() -> Any:
+        counted.append(1)
+        return reading()
+
+    store.reading = counting  # type: ignore[method-assign]
+    return counted
+
+
+def test_a_new_keyset_from_records_the_worker_opened_is_one_statement(postgres_dsn: str) -> None:
+    """The link's HELLO loaded the requestor, an earlier issuance the target: no read."""
+    with contextlib.closing(PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE)) as store:
+        store.issue("alpha-1", "gs-1", "test", None, NOW)  # reads gs-1: remembered
+        assert store.load("alpha-2") is not None  # as at a HELLO
+        reads = _reads(store)
+        issued = store.issue("alpha-2", "gs-1", "test", None, NOW)
+        assert reads == []
+        gs = store.load("gs-1")
+        assert gs is not None
+        assert read_wrapped_kid(issued.ticket) == slot_kid(gs.token_id, Slot.WRAP, 1)
+        assert [a["outcome"] for a in store.audit_log("as-keyset")] == ["minted", "minted"]
+
+
+@pytest.mark.parametrize("change", ["key-change", "revocation", "existing-ck"])
+def test_the_one_statement_issuance_sees_what_moved_since_its_records(
+    postgres_dsn: str, change: str
+) -> None:
+    """Another worker changes the remembered target's keys, revokes it, or mints the pair's CK:
+    the write's re-checks fail and issuance reads again, as if it had no records."""
+    store, other = (PostgresKeyStateStore.open(postgres_dsn, PASSPHRASE) for _ in range(2))
+    try:
+        store.issue("alpha-1", "gs-1", "test", None, NOW)  # gs-1's generation 1 remembered
+        assert store.load("alpha-2") is not None
+        if change == "key-change":
+            other.prepare_key_change("gs-1", 1, NOW)
+            other.commit_key_change("gs-1", 2, NOW)
+        elif change == "revocation":
+            other.revoke("gs-1", NOW)
+        else:
+            theirs = other.issue("alpha-2", "gs-1", "test", None, NOW)
+        reads = _reads(store)
+        if change == "revocation":
+            with pytest.raises(RemoteAuthError) as refused:
+                store.issue("alpha-2", "gs-1", "test", None, NOW)
+            assert refused.value.refusal is Refusal.POLICY
+            assert len(store.audit_log("as-keyset")) == 1
+            return
+        issued = store.issue("alpha-2", "gs-1", "test", None, NOW)
+        assert reads  # it read again
+        gs = store.load("gs-1")
+        assert gs is not None
+        assert read_wrapped_kid(issued.ticket) == slot_kid(gs.token_id, Slot.WRAP, gs.generation)
+        if change == "existing-ck":
+            assert issued.ck_id == theirs.ck_id
+            assert [a["outcome"] for a in store.audit_log("as-keyset")][-1] == "existing"
+    finally:
+        store.close()
+        other.close()
+
+
 def test_after_an_import_the_desk_refuses_to_export_or_rekey(
     site: Site, postgres: PostgresServer, tmp_path: Path
 ) -> None:

@@ -445,24 +445,33 @@ def print_run(name: str, args: argparse.Namespace, s: dict[str, Any], st: dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--meters", type=int, default=1_000_000)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="A quick smoke run: --meters 20000 --seconds 6 --storm 100 --no-postgres "
+        "--baseline-seconds 0 --prefetch-seconds 0",
+    )
+    parser.add_argument("--meters", type=int, default=1_000_000, help="meters enrolled")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each sustained run")
     parser.add_argument(
         "--clients", type=int, default=64, help="meter loops, each one link at a time"
     )
     parser.add_argument(
         "--client-procs", type=int, default=2, help="processes the simulated meters run in"
     )
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--storm", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2, help="AS worker processes")
+    parser.add_argument(
+        "--storm", type=int, default=10_000, help="meters of the reconnect storm, all at once"
+    )
     parser.add_argument(
         "--key-lifetime",
         type=float,
         default=30 * 86400.0,
         help="AS key-change policy during the sustained run (0: every link)",
     )
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="SQLite only (no private PostgreSQL)"
+    )
     parser.add_argument(
         "--baseline-seconds",
         type=float,

@@ -193,8 +193,14 @@ class AuthServer:
         return address[0], address[1]
 
     async def serve_on(self, sock: socket.socket) -> None:
-        """Accept on an already listening socket (a forked worker's share of the port)."""
-        self._server = await asyncio.get_running_loop().create_server(self._protocol, sock=sock)
+        """Accept on an already listening socket (a forked worker's share of the port).
+
+        ``backlog`` again: the event loop listens on the socket anew, with its default of 100
+        unless told (asyncio's and uvloop's alike), which undid :func:`bound_socket`'s.
+        """
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, sock=sock, backlog=BACKLOG
+        )
 
     async def stop(self) -> None:
         """Stop accepting, then let the sync in progress finish (the store stays open)."""

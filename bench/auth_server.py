@@ -454,7 +454,11 @@ def main() -> None:
     parser.add_argument("--meters", type=int, default=1_000_000, help="meters enrolled")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each sustained run")
     parser.add_argument(
-        "--clients", type=int, default=64, help="meter loops, each one link at a time"
+        "--clients",
+        type=int,
+        default=256,
+        help="meter loops, each one link at a time (enough to keep the AS busy: with 64 the "
+        "cores sat 15 %% idle and the figure was 64 / latency, not the AS's rate)",
     )
     parser.add_argument(
         "--client-procs", type=int, default=2, help="processes the simulated meters run in"

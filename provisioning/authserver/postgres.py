@@ -41,6 +41,7 @@ from provisioning.authserver.store import (
     SqlKeyStateStore,
     key_columns,
     mates_expression,
+    remember,
 )
 from provisioning.bundles import DISCOVERY_SECRET
 from provisioning.errors import DeskCorrupt
@@ -193,13 +194,6 @@ SELECT EXISTS (SELECT 1 FROM logged)
 MAX_REMEMBERED = 4096  # opened records a worker keeps for issuance's one-statement path
 
 
-def _remember(cache: OrderedDict[str, TokenKeys], identity: str, record: TokenKeys) -> None:
-    cache[identity] = record
-    cache.move_to_end(identity)
-    if len(cache) > MAX_REMEMBERED:
-        cache.popitem(last=False)
-
-
 def connect(dsn: str) -> psycopg.Connection[Any]:
     if len(dsn) > MAX_DSN_LENGTH:
         raise LocalAuthError(f"the PostgreSQL DSN is longer than {MAX_DSN_LENGTH} characters")
@@ -342,7 +336,7 @@ class PostgresKeyStateStore(SqlKeyStateStore):
     def load(self, identity: str) -> TokenKeys | None:
         record = super().load(identity)
         if record is not None:  # the link's HELLO: its requests are issued from this record
-            _remember(self._loaded, identity, record)
+            remember(self._loaded, identity, record, MAX_REMEMBERED)
         return record
 
     def issue(
@@ -387,7 +381,7 @@ class PostgresKeyStateStore(SqlKeyStateStore):
         minted = row[19] is None
         if minted:
             other = self._record(target, row[9:18])
-            _remember(self._targets, target, other)
+            remember(self._targets, target, other, MAX_REMEMBERED)
             found = self._new_keyset(me, other, window, a, b)
         else:
             found = row[19:24]

@@ -94,7 +94,7 @@ from provisioning.authserver.messages import (
     frame_clear,
     pull_clear,
 )
-from provisioning.authserver.store import KeyStateStore
+from provisioning.authserver.store import KeyStateStore, remember
 from provisioning.errors import DeskCorrupt
 
 __all__ = [
@@ -234,12 +234,6 @@ class AuthService:
 
     def session(self, source: str, now: float) -> ServerSession:
         return ServerSession(self, source=source, now=now)
-
-    @staticmethod
-    def _remember(cache: OrderedDict, key: object, value: object) -> None:  # type: ignore[type-arg]
-        cache[key] = value
-        if len(cache) > KEY_CHANGE_CACHE:
-            cache.popitem(last=False)
 
 
 class ServerSession:
@@ -428,7 +422,7 @@ class ServerSession:
                     key_change = service.key_changes.get(cache_key)
                     if key_change is None:  # same pending keys; the same message when cached
                         key_change = make_key_change(record)
-                        service._remember(service.key_changes, cache_key, key_change)
+                        remember(service.key_changes, cache_key, key_change, KEY_CHANGE_CACHE)
                     generation += 1
                     self._key = LinkKey(KeyChoice.CURRENT, generation, record.pending)
                     self._changing = True

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from jwcrypto import jwk
 from jwcrypto.common import base64url_encode
@@ -160,6 +160,18 @@ class IssuedKeyset:
     ticket: str
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def remember(cache: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
+    """Put ``key`` last in a bounded cache (most recent last); past ``bound``, the oldest goes."""
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > bound:
+        cache.popitem(last=False)
+
+
 class Sealing:
     """Opening and sealing slot keys the way the desk does, with the desk's sealer.
 
@@ -186,9 +198,7 @@ class Sealing:
             self._opened.move_to_end(cache_key)
             return keys
         keys = open_node_keys(self._sealer, identity, token_id, generation, blob)
-        self._opened[cache_key] = keys
-        if len(self._opened) > OPENED_KEYS_CACHE:
-            self._opened.popitem(last=False)
+        remember(self._opened, cache_key, keys, OPENED_KEYS_CACHE)
         return keys
 
     def seal(

@@ -23,6 +23,7 @@ __all__ = [
     "check_replaceable",
     "create_private",
     "read_bounded",
+    "sync_folder",
     "write_atomic",
 ]
 
@@ -74,6 +75,33 @@ def check_replaceable(
         raise UnsafeOutput(f"cannot write {path}: {exc.strerror}") from None
 
 
+def sync_folder(directory: str | os.PathLike[str]) -> None:
+    """``fsync`` a folder, so that a file just created or renamed in it survives a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: str | os.PathLike[str], data: bytes, mode: int, *, sync: bool) -> None:
+    """Create ``path`` (never one already there, nor through a symlink) holding ``data``.
+
+    Raises ``FileExistsError`` if something is there; any other failure removes it again.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+
+
 def create_private(path: str | os.PathLike[str], data: bytes = b"") -> bool:
     """Create ``path`` with ``data``, of mode 0600, unless something is there already; True if made.
 
@@ -86,26 +114,11 @@ def create_private(path: str | os.PathLike[str], data: bytes = b"") -> bool:
     it short, so its reader must check the length.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        _write_new(path, data, 0o600, sync=bool(data))
     except FileExistsError:
         return False
-    if not data:
-        os.close(fd)
-        return True
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
-    dir_fd = os.open(Path(path).parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if data:
+        sync_folder(Path(path).parent)
     return True
 
 
@@ -117,24 +130,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
     owner and mode given to ``path``.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    tmp = directory / f".{target.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    _write_new(tmp, data, mode, sync=True)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_folder(target.parent)
 
 
 def read_bounded(path: str | os.PathLike[str], max_size: int, *, what: str) -> bytes:

@@ -27,7 +27,7 @@ from jwcrypto import jwk
 from jwcrypto.common import base64url_encode
 
 from mesh.crypto import hkdf_sha256, random_bytes
-from mesh.files import FileTooLarge, read_bounded, write_atomic
+from mesh.files import FileTooLarge, read_bounded, sync_folder, write_atomic
 from mesh.keyset import KeysetError, check_identity, decrypt_copy, read_copy_header, wrap_copy
 from mesh.keyset.bundle import Bundle, seal_bundle
 from mesh.keyset.copies import DiscoveryKey, read_wrapped_kid
@@ -332,11 +332,7 @@ class Desk:
                 data = data[os.write(fd, data) :]
             os.fsync(fd)
             os.replace(tmp, record)
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            sync_folder(folder)
             yield
         finally:
             for path in (tmp, record):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS revoked (
     identity  TEXT PRIMARY KEY
 );
 """
+MAX_BOUND_IDS = 500  # ids bound in one statement (SQLite's bound-parameter limit)
 MAX_ALERTS = 1000  # alerts of one kind not dismissed; past it the oldest go
 
 # Each table's columns and the SQLite types (``typeof``) their values may have: what this code
@@ -281,6 +282,13 @@ class AgentStore:
     def close(self) -> None:
         self.db.close()
 
+    def _with_ids(self, query: str, ids: Sequence[bytes], *params: object) -> Iterator[Any]:
+        """The rows of ``query`` (``... IN ({ids})``) for ``ids``, in chunks SQLite can bind."""
+        for i in range(0, len(ids), MAX_BOUND_IDS):
+            chunk = ids[i : i + MAX_BOUND_IDS]
+            marks = ",".join("?" * len(chunk))
+            yield from self.db.execute(query.format(ids=marks), [*params, *chunk])
+
     # -- outgoing ---------------------------------------------------------------------------------
 
     def queue(self, batch: list[Outgoing]) -> None:
@@ -366,17 +374,13 @@ class AgentStore:
         news: list[tuple[bytes, str, str]] = []
         with self.db:
             self.db.execute("BEGIN")
-            current: dict[tuple[bytes, str], str] = {}
-            for i in range(0, len(batch), 500):  # SQLite's bound-parameter limit
-                chunk = batch[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                current.update(
-                    ((bytes(mid), rcpt), state)
-                    for mid, rcpt, state in self.db.execute(
-                        f"SELECT id, recipient, state FROM outbox WHERE id IN ({marks})",
-                        [mid for mid, _, _ in chunk],
-                    )
+            current: dict[tuple[bytes, str], str] = {
+                (bytes(mid), rcpt): state
+                for mid, rcpt, state in self._with_ids(
+                    "SELECT id, recipient, state FROM outbox WHERE id IN ({ids})",
+                    [mid for mid, _, _ in batch],
                 )
+            }
             for message_id, recipient, state in batch:
                 before = current.get((message_id, recipient))
                 if before is not None and order[state] > order[before]:
@@ -390,18 +394,14 @@ class AgentStore:
 
     def sent_to(self, recipient: str, message_ids: list[bytes]) -> list[bytes]:
         """Those of ``message_ids`` that we sent to ``recipient`` (outbox rows)."""
-        found: list[bytes] = []
-        for i in range(0, len(message_ids), 500):  # SQLite's bound-parameter limit
-            chunk = message_ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            found += [
-                bytes(mid)
-                for (mid,) in self.db.execute(
-                    f"SELECT id FROM outbox WHERE recipient = ? AND id IN ({marks})",
-                    [recipient, *chunk],
-                )
-            ]
-        return found
+        return [
+            bytes(mid)
+            for (mid,) in self._with_ids(
+                "SELECT id FROM outbox WHERE recipient = ? AND id IN ({ids})",
+                message_ids,
+                recipient,
+            )
+        ]
 
     # -- incoming ---------------------------------------------------------------------------------
 
@@ -412,17 +412,13 @@ class AgentStore:
         fresh: list[StoredMessage] = []
         with self.db:
             self.db.execute("BEGIN")
-            known: set[tuple[bytes, str]] = set()  # (id, sender): an id is its sender's
-            for i in range(0, len(batch), 500):  # SQLite's bound-parameter limit
-                chunk = batch[i : i + 500]
-                known.update(
-                    (bytes(mid), sender)
-                    for mid, sender in self.db.execute(
-                        "SELECT id, peer FROM messages WHERE direction = 'in' AND id IN "
-                        f"({','.join('?' * len(chunk))})",
-                        [m[0] for m in chunk],
-                    )
+            known = {  # (id, sender): an id is its sender's
+                (bytes(mid), sender)
+                for mid, sender in self._with_ids(
+                    "SELECT id, peer FROM messages WHERE direction = 'in' AND id IN ({ids})",
+                    [m[0] for m in batch],
                 )
+            }
             for message_id, sender, group, text, at in batch:
                 if (message_id, sender) not in known:
                     known.add((message_id, sender))
